@@ -1,0 +1,271 @@
+"""Training configuration: defaults ← config file ← ``key=value`` overrides, validated (reference §5).
+
+The shipped defaults (``franca/configs/ssl_default_config.yaml``) double as the schema: every valid key is a key of
+that file and its value must have the type of the default there (an int is accepted where a float is expected, a
+missing string is read as ''). Enumerated keys are checked against their allowed values. An unknown key, a wrong type
+or a bad choice raises :class:`ConfigError` naming the dotted key, the value and the fix.
+"""
+
+import difflib
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from functools import cache
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from franca.models.vision_transformer import ARCHITECTURES, FFN_LAYERS
+
+DEFAULT_CONFIG_FILE = Path(__file__).parent / "configs" / "ssl_default_config.yaml"
+
+_FSDP_DTYPES = ("fp32", "fp16", "bf16")
+_SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
+
+# Allowed values of the enumerated keys; patterns use fnmatch wildcards over the dotted key.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "train.centering": ("sinkhorn_knopp", "centering"),
+    "dino.mrl_input": ("slice", "project"),
+    "compute_precision.dtype": ("auto", "bf16", "fp16", "fp32"),
+    "student.arch": tuple(ARCHITECTURES),
+    "student.ffn_layer": tuple(FFN_LAYERS),
+    "optim.scaling_rule": ("sqrt_wrt_1024",),
+    "compute_precision.*.*.sharding_strategy": _SHARDING_STRATEGIES,
+    "compute_precision.*.*.mixed_precision.*_dtype": _FSDP_DTYPES,
+}
+# Element types of the lists whose default is empty, and the lists that must hold exactly two numbers.
+_LIST_ITEM_TYPES = {"dino.nesting_list": int, "dino.level_weights": float, "ibot.level_weights": float}
+_PAIRS = ("ibot.mask_ratio_min_max", "crops.global_crops_scale", "crops.local_crops_scale")
+# Keys kept only so that original config files load, with the reason they have no effect.
+_IGNORED_WHEN_TRUE = {"train.cache_dataset": "it has no effect (none in the original either)"}
+
+_TYPE_NAMES = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}
+
+
+class ConfigError(ValueError):
+    """A configuration file, override or value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class _Field:
+    """The type rule of one leaf key, derived from its default."""
+
+    key: str
+    default: Any
+    kind: type
+    item_kind: type | None = None
+    length: int | None = None
+    choices: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.kind is list:
+            size = f"{self.length} " if self.length else ""
+            return f"a list of {size}{_TYPE_NAMES[self.item_kind].removeprefix('a ').removeprefix('an ')}s"
+        return _TYPE_NAMES[self.kind]
+
+
+def _field_for(key: str, default: Any) -> _Field:
+    choices = next((allowed for pattern, allowed in CHOICES.items() if fnmatchcase(key, pattern)), ())
+    if isinstance(default, list):
+        item_kind = _LIST_ITEM_TYPES.get(key) or type(default[0])
+        return _Field(key, default, list, item_kind, 2 if key in _PAIRS else None)
+    return _Field(key, default, type(default), choices=choices)
+
+
+@cache
+def _schema() -> tuple[dict[str, _Field], frozenset[str]]:
+    """Leaf fields and section paths of the default config."""
+    fields: dict[str, _Field] = {}
+    sections: set[str] = set()
+
+    def visit(node: dict, prefix: str) -> None:
+        for name, value in node.items():
+            key = prefix + name
+            if isinstance(value, dict):
+                sections.add(key)
+                visit(value, key + ".")
+            else:
+                fields[key] = _field_for(key, value)
+
+    visit(OmegaConf.to_container(OmegaConf.load(DEFAULT_CONFIG_FILE)), "")
+    return fields, frozenset(sections)
+
+
+def _suggestion(key: str) -> str:
+    """Up to three valid keys closest to ``key`` (whole dotted key first, else the last name alone)."""
+    fields, sections = _schema()
+    known = sorted(fields) + sorted(sections)
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    if not close:
+        leaf = key.rsplit(".", 1)[-1]
+        close_leaves = difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in known], n=3, cutoff=0.6)
+        close = [k for k in known if k.rsplit(".", 1)[-1] in close_leaves][:3]
+    if not close:
+        return f"the valid keys are those of {DEFAULT_CONFIG_FILE}"
+    quoted = [repr(k) for k in close]
+    return "did you mean " + (quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]) + "?"
+
+
+def _check_keys(node: dict, prefix: str, source: str) -> None:
+    """Reject keys that the defaults do not have, and sections set to values or values set to sections."""
+    fields, sections = _schema()
+    for name, value in node.items():
+        key = f"{prefix}{name}"
+        if key in sections:
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"{key} is a section of the config, but {source} sets it to {value!r}; "
+                    f"set its keys instead, e.g. {key}.<name>=<value>"
+                )
+            _check_keys(value, key + ".", source)
+        elif key in fields:
+            if isinstance(value, dict):
+                raise ConfigError(
+                    f"config key {key} expects {fields[key].describe()}, but {source} sets it to the mapping "
+                    f"{value!r}; give a single value, e.g. {key}={fields[key].default!r}"
+                )
+        else:
+            full_key = _first_leaf(key, value)
+            raise ConfigError(f"unknown config key {full_key!r} in {source}; {_suggestion(full_key)}")
+
+
+def _first_leaf(key: str, value: Any) -> str:
+    """The dotted key of the first value under ``key`` (so an unknown section is reported by a full key)."""
+    while isinstance(value, dict) and value:
+        name, value = next(iter(value.items()))
+        key = f"{key}.{name}"
+    return key
+
+
+def _type_error(field: _Field, value: Any, key: str | None = None) -> ConfigError:
+    return ConfigError(
+        f"config key {key or field.key} has value {value!r} ({type(value).__name__}); expected {field.describe()} "
+        f"(default: {field.default!r}); fix it in the config file or override it, e.g. {field.key}={field.default}"
+    )
+
+
+def _coerce_scalar(field: _Field, kind: type, value: Any, key: str) -> Any:
+    if kind is bool and isinstance(value, bool):
+        return value
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and is_number:
+        return float(value)
+    if kind is str and (value is None or isinstance(value, str) or is_number):
+        return "" if value is None else str(value)
+    raise _type_error(field, value, key)
+
+
+def _coerce(field: _Field, value: Any) -> Any:
+    """``value`` converted to the field's type, or a :class:`ConfigError` naming the key."""
+    if field.kind is list:
+        if not isinstance(value, list) or (field.length is not None and len(value) != field.length):
+            raise _type_error(field, value)
+        return [_coerce_scalar(field, field.item_kind, v, f"{field.key}[{i}]") for i, v in enumerate(value)]
+    value = _coerce_scalar(field, field.kind, value, field.key)
+    if field.choices and value not in field.choices:
+        raise _type_error(field, value)
+    return value
+
+
+def _load_file(config_file: str | os.PathLike) -> DictConfig:
+    path = Path(config_file)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist (or is not a file); pass an existing YAML file")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as error:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (e.g. `optim:`), not a list")
+    _check_keys(OmegaConf.to_container(cfg), "", f"config file {str(path)!r}")
+    return cfg
+
+
+def _parse_override(item: str) -> DictConfig:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} has no '='; write it as key=value, e.g. optim.epochs=100")
+    try:
+        cfg = OmegaConf.from_dotlist([item])
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"override {item!r} cannot be parsed: {error}; write it as key=value") from error
+    _check_keys(OmegaConf.to_container(cfg), "", f"override {item!r}")
+    return cfg
+
+
+def _get(container: dict, key: str) -> Any:
+    for name in key.split("."):
+        container = container[name]
+    return container
+
+
+def _set(container: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for name in parents:
+        container = container[name]
+    container[leaf] = value
+
+
+def load_config(config_file: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> DictConfig:
+    """Defaults ← ``config_file`` ← ``overrides`` (``key=value`` strings), validated; returned in struct mode.
+
+    Struct mode makes setting a key that the schema lacks an error, so a typo in code fails as loudly as one in a file.
+    """
+    layers = [OmegaConf.load(DEFAULT_CONFIG_FILE)]
+    if config_file is not None:
+        layers.append(_load_file(config_file))
+    layers.extend(_parse_override(item) for item in overrides)
+    try:
+        merged = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=True)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"config cannot be merged or resolved: {error}") from error
+    fields, _ = _schema()
+    for key, field in fields.items():
+        _set(merged, key, _coerce(field, _get(merged, key)))
+    for key, reason in _IGNORED_WHEN_TRUE.items():
+        if _get(merged, key):
+            warnings.warn(f"config key {key}=true is ignored: {reason}", UserWarning, stacklevel=2)
+    cfg = OmegaConf.create(merged)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def apply_scaling_rules(cfg: DictConfig, world_size: int) -> DictConfig:
+    """Set ``optim.lr`` from ``optim.base_lr`` (per 1024 images) and the global batch (reference §4.3); returns cfg.
+
+    ``sqrt_wrt_1024``: lr = base_lr · sqrt(batch_size_per_gpu · world_size / 1024).
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"world_size={world_size!r} must be a positive integer (the number of training processes)")
+    rule = cfg.optim.scaling_rule
+    if rule != "sqrt_wrt_1024":
+        raise ConfigError(f"optim.scaling_rule={rule!r} is not implemented; use optim.scaling_rule=sqrt_wrt_1024")
+    global_batch = cfg.train.batch_size_per_gpu * world_size
+    cfg.optim.lr = float(cfg.optim.base_lr * math.sqrt(global_batch / 1024.0))
+    return cfg
+
+
+def save_config(cfg: DictConfig, path: str | os.PathLike) -> Path:
+    """Write ``cfg`` as YAML to ``path`` atomically (temporary file in the same folder, then rename); returns path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,40 @@
+"""Image datasets returning (RGB PIL image, target or -1), and the registry used by dataset strings."""
+
+from franca.data.datasets.base import (
+    ImageDataset,
+    ReadFailureCounter,
+    TooManyUnreadableImagesError,
+    UnreadableImageWarning,
+    decode_image,
+)
+from franca.data.datasets.fashion_mnist import FashionMNIST, read_idx, write_idx
+from franca.data.datasets.image_folder import ImageFolder
+from franca.data.datasets.image_net import ImageNet
+from franca.data.datasets.image_net_22k import ImageNet22k
+from franca.data.datasets.registry import DatasetSpec, get_dataset_spec, register_dataset, registered_dataset_names
+from franca.data.datasets.seeded_transform import SeededTransformDataset, seeded_global_rngs
+
+register_dataset("ImageNet", ImageNet, keys=("split", "root", "extra"), required_keys=("split", "root"))
+register_dataset("ImageNet22k", ImageNet22k, keys=("root", "extra"), required_keys=("root",))
+register_dataset("ImageFolder", ImageFolder, keys=("root",), required_keys=("root",))
+register_dataset("FashionMNIST", FashionMNIST, keys=("root", "split"))
+
+__all__ = [
+    "DatasetSpec",
+    "FashionMNIST",
+    "ImageDataset",
+    "ImageFolder",
+    "ImageNet",
+    "ImageNet22k",
+    "ReadFailureCounter",
+    "SeededTransformDataset",
+    "TooManyUnreadableImagesError",
+    "UnreadableImageWarning",
+    "decode_image",
+    "get_dataset_spec",
+    "read_idx",
+    "register_dataset",
+    "registered_dataset_names",
+    "seeded_global_rngs",
+    "write_idx",
+]

@@ -1,0 +1,1 @@
+"""Evaluation of frozen backbones: ``python -m franca.eval.<name>``."""

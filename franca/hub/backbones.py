@@ -1,0 +1,314 @@
+"""Backbone entry points: ``franca_vitb14`` / ``franca_vitl14`` / ``franca_vitg14`` and ``load_backbone``.
+
+The hub entries build the Franca ViT of reference §2.1 (patch 14, SwiGLU, LayerScale 1e-5, no registers,
+interpolation offset 0.1, no antialias) at the image size of the checkpoint's ``pos_embed`` and load it strictly: a
+checkpoint of another architecture is refused with its missing, unexpected and mis-shaped keys. ``load_backbone``
+builds any of our ViTs from an arbitrary checkpoint, reading the architecture off its keys.
+"""
+
+import inspect
+import os
+
+import torch
+
+from franca.hub.keys import (
+    extract_rasa_state_dict,
+    infer_architecture,
+    infer_image_size,
+    normalize_backbone_state_dict,
+)
+from franca.hub.loading import is_url, load_checkpoint_file, load_multipart_checkpoint, read_export_config
+from franca.hub.registry import (
+    DEFAULT_WEIGHTS,
+    HUB_ENTRIES,
+    ReleasedWeights,
+    available_weights,
+    get_weights,
+    is_weights_name,
+)
+from franca.models.vision_transformer import ARCHITECTURES, DinoVisionTransformer
+from rasa.head import RASAHead
+
+FRANCA_VIT_CONFIG = {
+    "patch_size": 14,
+    "ffn_layer": "swiglufused",
+    "layerscale": 1e-5,
+    "num_register_tokens": 0,
+    "qkv_bias": True,
+    "proj_bias": True,
+    "ffn_bias": True,
+    "interpolate_offset": 0.1,
+    "interpolate_antialias": False,
+}
+
+_VIT_KEYWORDS = set(inspect.signature(DinoVisionTransformer.__init__).parameters) - {"self"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading sources
+
+
+def _read_release(release: ReleasedWeights) -> dict:
+    if release.is_multipart:
+        return load_multipart_checkpoint(release.urls, release.checkpoint_file, [a.sha256 for a in release.assets])
+    return load_checkpoint_file(release.assets[0].url, release.assets[0].sha256)
+
+
+def _describe_source(weights: str | os.PathLike, release: ReleasedWeights | None) -> str:
+    if release is None:
+        return str(weights)
+    return f"{release.arch} weights {release.name!r} ({', '.join(release.urls)})"
+
+
+def load_rasa_head(
+    rasa_weights: str | os.PathLike, embed_dim: int | None = None, sha256: str | None = None
+) -> RASAHead:
+    """A RASA head from a file or URL (8 or 9 pre-layers, original keys, optional ``rasa_head.``/``module.`` prefix).
+
+    ``embed_dim``, when given, must match the head's input size.
+    """
+    raw = load_checkpoint_file(rasa_weights, sha256, argument="rasa_weights")
+    return _rasa_head_from_state(extract_rasa_state_dict(raw), embed_dim, str(rasa_weights))
+
+
+def _rasa_head_from_state(state: dict, embed_dim: int | None, source: str) -> RASAHead:
+    head = RASAHead.from_state_dict(state)
+    if embed_dim is not None and head.input_dim != embed_dim:
+        raise ValueError(
+            f"the RASA head from {source} is for embedding size {head.input_dim}, but the backbone's is {embed_dim}; "
+            "pass the RASA file trained for this backbone as rasa_weights="
+        )
+    return head
+
+
+def _attach_rasa(
+    model: DinoVisionTransformer,
+    arch: str | None,
+    use_rasa_head: bool,
+    rasa_weights: str | os.PathLike | None,
+    release: ReleasedWeights | None,
+    embedded_rasa: dict,
+) -> None:
+    """Attach the RASA head from, in order: ``rasa_weights``; the release's ``_rasa.pth``; the checkpoint's tensors."""
+    if rasa_weights is not None and is_weights_name(str(rasa_weights)):
+        if arch is None:
+            raise ValueError(f"rasa_weights={rasa_weights!r} is a released weights name: it needs a hub architecture")
+        release = get_weights(arch, str(rasa_weights))
+        rasa_weights = None
+        use_rasa_head = True
+    if rasa_weights is not None:
+        model.attach_rasa_head(load_rasa_head(rasa_weights, model.embed_dim))
+    elif not use_rasa_head:
+        return
+    elif release is not None:
+        if release.rasa is None:
+            with_rasa = [name for name in available_weights(release.arch) if get_weights(release.arch, name).has_rasa]
+            raise ValueError(
+                f"no RASA head was released for {release.arch} weights {release.name!r}; weights with one: "
+                f"{with_rasa}; or pass your own head as rasa_weights=/path/to/rasa_head.pth"
+            )
+        model.attach_rasa_head(load_rasa_head(release.rasa.url, model.embed_dim, release.rasa.sha256))
+    elif embedded_rasa:
+        model.attach_rasa_head(_rasa_head_from_state(embedded_rasa, model.embed_dim, "the checkpoint's rasa_head.*"))
+    else:
+        raise ValueError(
+            "use_rasa_head=True, but no RASA head is available: the weights are not a released name with a RASA "
+            "file and the checkpoint holds no rasa_head.* tensors; pass rasa_weights=/path/to/rasa_head.pth"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building and strict loading
+
+
+def _check_keywords(config: dict) -> None:
+    unknown = sorted(set(config) - _VIT_KEYWORDS)
+    if unknown:
+        raise TypeError(f"unknown ViT keyword(s) {unknown}; DinoVisionTransformer accepts {sorted(_VIT_KEYWORDS)}")
+
+
+def _architecture_hint(state_dict: dict) -> str:
+    try:
+        spec = infer_architecture(state_dict)
+    except ValueError as err:
+        return f"its architecture could not be read ({err})"
+    name = spec.arch or "an unnamed ViT"
+    return (
+        f"the checkpoint looks like {name} (embed_dim={spec.embed_dim}, depth={spec.depth}, "
+        f"patch_size={spec.patch_size}, ffn_layer={spec.ffn_layer}); load it with the matching hub entry or "
+        "franca.hub.load_backbone(path), which reads the architecture off the file"
+    )
+
+
+def _mismatch_report(expected: dict, state_dict: dict) -> str:
+    """Missing, unexpected and mis-shaped keys, each in state-dict order (first few of each)."""
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    mismatched = [
+        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in expected
+        if key in state_dict and state_dict[key].shape != expected[key].shape
+    ]
+    parts = [
+        f"{len(items)} {label} {items[:6]}{' …' if len(items) > 6 else ''}"
+        for label, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        )
+        if items
+    ]
+    return "; ".join(parts)
+
+
+def build_loaded_vit(config: dict, state_dict: dict, source: str) -> DinoVisionTransformer:
+    """Build a ViT from ``config`` and load ``state_dict`` strictly (built on ``meta``: no wasted random init)."""
+    _check_keywords(config)
+    with torch.device("meta"):
+        model = DinoVisionTransformer(**config)
+    expected = model.state_dict()
+    report = _mismatch_report(expected, state_dict)
+    if report:
+        described = ", ".join(
+            f"{k}={config[k]}" for k in ("embed_dim", "depth", "patch_size", "ffn_layer") if k in config
+        )
+        raise ValueError(
+            f"checkpoint {source} does not fit the requested ViT ({described}): {report}. "
+            f"{_architecture_hint(state_dict)}"
+        )
+    cast = {key: tensor.to(dtype=expected[key].dtype) for key, tensor in state_dict.items()}
+    model.load_state_dict(cast, strict=True, assign=True)
+    return model
+
+
+def _pop_image_size(kwargs: dict, checkpoint_img_size: int) -> None:
+    requested = kwargs.pop("img_size", checkpoint_img_size)
+    if requested != checkpoint_img_size:
+        raise ValueError(
+            f"img_size={requested} conflicts with the checkpoint's position grid (built for {checkpoint_img_size}px); "
+            "leave img_size out: the model runs at any input size divisible by the patch size"
+        )
+
+
+def _hub_model(
+    arch: str,
+    pretrained: bool,
+    weights: str | os.PathLike,
+    use_rasa_head: bool,
+    rasa_weights: str | os.PathLike | None,
+    kwargs: dict,
+) -> DinoVisionTransformer:
+    release = get_weights(arch, str(weights)) if is_weights_name(str(weights)) else None
+    dims = dict(zip(("embed_dim", "depth", "num_heads"), ARCHITECTURES[arch], strict=True))
+    config = {**dims, **FRANCA_VIT_CONFIG, **kwargs}
+    if not pretrained:
+        if use_rasa_head and rasa_weights is None:
+            raise ValueError("pretrained=False with use_rasa_head=True needs rasa_weights= (a RASA head file)")
+        default_size = (release or get_weights(arch, DEFAULT_WEIGHTS[arch])).img_size
+        config.setdefault("img_size", default_size)
+        _check_keywords(config)
+        model = DinoVisionTransformer(**config)
+        _attach_rasa(model, arch, False, rasa_weights, None, {})
+        return model
+    raw = _read_release(release) if release is not None else load_checkpoint_file(weights)
+    state_dict, embedded_rasa = normalize_backbone_state_dict(raw)
+    img_size = infer_image_size(state_dict, config["patch_size"])
+    _pop_image_size(config, img_size)
+    model = build_loaded_vit({**config, "img_size": img_size}, state_dict, _describe_source(weights, release))
+    _attach_rasa(model, arch, use_rasa_head, rasa_weights, release, embedded_rasa)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def franca_vitb14(
+    pretrained: bool = True,
+    weights: str | os.PathLike = DEFAULT_WEIGHTS["vit_base"],
+    use_rasa_head: bool = False,
+    rasa_weights: str | os.PathLike | None = None,
+    **kwargs,
+) -> DinoVisionTransformer:
+    """Franca ViT-B/14. ``weights``: a released name (IN21K, IN21K_224, DINOV2_IN21K, DINOV2_IN21K_518), a file,
+    a safetensors export folder or a URL. ``use_rasa_head`` attaches the released (or embedded) RASA head;
+    ``rasa_weights`` a given one. Other keywords go to the ViT constructor."""
+    return _hub_model("vit_base", pretrained, weights, use_rasa_head, rasa_weights, kwargs)
+
+
+def franca_vitl14(
+    pretrained: bool = True,
+    weights: str | os.PathLike = DEFAULT_WEIGHTS["vit_large"],
+    use_rasa_head: bool = False,
+    rasa_weights: str | os.PathLike | None = None,
+    **kwargs,
+) -> DinoVisionTransformer:
+    """Franca ViT-L/14. ``weights``: LAION, LAION_224, LAION_518, DINOV2_IN21K, DINOV2_IN21K_518, a file, a folder
+    or a URL; see :func:`franca_vitb14` for the other arguments."""
+    return _hub_model("vit_large", pretrained, weights, use_rasa_head, rasa_weights, kwargs)
+
+
+def franca_vitg14(
+    pretrained: bool = True,
+    weights: str | os.PathLike = DEFAULT_WEIGHTS["vit_giant2"],
+    use_rasa_head: bool = False,
+    rasa_weights: str | os.PathLike | None = None,
+    **kwargs,
+) -> DinoVisionTransformer:
+    """Franca ViT-g/14. ``weights``: LAION (a split release, joined and extracted once), a file, a folder or a URL;
+    see :func:`franca_vitb14` for the other arguments."""
+    return _hub_model("vit_giant2", pretrained, weights, use_rasa_head, rasa_weights, kwargs)
+
+
+def _resolve_arch(arch: str | None) -> str | None:
+    if arch is None or arch in ARCHITECTURES:
+        return arch
+    if arch in HUB_ENTRIES:
+        return HUB_ENTRIES[arch]
+    raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHITECTURES)} or {sorted(HUB_ENTRIES)}")
+
+
+def _generic_config(weights: str | os.PathLike, state_dict: dict, arch: str | None) -> dict:
+    """ViT keywords for an arbitrary checkpoint: an export folder's config.json, else read off the keys."""
+    if not is_url(str(weights)) and os.path.isdir(weights):
+        config = read_export_config(weights)
+        arch = arch or config.pop("arch", None)
+        config.pop("arch", None)
+    else:
+        config = infer_architecture(state_dict).model_kwargs()
+    if arch is not None:
+        config.update(zip(("embed_dim", "depth", "num_heads"), ARCHITECTURES[arch], strict=True))
+    config["img_size"] = infer_image_size(state_dict, config.get("patch_size", 14))
+    return config
+
+
+def load_backbone(
+    weights: str | os.PathLike,
+    arch: str | None = None,
+    rasa_weights: str | os.PathLike | None = None,
+    use_rasa_head: bool = False,
+    **kwargs,
+) -> DinoVisionTransformer:
+    """Any backbone: a hub name (``franca_vitb14``, ``franca_vitb14:IN21K_224``), a released weights name with
+    ``arch``, or a checkpoint file / export folder / URL of any of our ViTs (architecture read off the keys; ``arch``
+    sets the number of heads of a non-standard one, keywords override the rest)."""
+    arch = _resolve_arch(arch)
+    entry, _, name = str(weights).partition(":")
+    if entry in HUB_ENTRIES and not os.path.exists(weights):
+        if arch is not None and arch != HUB_ENTRIES[entry]:
+            raise ValueError(f"weights={str(weights)!r} is a {HUB_ENTRIES[entry]} hub entry, but arch={arch!r}")
+        arch = HUB_ENTRIES[entry]
+        return _hub_model(arch, True, name or DEFAULT_WEIGHTS[arch], use_rasa_head, rasa_weights, kwargs)
+    if is_weights_name(str(weights)):
+        if arch is None:
+            raise ValueError(
+                f"weights={str(weights)!r} is a released weights name: give arch= too, or use a hub name such as "
+                f"'franca_vitb14:{str(weights).upper()}'"
+            )
+        return _hub_model(arch, True, weights, use_rasa_head, rasa_weights, kwargs)
+    state_dict, embedded_rasa = normalize_backbone_state_dict(load_checkpoint_file(weights))
+    config = _generic_config(weights, state_dict, arch)
+    _pop_image_size(kwargs, config["img_size"])
+    model = build_loaded_vit({**config, **kwargs}, state_dict, str(weights))
+    _attach_rasa(model, arch, use_rasa_head, rasa_weights, None, embedded_rasa)
+    return model

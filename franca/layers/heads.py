@@ -1,0 +1,181 @@
+"""Projection heads that turn a backbone feature into prototype logits: DINOv2's head and Franca's Matryoshka head.
+
+Both return a list with one logits tensor per nesting level (the plain head is a single level), so the
+meta-architecture, the losses and the Sinkhorn-Knopp targets treat them alike. Reference §3.1-3.2.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEAD_KINDS = ("dino", "matryoshka")
+INPUT_MODES = ("slice", "project")
+
+
+class WeightNormLinear(nn.Module):
+    """A bias-free Linear whose weight is ``weight_g * weight_v / ‖weight_v‖`` row by row (Salimans & Kingma).
+
+    Written out rather than using ``torch.nn.utils`` so the state-dict names are the original's ``weight_g`` [K, 1]
+    and ``weight_v`` [K, in] with no adapter, and FSDP / compile see two plain parameters. As in DINOv2 the
+    direction ``weight_v`` keeps PyTorch's default Linear init and the gain ``weight_g`` is 1.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight_g = nn.Parameter(torch.empty(out_features, 1))
+        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
+        nn.init.ones_(self.weight_g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+        return F.linear(x, weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def build_mlp(in_dim: int, hidden_dim: int, bottleneck_dim: int, nlayers: int, gelu_after_bottleneck: bool):
+    """Linear(in→hidden), GELU, (nlayers−2)×[Linear(hidden→hidden), GELU], Linear(hidden→bottleneck) [, GELU].
+
+    With nlayers=3 the Linear layers are at indices 0, 2, 4 as in the released checkpoints. Franca's Matryoshka
+    branches end with a GELU after the bottleneck, DINOv2's head does not (§3.2).
+    """
+    if nlayers < 1:
+        raise ValueError(f"head nlayers={nlayers} must be >= 1 (the released configs use 3)")
+    dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
+    layers: list[nn.Module] = []
+    for index, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        layers.append(nn.Linear(d_in, d_out))
+        if index < nlayers - 1 or gelu_after_bottleneck:
+            layers.append(nn.GELU())
+    return nn.Sequential(*layers)
+
+
+def init_linear_layers(module: nn.Module) -> None:
+    """Truncated-normal (std .02) weights and zero biases for every nn.Linear below ``module`` (DINOv2 init)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
+class DINOHead(nn.Module):
+    """DINOv2's head: MLP → L2-normalised bottleneck → weight-normed prototypes (one level, ``last_layer``)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, nlayers: int = 3):
+        super().__init__()
+        self.level_dims = [in_dim]
+        self.out_dims = [out_dim]
+        self.mlp = build_mlp(in_dim, hidden_dim, bottleneck_dim, nlayers, gelu_after_bottleneck=False)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_linear_layers(self.mlp)
+        self.last_layer.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        bottleneck = self.mlp(x)
+        eps = 1e-6 if bottleneck.dtype == torch.float16 else 1e-12
+        return [self.last_layer(F.normalize(bottleneck, p=2, dim=-1, eps=eps))]
+
+
+def default_nesting_list(in_dim: int) -> list[int]:
+    """Franca's nesting dims [D/16, D/8, D/4, D/2, D] (§3.1), e.g. [48, 96, 192, 384, 768] for ViT-B."""
+    return [in_dim // 16, in_dim // 8, in_dim // 4, in_dim // 2, in_dim]
+
+
+def check_nesting_list(nesting_list: list[int], in_dim: int) -> None:
+    if not nesting_list or any(d < 1 or d > in_dim for d in nesting_list):
+        raise ValueError(f"nesting_list={nesting_list} must be non-empty with every dim in [1, in_dim={in_dim}]")
+    if any(a >= b for a, b in zip(nesting_list[:-1], nesting_list[1:], strict=True)):
+        raise ValueError(f"nesting_list={nesting_list} must be strictly increasing (e.g. [48, 96, 192, 384, 768])")
+
+
+class MatryoshkaHead(nn.Module):
+    """Franca's nested (Matryoshka) head: one independent branch per nesting level l (§3.1-3.2).
+
+    Branch l reads ``x[..., :d_l]`` (``input_mode="slice"``, the paper and release v1.1) or all of x
+    (``"project"``, release v1.0.0), applies ``matryoshka_projections.{l}`` → d_l, ``mlps.{l}`` (GELU after the
+    bottleneck too) and the weight-normed ``last_layers.{l}`` with K_l = int(K·d_l/D) prototypes. There is no L2
+    normalisation before the prototypes, as in the original. ``forward`` returns one [*, K_l] tensor per level.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 384,
+        nlayers: int = 3,
+        nesting_list: list[int] | None = None,
+        input_mode: str = "slice",
+    ):
+        super().__init__()
+        if input_mode not in INPUT_MODES:
+            raise ValueError(f"input_mode={input_mode!r} is unknown; choose one of {INPUT_MODES}")
+        nesting_list = list(nesting_list) if nesting_list is not None else default_nesting_list(in_dim)
+        check_nesting_list(nesting_list, in_dim)
+        out_dims = [int(out_dim * d / in_dim) for d in nesting_list]
+        if min(out_dims) < 1:
+            raise ValueError(
+                f"out_dim={out_dim} gives {out_dims} prototypes for nesting_list={nesting_list}; "
+                f"raise out_dim to at least {math.ceil(in_dim / nesting_list[0])}"
+            )
+        self.in_dim = in_dim
+        self.input_mode = input_mode
+        self.level_dims = nesting_list
+        self.out_dims = out_dims
+        projection_in = {"slice": nesting_list, "project": [in_dim] * len(nesting_list)}[input_mode]
+        self.matryoshka_projections = nn.ModuleList(
+            nn.Linear(d_in, d) for d_in, d in zip(projection_in, nesting_list, strict=True)
+        )
+        self.mlps = nn.ModuleList(
+            build_mlp(d, hidden_dim, bottleneck_dim, nlayers, gelu_after_bottleneck=True) for d in nesting_list
+        )
+        self.last_layers = nn.ModuleList(WeightNormLinear(bottleneck_dim, k) for k in out_dims)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_linear_layers(self.matryoshka_projections)
+        init_linear_layers(self.mlps)
+        for last_layer in self.last_layers:
+            last_layer.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outputs = []
+        for d, projection, mlp, last_layer in zip(
+            self.level_dims, self.matryoshka_projections, self.mlps, self.last_layers, strict=True
+        ):
+            branch_input = x[..., :d] if self.input_mode == "slice" else x
+            outputs.append(last_layer(mlp(projection(branch_input))))
+        return outputs
+
+
+def build_head(
+    kind: str,
+    in_dim: int,
+    out_dim: int,
+    hidden_dim: int,
+    bottleneck_dim: int,
+    nlayers: int,
+    nesting_list: list[int] | None = None,
+    input_mode: str = "slice",
+) -> DINOHead | MatryoshkaHead:
+    """Build a ``"dino"`` (DINOv2 baseline) or ``"matryoshka"`` (Franca) head from config values."""
+    if kind == "dino":
+        if nesting_list is not None:
+            raise ValueError(f"nesting_list={nesting_list} applies to matryoshka heads only; set it to null for dino")
+        return DINOHead(in_dim, out_dim, hidden_dim, bottleneck_dim, nlayers)
+    if kind == "matryoshka":
+        return MatryoshkaHead(in_dim, out_dim, hidden_dim, bottleneck_dim, nlayers, nesting_list, input_mode)
+    raise ValueError(f"head kind={kind!r} is unknown; choose one of {HEAD_KINDS}")

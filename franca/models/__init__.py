@@ -1,0 +1,23 @@
+"""Franca / DINOv2-compatible Vision Transformers."""
+
+from franca.models.vision_transformer import (
+    ARCHITECTURES,
+    DinoVisionTransformer,
+    build_vit,
+    vit_base,
+    vit_giant2,
+    vit_large,
+    vit_small,
+    vit_tiny,
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "DinoVisionTransformer",
+    "build_vit",
+    "vit_base",
+    "vit_giant2",
+    "vit_large",
+    "vit_small",
+    "vit_tiny",
+]

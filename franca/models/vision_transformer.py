@@ -1,0 +1,242 @@
+"""The Franca backbone: a DINOv2-style ViT (reference §2).
+
+Blocks are stored flat (``blocks.{i}``); the hub's key adapter also reads the released chunked ``blocks.{c}.{i}``
+keys. Token preparation, the output dict and the position-embedding interpolation reproduce the original exactly, so
+released weights give the original outputs at any input size divisible by the patch size.
+"""
+
+import math
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from franca.layers import Block, Mlp, PatchEmbed, SwiGLUFFN
+
+FFN_LAYERS = {"mlp": Mlp, "swiglu": SwiGLUFFN, "swiglufused": SwiGLUFFN}
+
+# name -> (embed_dim, depth, num_heads); head dim is always embed_dim / num_heads.
+ARCHITECTURES = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+    "vit_giant2": (1536, 40, 24),
+}
+
+
+def _init_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class DinoVisionTransformer(nn.Module):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 14,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        ffn_bias: bool = True,
+        ffn_layer: str = "swiglufused",
+        layerscale: float | None = 1e-5,
+        drop_path_rate: float = 0.0,
+        drop_path_uniform: bool = True,
+        num_register_tokens: int = 0,
+        interpolate_offset: float = 0.1,
+        interpolate_antialias: bool = False,
+    ):
+        super().__init__()
+        if ffn_layer not in FFN_LAYERS:
+            raise ValueError(f"ffn_layer={ffn_layer!r} is unknown; choose one of {sorted(FFN_LAYERS)}")
+        if img_size % patch_size:
+            raise ValueError(f"img_size={img_size} is not divisible by patch_size={patch_size}")
+        self.embed_dim = self.num_features = embed_dim
+        self.n_blocks = depth
+        self.num_heads = num_heads
+        self.patch_size = patch_size
+        self.img_size = img_size
+        self.num_register_tokens = num_register_tokens
+        self.interpolate_offset = interpolate_offset
+        self.interpolate_antialias = interpolate_antialias
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        grid = img_size // patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        )
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+
+        rates = [drop_path_rate] * depth if drop_path_uniform else torch.linspace(0, drop_path_rate, depth).tolist()
+        ffn_cls = FFN_LAYERS[ffn_layer]
+        hidden = int(embed_dim * mlp_ratio)
+        self.blocks = nn.ModuleList(
+            Block(
+                embed_dim,
+                num_heads,
+                ffn_cls(embed_dim, hidden, bias=ffn_bias),
+                qkv_bias=qkv_bias,
+                proj_bias=proj_bias,
+                layerscale=layerscale,
+                drop_path=rate,
+            )
+            for rate in rates
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Identity()
+        self.rasa_head: nn.Module | None = None
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Initialisation of reference §2.4 (Linear trunc-normal .02, zero bias; conv/LayerNorm PyTorch defaults)."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        nn.init.zeros_(self.mask_token)
+        self.apply(_init_linear)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def interpolate_pos_encoding(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Position embeddings for an h×w image, exactly as the original (reference §2.3).
+
+        The construction grid M×M is resized bicubically with ``scale_factor=((h/P + offset)/M, (w/P + offset)/M)``
+        (not a target size: the 0.1 offset moves the sampling positions), in float32, then cast back.
+        """
+        dtype = x.dtype
+        n_patches = x.shape[1] - 1
+        m = self.pos_embed.shape[1] - 1
+        if n_patches == m and h == w:
+            return self.pos_embed
+        pos = self.pos_embed.float()
+        cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
+        side = int(math.sqrt(m))
+        if side * side != m:
+            raise ValueError(f"pos_embed has {m} patch rows, which is not a square grid")
+        h0, w0 = h // self.patch_size, w // self.patch_size
+        grid = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        if self.interpolate_offset:
+            resize = {"scale_factor": ((h0 + self.interpolate_offset) / side, (w0 + self.interpolate_offset) / side)}
+        else:
+            resize = {"size": (h0, w0)}
+        grid = F.interpolate(grid, mode="bicubic", antialias=self.interpolate_antialias, **resize)
+        if grid.shape[-2:] != (h0, w0):
+            raise RuntimeError(f"position-embedding interpolation gave {tuple(grid.shape[-2:])}, expected {(h0, w0)}")
+        patch_pos = grid.permute(0, 2, 3, 1).reshape(1, h0 * w0, -1)
+        return torch.cat((cls_pos, patch_pos), dim=1).to(dtype)
+
+    def prepare_tokens_with_masks(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch embedding, mask tokens (before position embeddings), CLS, position embeddings, registers."""
+        if x.ndim != 4:
+            raise ValueError(f"expected images [B, C, H, W], got a tensor of shape {tuple(x.shape)}")
+        B, _, h, w = x.shape
+        x = self.patch_embed(x)
+        if masks is not None:
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
+        x = torch.cat((self.cls_token.expand(B, -1, -1).to(x.dtype), x), dim=1)
+        x = x + self.interpolate_pos_encoding(x, h, w)
+        if self.register_tokens is not None:
+            x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1).to(x.dtype), x[:, 1:]), dim=1)
+        return x
+
+    def _output_dict(self, x: torch.Tensor, masks: torch.Tensor | None, use_rasa_head: bool) -> dict:
+        x_norm = self.norm(x)
+        out = {
+            "x_norm_clstoken": x_norm[:, 0],
+            "x_norm_regtokens": x_norm[:, 1 : self.num_register_tokens + 1],
+            "x_norm_patchtokens": x_norm[:, self.num_register_tokens + 1 :],
+            "x_prenorm": x,
+            "masks": masks,
+        }
+        if use_rasa_head:
+            if self.rasa_head is None:
+                raise RuntimeError(
+                    "forward_features(use_rasa_head=True) needs a RASA head: load one with "
+                    "franca.hub (rasa_weights=...) or attach it with model.attach_rasa_head(head)"
+                )
+            out["patch_token_rasa"] = self.rasa_head(out["x_norm_patchtokens"])
+        return out
+
+    def forward_features(
+        self,
+        x: torch.Tensor | Sequence[torch.Tensor],
+        masks: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+        use_rasa_head: bool = False,
+    ) -> dict | list[dict]:
+        """Token dict of reference §2.2; a list of image batches gives a list of dicts (one forward each)."""
+        if isinstance(x, (list, tuple)):
+            masks_list = masks if masks is not None else [None] * len(x)
+            return [self.forward_features(xi, mi, use_rasa_head) for xi, mi in zip(x, masks_list)]
+        x = self.prepare_tokens_with_masks(x, masks)
+        for blk in self.blocks:
+            x = blk(x)
+        return self._output_dict(x, masks, use_rasa_head)
+
+    def forward(self, x: torch.Tensor, is_training: bool = False, **kwargs) -> torch.Tensor | dict:
+        out = self.forward_features(x, **kwargs)
+        return out if is_training else self.head(out["x_norm_clstoken"])
+
+    def attach_rasa_head(self, head: nn.Module | None) -> None:
+        """Attach (or with None, remove) the post-hoc RASA positional-debiasing head."""
+        if head is not None and getattr(head, "input_dim", self.embed_dim) != self.embed_dim:
+            raise ValueError(f"RASA head for dim {head.input_dim} cannot be attached to a ViT of dim {self.embed_dim}")
+        self.rasa_head = head
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def get_intermediate_layers(
+        self,
+        x: torch.Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
+        norm: bool = True,
+    ) -> tuple:
+        """Outputs of the last ``n`` blocks (or of the listed block indices), as DINOv2."""
+        B, _, h, w = x.shape
+        total = len(self.blocks)
+        take = set(range(total - n, total)) if isinstance(n, int) else set(n)
+        bad = sorted(i for i in take if not 0 <= i < total)
+        if bad:
+            raise ValueError(f"get_intermediate_layers: block indices {bad} out of range for depth {total}")
+        tokens = self.prepare_tokens_with_masks(x)
+        outputs = []
+        for i, blk in enumerate(self.blocks):
+            tokens = blk(tokens)
+            if i in take:
+                outputs.append(tokens)
+        if norm:
+            outputs = [self.norm(o) for o in outputs]
+        class_tokens = [o[:, 0] for o in outputs]
+        patches = [o[:, 1 + self.num_register_tokens :] for o in outputs]
+        if reshape:
+            gh, gw = h // self.patch_size, w // self.patch_size
+            patches = [p.reshape(B, gh, gw, -1).permute(0, 3, 1, 2).contiguous() for p in patches]
+        if return_class_token:
+            return tuple(zip(patches, class_tokens))
+        return tuple(patches)
+
+
+def build_vit(arch: str, **kwargs) -> DinoVisionTransformer:
+    """Build one of :data:`ARCHITECTURES` by name; keyword arguments (``depth`` too) override its defaults."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    dim, depth, heads = ARCHITECTURES[arch]
+    return DinoVisionTransformer(**{"embed_dim": dim, "depth": depth, "num_heads": heads, **kwargs})
+
+
+vit_tiny = partial(build_vit, "vit_tiny")
+vit_small = partial(build_vit, "vit_small")
+vit_base = partial(build_vit, "vit_base")
+vit_large = partial(build_vit, "vit_large")
+vit_giant2 = partial(build_vit, "vit_giant2")

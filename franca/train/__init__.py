@@ -1,0 +1,1 @@
+"""Franca pretraining: meta-architecture, training loop, schedules and optimizer parameter groups."""

@@ -1,0 +1,3 @@
+from franca.train.train import main
+
+main()

@@ -1,0 +1,208 @@
+"""The Franca meta-architecture: student and EMA teacher (backbone + DINO head + iBOT head) and their losses.
+
+One ``forward_backward`` computes the whole objective of reference §3–4.2 for a collated multi-crop batch:
+- teacher (eval mode, no grad): global crops → CLS → DINO head → per-level targets; masked patch tokens → iBOT head →
+  per-level targets (Sinkhorn-Knopp, or softmax centering);
+- student: global crops (with mask tokens) and local crops as two batches; CLS of all crops through the DINO head,
+  masked patch tokens through the iBOT head; DINO loss averaged over the 2 + 2L (student crop, teacher crop) pairs and
+  summed over Matryoshka levels, iBOT loss, KoLeo on the backbone CLS of each global view.
+The DINOv2 baseline is the same code with ``dino.MRL: false`` (one-level heads).
+"""
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from franca.layers.heads import build_head
+from franca.loss import DINOLoss, IBOTPatchLoss, SoftmaxCentering, koleo_loss, sinkhorn_knopp
+from franca.models import build_vit
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def build_backbone(cfg: DictConfig, drop_path: bool = True) -> nn.Module:
+    """The ViT of ``cfg.student`` at the global-crop size (drop path only for the student)."""
+    s = cfg.student
+    overrides = {k: s[k] for k in ("embed_dim", "depth", "num_heads") if s[k]}
+    return build_vit(
+        s.arch,
+        **overrides,
+        img_size=cfg.crops.global_crops_size,
+        patch_size=s.patch_size,
+        ffn_layer=s.ffn_layer,
+        layerscale=s.layerscale,
+        drop_path_rate=s.drop_path_rate if drop_path else 0.0,
+        drop_path_uniform=s.drop_path_uniform,
+        qkv_bias=s.qkv_bias,
+        proj_bias=s.proj_bias,
+        ffn_bias=s.ffn_bias,
+        num_register_tokens=s.num_register_tokens,
+        interpolate_offset=s.interpolate_offset,
+        interpolate_antialias=s.interpolate_antialias,
+    )
+
+
+def _build_head(cfg: DictConfig, head_cfg: DictConfig, embed_dim: int) -> nn.Module:
+    nesting = list(cfg.dino.nesting_list) or None
+    return build_head(
+        "matryoshka" if cfg.dino.MRL else "dino",
+        embed_dim,
+        head_cfg.head_n_prototypes,
+        hidden_dim=head_cfg.head_hidden_dim,
+        bottleneck_dim=head_cfg.head_bottleneck_dim,
+        nlayers=head_cfg.head_nlayers,
+        nesting_list=nesting,
+        input_mode=cfg.dino.mrl_input,
+    )
+
+
+def resolve_autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """``compute_precision.dtype``: auto = bf16 on CUDA and fp32 (no autocast) on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return AUTOCAST_DTYPES[name]
+
+
+class SSLMetaArch(nn.Module):
+    def __init__(self, cfg: DictConfig):
+        super().__init__()
+        self.cfg = cfg
+        student, teacher = nn.ModuleDict(), nn.ModuleDict()
+        student["backbone"] = build_backbone(cfg, drop_path=True)
+        teacher["backbone"] = build_backbone(cfg, drop_path=False)
+        dim = student["backbone"].embed_dim
+        student["dino_head"] = _build_head(cfg, cfg.dino, dim)
+        teacher["dino_head"] = _build_head(cfg, cfg.dino, dim)
+        if cfg.ibot.separate_head:
+            student["ibot_head"] = _build_head(cfg, cfg.ibot, dim)
+            teacher["ibot_head"] = _build_head(cfg, cfg.ibot, dim)
+        self.student, self.teacher = student, teacher
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+
+        self.n_local_crops = cfg.crops.local_crops_number
+        self.dino_loss = DINOLoss(student_temp=0.1, level_weights=list(cfg.dino.level_weights) or None)
+        self.ibot_loss = IBOTPatchLoss(student_temp=0.1, level_weights=list(cfg.ibot.level_weights) or None)
+        self.centering = cfg.train.centering
+        if self.centering == "centering":
+            self.dino_center = SoftmaxCentering(self.student["dino_head"].out_dims)
+            self.ibot_center = SoftmaxCentering(self._ibot_head("student").out_dims)
+
+    def train(self, mode: bool = True) -> "SSLMetaArch":
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def _ibot_head(self, which: str) -> nn.Module:
+        models = self.student if which == "student" else self.teacher
+        return models["ibot_head"] if "ibot_head" in models else models["dino_head"]
+
+    def load_pretrained_backbone(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Initialise both backbones from released-format weights (heads stay fresh: continued pretraining)."""
+        own = self.student["backbone"].state_dict()
+        mismatched = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+        if mismatched:
+            detail = ", ".join(f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched[:4])
+            raise ValueError(
+                f"student.pretrained_weights do not fit the configured backbone ({detail}). For another image size, "
+                "resize the position grid first: python scripts/modify_ckpt_highres.py --checkpoint-path IN "
+                "--output-path OUT --target-img-size <crops.global_crops_size>"
+            )
+        missing, unexpected = self.student["backbone"].load_state_dict(state_dict, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"student.pretrained_weights: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}; "
+                "the checkpoint is for another architecture than student.arch/patch_size/ffn_layer"
+            )
+        self.teacher["backbone"].load_state_dict(state_dict)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def _teacher_targets(self, logits: list[torch.Tensor], temp: float, center: SoftmaxCentering | None) -> list:
+        if center is None:
+            return [sinkhorn_knopp(t, temp) for t in logits]
+        targets = center.targets(logits, temp)
+        center.update(logits)
+        return targets
+
+    @torch.no_grad()
+    def _teacher_output(self, global_crops: torch.Tensor, mask_indices: torch.Tensor, teacher_temp: float):
+        out = self.teacher["backbone"](global_crops, is_training=True)
+        cls_logits = self.teacher["dino_head"](out["x_norm_clstoken"])
+        patches = out["x_norm_patchtokens"].flatten(0, 1)[mask_indices]
+        patch_logits = self._ibot_head("teacher")(patches) if len(mask_indices) else None
+        use_center = self.centering == "centering"
+        dino_targets = self._teacher_targets(cls_logits, teacher_temp, self.dino_center if use_center else None)
+        ibot_targets = None
+        if patch_logits is not None:
+            ibot_targets = self._teacher_targets(patch_logits, teacher_temp, self.ibot_center if use_center else None)
+        return dino_targets, ibot_targets
+
+    def compute_losses(self, batch: dict, teacher_temp: float) -> dict[str, torch.Tensor]:
+        """All loss terms for one collated batch (reference §3.4); their sum is the training objective."""
+        cfg = self.cfg
+        global_crops = batch["collated_global_crops"]
+        local_crops = batch["collated_local_crops"]
+        masks = batch["collated_masks"]
+        mask_indices = batch["mask_indices_list"]
+        n_global_images = global_crops.shape[0]
+        n_local = self.n_local_crops
+
+        dino_targets, ibot_targets = self._teacher_output(global_crops, mask_indices, teacher_temp)
+
+        backbone = self.student["backbone"]
+        s_global = backbone(global_crops, masks=masks, is_training=True)
+        global_cls = s_global["x_norm_clstoken"]
+        cls_parts = [global_cls]
+        if n_local:
+            cls_parts.insert(0, backbone(local_crops, is_training=True)["x_norm_clstoken"])
+        head_out = self.student["dino_head"](torch.cat(cls_parts))
+        n_local_rows = head_out[0].shape[0] - n_global_images
+        local_logits = [h[:n_local_rows] for h in head_out]
+        global_logits = [h[n_local_rows:] for h in head_out]
+
+        n_pairs = 2 + 2 * n_local
+        losses = {}
+        if n_local:
+            local_loss = self.dino_loss(local_logits, dino_targets, n_local, 2)
+            losses["dino_local_crops_loss"] = cfg.dino.loss_weight * local_loss / n_pairs
+        global_loss = self.dino_loss(global_logits, dino_targets, 2, 2, skip_same_view=True)
+        losses["dino_global_crops_loss"] = cfg.dino.loss_weight * global_loss / n_pairs
+        if cfg.dino.koleo_loss_weight > 0:
+            koleo = sum(koleo_loss(view) for view in global_cls.chunk(2))
+            losses["koleo_loss"] = cfg.dino.koleo_loss_weight * koleo
+        if ibot_targets is not None:
+            patches = s_global["x_norm_patchtokens"].flatten(0, 1)[mask_indices]
+            patch_logits = self._ibot_head("student")(patches)
+            ibot = self.ibot_loss(patch_logits, ibot_targets, batch["masks_weight"], n_global_images)
+            losses["ibot_loss"] = cfg.ibot.loss_weight * ibot
+        return losses
+
+    def forward_backward(
+        self, batch: dict, teacher_temp: float, autocast_dtype: torch.dtype | None = None, scaler=None
+    ) -> dict[str, torch.Tensor]:
+        """Compute the losses under autocast and backpropagate their sum; returns the detached loss terms."""
+        device_type = batch["collated_global_crops"].device.type
+        with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            losses = self.compute_losses(batch, teacher_temp)
+        total = sum(losses.values())
+        (scaler.scale(total) if scaler is not None else total).backward()
+        return {k: v.detach() for k, v in losses.items()}
+
+    def clip_gradients(self, max_norm: float) -> dict[str, torch.Tensor]:
+        """Clip each student submodule's gradient norm separately (reference §4.2 step 4); returns the norms."""
+        return {
+            name: nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
+            for name, module in self.student.items()
+        }
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA θ_t ← m·θ_t + (1−m)·θ_s over all three submodules."""
+        student = dict(self.student.named_parameters())
+        teacher_params, student_params = [], []
+        for name, p in self.teacher.named_parameters():
+            teacher_params.append(p)
+            student_params.append(student[name].detach())
+        torch._foreach_mul_(teacher_params, momentum)
+        torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)

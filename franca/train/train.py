@@ -1,0 +1,308 @@
+"""Pretraining entry point: ``python -m franca.train --config-file F --output-dir D [--no-resume] [key=value ...]``.
+
+Owns the loop of reference §4.2: schedules → forward/backward → per-submodule clipping → AdamW step → EMA teacher,
+with a progress line, ``training_metrics.json``, resumable checkpoints every ``train.saveckp_freq`` epochs of
+``train.OFFICIAL_EPOCH_LENGTH`` iterations (and on SIGTERM/SIGUSR1), and release-format teacher exports.
+"""
+
+import argparse
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from franca.checkpoint import Checkpointer, export_teacher
+from franca.config import apply_scaling_rules, load_config, save_config
+from franca.data.augmentations import DataAugmentationDINO
+from franca.data.collate import MaskingCollator
+from franca.data.loaders import make_dataset, make_train_data_loader
+from franca.data.masking import build_mask_generator
+from franca.train.param_groups import apply_optim_schedule, fuse_params_groups, get_params_groups
+from franca.train.schedules import build_schedules
+from franca.train.ssl_meta_arch import SSLMetaArch, resolve_autocast_dtype
+from franca.utils.logging import MetricsWriter, Progress
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("franca.train", description="Pretrain Franca (or the DINOv2 baseline).")
+    parser.add_argument("--config-file", "--config_file", default=None, help="YAML recipe merged over the defaults")
+    parser.add_argument("--output-dir", "--output_dir", required=True, help="where checkpoints and logs go")
+    parser.add_argument("--no-resume", action="store_true", help="start fresh even if DIR has checkpoints")
+    parser.add_argument("opts", nargs="*", default=[], help="config overrides, e.g. optim.epochs=10")
+    return parser
+
+
+def setup_run(args: argparse.Namespace) -> DictConfig:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']}: multi-process training is not available in this version of "
+            "franca.train; run one process (python -m franca.train ...)"
+        )
+    cfg = load_config(args.config_file, list(args.opts))
+    cfg.train.output_dir = str(args.output_dir)
+    apply_scaling_rules(cfg, world_size=1)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    save_config(cfg, Path(args.output_dir) / "config.yaml")
+    return cfg
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(cfg: DictConfig, model: SSLMetaArch, device: torch.device) -> torch.optim.Optimizer:
+    groups = []
+    for module in model.student.values():
+        groups += get_params_groups(
+            module, layerwise_decay=cfg.optim.layerwise_decay, patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult
+        )
+    betas = (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2)
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(fuse_params_groups(groups), betas=betas, **fast)
+
+
+def build_data(cfg: DictConfig, start_iteration: int, device: torch.device):
+    transform = DataAugmentationDINO(
+        cfg.crops.global_crops_scale,
+        cfg.crops.local_crops_scale,
+        cfg.crops.local_crops_number,
+        global_crops_size=cfg.crops.global_crops_size,
+        local_crops_size=cfg.crops.local_crops_size,
+        blur_quirk=cfg.crops.blur_quirk,
+    )
+    dataset = make_dataset(cfg.train.dataset_path)
+    grid = cfg.crops.global_crops_size // cfg.student.patch_size
+    collate = MaskingCollator(
+        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
+        mask_probability=cfg.ibot.mask_sample_probability,
+        n_tokens=grid * grid,
+        mask_generator=build_mask_generator(
+            (grid, grid), cfg.train.use_block_masking, cfg.train.use_inverse_block, cfg.train.roll
+        ),
+        seed=cfg.train.seed,
+    )
+    loader = make_train_data_loader(
+        dataset,
+        transform,
+        collate,
+        batch_size_per_rank=cfg.train.batch_size_per_gpu,
+        seed=cfg.train.seed,
+        start_iteration=start_iteration,
+        num_workers=cfg.train.num_workers,
+    )
+    return dataset, loader
+
+
+def move_batch(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def load_pretrained(cfg: DictConfig, model: SSLMetaArch) -> None:
+    source = cfg.student.pretrained_weights
+    if not source:
+        return
+    from franca.hub import load_backbone
+
+    backbone = load_backbone(source)
+    model.load_pretrained_backbone(backbone.state_dict())
+    print(f"initialised student and teacher backbones from {source} (heads are fresh)", flush=True)
+
+
+class StopRequest:
+    """Records SIGTERM/SIGUSR1 so the loop checkpoints at the end of the current iteration and exits."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+        print(f"received {signal.Signals(signum).name}: checkpointing after this iteration", flush=True)
+
+
+def _format_losses(losses: dict[str, float]) -> str:
+    return " ".join(f"{k.replace('_crops', '').replace('_loss', '')} {v:.4f}" for k, v in losses.items())
+
+
+def _check_finite(losses: dict[str, float], iteration: int, checkpointer: Checkpointer) -> None:
+    bad = [k for k, v in losses.items() if not math.isfinite(v)]
+    if bad:
+        last = checkpointer.last()
+        raise NonFiniteLossError(
+            f"non-finite loss at iteration {iteration}: {', '.join(f'{k}={losses[k]}' for k in bad)}. "
+            f"The last good checkpoint is {last or 'none (no checkpoint written yet)'}; lower optim.base_lr, raise "
+            "optim.warmup_epochs, or use compute_precision.dtype=bf16/fp32, then restart the same command to resume"
+        )
+
+
+def do_train(cfg: DictConfig, resume: bool = True) -> dict:
+    """Run (or resume) the training of ``cfg`` and return the last logged metrics."""
+    out_dir = Path(cfg.train.output_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seed_everything(cfg.train.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    model = SSLMetaArch(cfg)
+    load_pretrained(cfg, model)
+    model.to(device)
+    model.train()
+    optimizer = build_optimizer(cfg, model, device)
+    autocast_dtype = resolve_autocast_dtype(cfg.compute_precision.dtype, device)
+    use_scaler = autocast_dtype == torch.float16 and cfg.compute_precision.grad_scaler
+    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    schedules = build_schedules(cfg)
+    epoch_length = cfg.train.OFFICIAL_EPOCH_LENGTH
+    max_iter = cfg.optim.epochs * epoch_length
+    ckpt_period = cfg.train.saveckp_freq * epoch_length
+    eval_period = cfg.evaluation.eval_period_iterations
+    block_chunks = cfg.student.block_chunks
+
+    checkpointer = Checkpointer(out_dir, keep=cfg.train.keep_checkpoints)
+    start = 0
+    state = checkpointer.load() if resume else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        start = state["iteration"]
+        print(f"resuming from {checkpointer.last()} at iteration {start}", flush=True)
+
+    def save(iteration: int) -> None:
+        extra = {"scaler": scaler.state_dict()} if scaler is not None else {}
+        checkpointer.save(iteration, model=model.state_dict(), optimizer=optimizer.state_dict(), **extra)
+
+    dataset, loader = build_data(cfg, start, device)
+    if state is not None:
+        from franca.checkpoint import restore_rng_state
+
+        restore_rng_state(state["rng"])
+    metrics = MetricsWriter(out_dir / "training_metrics.json", resume_iteration=start)
+    tb = _tensorboard(out_dir)
+    stop = StopRequest()
+    images_per_iteration = cfg.train.batch_size_per_gpu
+    progress = Progress("Training", max_iter, start)
+    print(
+        f"training {cfg.student.arch}/{cfg.student.patch_size} on {cfg.train.dataset_path} ({len(dataset)} images) "
+        f"for {max_iter} iterations, batch {cfg.train.batch_size_per_gpu}, lr {cfg.optim.lr:.3g}, device {device}, "
+        f"dtype {autocast_dtype or torch.float32}",
+        flush=True,
+    )
+
+    last_record: dict = {}
+    window_start, window_iters = time.perf_counter(), 0
+    data_iter = iter(loader)
+    for iteration in range(start, max_iter):
+        t_data = time.perf_counter()
+        batch = move_batch(next(data_iter), device)
+        data_time = time.perf_counter() - t_data
+        lr, wd = schedules["lr"][iteration], schedules["wd"][iteration]
+        mom, teacher_temp = schedules["momentum"][iteration], schedules["teacher_temp"][iteration]
+        apply_optim_schedule(optimizer, lr=lr, wd=wd, last_layer_lr=schedules["last_layer_lr"][iteration])
+
+        optimizer.zero_grad(set_to_none=True)
+        losses = model.forward_backward(batch, teacher_temp, autocast_dtype, scaler)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if cfg.optim.clip_grad:
+            model.clip_gradients(cfg.optim.clip_grad)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        model.update_teacher(mom)
+        window_iters += 1
+        done = iteration + 1
+
+        log_now = done % cfg.train.log_period == 0 or done == max_iter or done == start + 1
+        save_now = done % ckpt_period == 0 or done == max_iter or stop.signal is not None
+        if log_now or save_now:
+            values = {k: float(v) for k, v in losses.items()}
+            _check_finite(values, iteration, checkpointer)
+        if log_now:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - window_start
+            iter_time = elapsed / window_iters
+            record = {
+                "iteration": iteration,
+                "total_loss": sum(values.values()),
+                **values,
+                "lr": lr,
+                "wd": wd,
+                "mom": mom,
+                "teacher_temp": teacher_temp,
+                "iter_time": iter_time,
+                "data_time": data_time,
+            }
+            metrics.write(record)
+            last_record = record
+            if tb is not None:
+                for k, v in record.items():
+                    tb.add_scalar(k, v, iteration)
+            mem = f" mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GiB" if device.type == "cuda" else ""
+            progress.print(
+                done,
+                f"loss {record['total_loss']:.4f} ({_format_losses(values)}) lr {lr:.2e} "
+                f"{images_per_iteration / iter_time:.1f} img/s{mem}",
+            )
+            window_start, window_iters = time.perf_counter(), 0
+        if eval_period and done % eval_period == 0 and done != max_iter:
+            export_teacher(model.teacher, out_dir, iteration, block_chunks)
+        if save_now:
+            save(done)
+        if stop.signal is not None and done != max_iter:
+            print(f"stopped at iteration {done}; run the same command again to resume", flush=True)
+            raise SystemExit(128 + stop.signal)
+
+    final = export_teacher(model.teacher, out_dir, max_iter - 1, block_chunks)
+    print(f"teacher exported to {final}", flush=True)
+    if tb is not None:
+        tb.close()
+    _write_loss_plot(out_dir)
+    return last_record
+
+
+def _tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+
+def _write_loss_plot(out_dir: Path) -> None:
+    from franca.utils.plots import plot_loss_curves
+
+    try:
+        path = plot_loss_curves(out_dir / "training_metrics.json", out_dir / "loss_curves.png")
+        print(f"loss curves written to {path}", flush=True)
+    except ImportError as err:
+        print(f"no loss-curve PNG: {err}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    cfg = setup_run(args)
+    return do_train(cfg, resume=not args.no_resume)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)
