@@ -12,6 +12,8 @@ from franca.export.safetensors import export_safetensors  # noqa: E402
 from franca.models.vision_transformer import DinoVisionTransformer  # noqa: E402
 from rasa.head import RASAHead  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:coremltools")
+
 DIM = 48
 FLOAT32 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32
 

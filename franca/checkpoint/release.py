@@ -1,7 +1,9 @@
 """The teacher in the release format: ``{"teacher": {"backbone.<key>", "dino_head.<key>", "ibot_head.<key>"}}``.
 
 Backbone keys use the released chunked naming (``blocks.{c}.{i}.``) so a file we write loads in the original code as
-well as in our hub (reference §2.6, §4.2 step 6).
+well as in our hub (reference §2.6, §4.2 step 6). Beside ``teacher`` we store ``backbone_config`` (the ViT constructor
+keywords): the original loaders ignore it, and our hub uses it to rebuild models whose head count the weights cannot
+tell (any non-standard width).
 """
 
 import os
@@ -27,5 +29,6 @@ def export_teacher(
 ) -> Path:
     """Write ``<output_dir>/eval/training_<iteration>/teacher_checkpoint.pth`` atomically and return its path."""
     path = Path(output_dir) / "eval" / f"training_{iteration}" / "teacher_checkpoint.pth"
-    atomic_torch_save({"teacher": teacher_release_state_dict(teacher, block_chunks)}, path)
+    state = teacher_release_state_dict(teacher, block_chunks)
+    atomic_torch_save({"teacher": state, "backbone_config": teacher["backbone"].build_config()}, path)
     return path

@@ -6,6 +6,7 @@ contain ``:`` (URLs, Windows drives). Names and their keys come from :mod:`franc
 """
 
 import re
+import signal
 from typing import Any, Callable
 
 import torch
@@ -99,7 +100,15 @@ def make_train_data_loader(
         persistent_workers=num_workers > 0,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=ignore_stop_signals,
     )
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Workers ignore SIGTERM/SIGUSR1 (sent to the whole process group on preemption) so that the main process can
+    finish its iteration and write a checkpoint before the loader shuts them down."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def make_eval_data_loader(

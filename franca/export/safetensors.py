@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 
 from franca.export.wrappers import add_model_arguments, load_export_model
-from franca.layers import LayerScale, Mlp, SwiGLUFFN, swiglu_hidden_dim
-from franca.models.vision_transformer import ARCHITECTURES, DinoVisionTransformer
+from franca.models.vision_transformer import DinoVisionTransformer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -34,60 +33,9 @@ RASA_FILE = "rasa_head.safetensors"
 RASA_PREFIX = "rasa_head."
 
 
-def _ffn_config(embed_dim: int, ffn: torch.nn.Module) -> dict:
-    """``ffn_layer``, ``mlp_ratio`` and ``ffn_bias`` that rebuild ``ffn``.
-
-    The ratio is fc1's width / D for an MLP; for SwiGLU it is the 4·D-style budget the packed width was sized from
-    (``swiglu_hidden_dim``), found among the candidates that rebuild the same width.
-    """
-    if isinstance(ffn, Mlp):
-        layer, first, hidden = "mlp", ffn.fc1, ffn.fc1.out_features
-
-        def rebuild(ratio: float) -> int:
-            return int(embed_dim * ratio)
-
-    elif isinstance(ffn, SwiGLUFFN):
-        layer, first, hidden = "swiglufused", ffn.w12, ffn.w3.in_features
-
-        def rebuild(ratio: float) -> int:
-            return swiglu_hidden_dim(int(embed_dim * ratio))
-
-    else:
-        raise TypeError(
-            f"cannot describe a feed-forward layer of type {type(ffn).__name__} (expected Mlp or SwiGLUFFN)"
-        )
-    ratio = next((r for r in (4.0, hidden / embed_dim, hidden * 1.5 / embed_dim) if rebuild(r) == hidden), None)
-    if ratio is None:
-        raise ValueError(f"no mlp_ratio rebuilds a {layer} layer of hidden width {hidden} for embed_dim {embed_dim}")
-    return {"ffn_layer": layer, "mlp_ratio": ratio, "ffn_bias": first.bias is not None}
-
-
 def backbone_config(model: DinoVisionTransformer) -> dict:
-    """Constructor keywords that rebuild ``model`` for inference (plus ``"arch"``), read off its modules.
-
-    Stochastic depth is a training setting and is written as off (``drop_path_rate`` 0).
-    """
-    block = model.blocks[0]
-    dims = (model.embed_dim, len(model.blocks), model.num_heads)
-    arch = next((name for name, spec in ARCHITECTURES.items() if tuple(spec) == dims), None)
-    return {
-        "arch": arch,
-        "img_size": model.img_size,
-        "patch_size": model.patch_size,
-        "in_chans": model.patch_embed.proj.in_channels,
-        "embed_dim": model.embed_dim,
-        "depth": len(model.blocks),
-        "num_heads": model.num_heads,
-        **_ffn_config(model.embed_dim, block.mlp),
-        "qkv_bias": block.attn.qkv.bias is not None,
-        "proj_bias": block.attn.proj.bias is not None,
-        "layerscale": block.ls1.init_values if isinstance(block.ls1, LayerScale) else None,
-        "drop_path_rate": 0.0,
-        "drop_path_uniform": True,
-        "num_register_tokens": model.num_register_tokens,
-        "interpolate_offset": float(model.interpolate_offset),
-        "interpolate_antialias": bool(model.interpolate_antialias),
-    }
+    """Constructor keywords that rebuild ``model`` for inference (plus ``"arch"``); stochastic depth off."""
+    return {**model.build_config(), "drop_path_rate": 0.0, "drop_path_uniform": True}
 
 
 def _write_atomically(path: Path, write) -> None:

@@ -78,7 +78,7 @@ def check_image_size(image_size: tuple[int, int], patch_size: int) -> tuple[int,
 
 
 def _cubic_weights(t: torch.Tensor) -> list[torch.Tensor]:
-    """The four cubic-convolution weights (Keys, a = −0.75) for fractional offsets t, in PyTorch's operation order."""
+    """Keys' cubic-convolution weights (a = −0.75) of the taps at distances 1 + t, t, 1 − t, 2 − t."""
 
     def near(x: torch.Tensor) -> torch.Tensor:  # |x| <= 1
         return ((CUBIC_A + 2) * x - (CUBIC_A + 3)) * x * x + 1

@@ -268,10 +268,13 @@ def _resolve_arch(arch: str | None) -> str | None:
     raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHITECTURES)} or {sorted(HUB_ENTRIES)}")
 
 
-def _generic_config(weights: str | os.PathLike, state_dict: dict, arch: str | None) -> dict:
-    """ViT keywords for an arbitrary checkpoint: an export folder's config.json, else read off the keys."""
-    if not is_url(str(weights)) and os.path.isdir(weights):
-        config = read_export_config(weights)
+def _generic_config(weights: str | os.PathLike, state_dict: dict, arch: str | None, stored: dict | None) -> dict:
+    """ViT keywords for an arbitrary checkpoint: an export folder's config.json or the ``backbone_config`` our
+    trainer stores beside the teacher, else read off the keys."""
+    if stored is None and not is_url(str(weights)) and os.path.isdir(weights):
+        stored = read_export_config(weights)
+    if stored is not None:
+        config = dict(stored)
         arch = arch or config.pop("arch", None)
         config.pop("arch", None)
     else:
@@ -306,8 +309,10 @@ def load_backbone(
                 f"'franca_vitb14:{str(weights).upper()}'"
             )
         return _hub_model(arch, True, weights, use_rasa_head, rasa_weights, kwargs)
-    state_dict, embedded_rasa = normalize_backbone_state_dict(load_checkpoint_file(weights))
-    config = _generic_config(weights, state_dict, arch)
+    raw = load_checkpoint_file(weights)
+    stored = raw.get("backbone_config") if isinstance(raw, dict) else None
+    state_dict, embedded_rasa = normalize_backbone_state_dict(raw)
+    config = _generic_config(weights, state_dict, arch, stored)
     _pop_image_size(kwargs, config["img_size"])
     model = build_loaded_vit({**config, **kwargs}, state_dict, str(weights))
     _attach_rasa(model, arch, use_rasa_head, rasa_weights, None, embedded_rasa)

@@ -84,9 +84,12 @@ class DINOHead(nn.Module):
         self.last_layer.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        bottleneck = self.mlp(x)
-        eps = 1e-6 if bottleneck.dtype == torch.float16 else 1e-12
-        return [self.last_layer(F.normalize(bottleneck, p=2, dim=-1, eps=eps))]
+        return [self.last_layer(l2_normalize(self.mlp(x)))]
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Unit-norm rows before the prototype layer (DINOv2's head); eps safe for fp16."""
+    return F.normalize(x, p=2, dim=-1, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
 
 
 def default_nesting_list(in_dim: int) -> list[int]:
@@ -106,8 +109,10 @@ class MatryoshkaHead(nn.Module):
 
     Branch l reads ``x[..., :d_l]`` (``input_mode="slice"``, the paper and release v1.1) or all of x
     (``"project"``, release v1.0.0), applies ``matryoshka_projections.{l}`` → d_l, ``mlps.{l}`` (GELU after the
-    bottleneck too) and the weight-normed ``last_layers.{l}`` with K_l = int(K·d_l/D) prototypes. There is no L2
-    normalisation before the prototypes, as in the original. ``forward`` returns one [*, K_l] tensor per level.
+    bottleneck too) and the weight-normed ``last_layers.{l}`` with K_l = int(K·d_l/D) prototypes. As in the original
+    there is no L2 normalisation before the prototypes unless ``l2_norm=True``: without it the initial logits scale
+    with the width (std ~1e-4 for D=128 heads), so small models sit at uniform targets for long; with it each level's
+    logits are cosine similarities, as in DINOv2's head. ``forward`` returns one [*, K_l] tensor per level.
     """
 
     def __init__(
@@ -119,6 +124,7 @@ class MatryoshkaHead(nn.Module):
         nlayers: int = 3,
         nesting_list: list[int] | None = None,
         input_mode: str = "slice",
+        l2_norm: bool = False,
     ):
         super().__init__()
         if input_mode not in INPUT_MODES:
@@ -133,6 +139,7 @@ class MatryoshkaHead(nn.Module):
             )
         self.in_dim = in_dim
         self.input_mode = input_mode
+        self.l2_norm = l2_norm
         self.level_dims = nesting_list
         self.out_dims = out_dims
         projection_in = {"slice": nesting_list, "project": [in_dim] * len(nesting_list)}[input_mode]
@@ -157,7 +164,8 @@ class MatryoshkaHead(nn.Module):
             self.level_dims, self.matryoshka_projections, self.mlps, self.last_layers, strict=True
         ):
             branch_input = x[..., :d] if self.input_mode == "slice" else x
-            outputs.append(last_layer(mlp(projection(branch_input))))
+            bottleneck = mlp(projection(branch_input))
+            outputs.append(last_layer(l2_normalize(bottleneck) if self.l2_norm else bottleneck))
         return outputs
 
 
@@ -170,6 +178,7 @@ def build_head(
     nlayers: int,
     nesting_list: list[int] | None = None,
     input_mode: str = "slice",
+    l2_norm: bool = False,
 ) -> DINOHead | MatryoshkaHead:
     """Build a ``"dino"`` (DINOv2 baseline) or ``"matryoshka"`` (Franca) head from config values."""
     if kind == "dino":
@@ -177,5 +186,5 @@ def build_head(
             raise ValueError(f"nesting_list={nesting_list} applies to matryoshka heads only; set it to null for dino")
         return DINOHead(in_dim, out_dim, hidden_dim, bottleneck_dim, nlayers)
     if kind == "matryoshka":
-        return MatryoshkaHead(in_dim, out_dim, hidden_dim, bottleneck_dim, nlayers, nesting_list, input_mode)
+        return MatryoshkaHead(in_dim, out_dim, hidden_dim, bottleneck_dim, nlayers, nesting_list, input_mode, l2_norm)
     raise ValueError(f"head kind={kind!r} is unknown; choose one of {HEAD_KINDS}")

@@ -60,6 +60,23 @@ class DinoVisionTransformer(nn.Module):
             raise ValueError(f"ffn_layer={ffn_layer!r} is unknown; choose one of {sorted(FFN_LAYERS)}")
         if img_size % patch_size:
             raise ValueError(f"img_size={img_size} is not divisible by patch_size={patch_size}")
+        self.init_kwargs = {
+            "img_size": img_size,
+            "patch_size": patch_size,
+            "in_chans": in_chans,
+            "embed_dim": embed_dim,
+            "depth": depth,
+            "num_heads": num_heads,
+            "mlp_ratio": mlp_ratio,
+            "qkv_bias": qkv_bias,
+            "proj_bias": proj_bias,
+            "ffn_bias": ffn_bias,
+            "ffn_layer": ffn_layer,
+            "layerscale": layerscale,
+            "num_register_tokens": num_register_tokens,
+            "interpolate_offset": interpolate_offset,
+            "interpolate_antialias": interpolate_antialias,
+        }
         self.embed_dim = self.num_features = embed_dim
         self.n_blocks = depth
         self.num_heads = num_heads
@@ -78,7 +95,10 @@ class DinoVisionTransformer(nn.Module):
         )
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
 
-        rates = [drop_path_rate] * depth if drop_path_uniform else torch.linspace(0, drop_path_rate, depth).tolist()
+        if drop_path_uniform or depth == 1:
+            rates = [drop_path_rate] * depth
+        else:
+            rates = [drop_path_rate * i / (depth - 1) for i in range(depth)]
         ffn_cls = FFN_LAYERS[ffn_layer]
         hidden = int(embed_dim * mlp_ratio)
         self.blocks = nn.ModuleList(
@@ -186,6 +206,13 @@ class DinoVisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor, is_training: bool = False, **kwargs) -> torch.Tensor | dict:
         out = self.forward_features(x, **kwargs)
         return out if is_training else self.head(out["x_norm_clstoken"])
+
+    def build_config(self) -> dict:
+        """Constructor keywords that rebuild this backbone for inference, plus ``arch``: the name in
+        :data:`ARCHITECTURES` with the same (embed_dim, depth, num_heads), or None. Stochastic depth is left out."""
+        dims = (self.embed_dim, self.n_blocks, self.num_heads)
+        arch = next((name for name, spec in ARCHITECTURES.items() if tuple(spec) == dims), None)
+        return {"arch": arch, **self.init_kwargs}
 
     def attach_rasa_head(self, head: nn.Module | None) -> None:
         """Attach (or with None, remove) the post-hoc RASA positional-debiasing head."""

@@ -53,6 +53,7 @@ def _build_head(cfg: DictConfig, head_cfg: DictConfig, embed_dim: int) -> nn.Mod
         nlayers=head_cfg.head_nlayers,
         nesting_list=nesting,
         input_mode=cfg.dino.mrl_input,
+        l2_norm=cfg.dino.mrl_l2_norm,
     )
 
 

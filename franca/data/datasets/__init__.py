@@ -1,5 +1,6 @@
 """Image datasets returning (RGB PIL image, target or -1), and the registry used by dataset strings."""
 
+from franca.data.datasets.ade20k import ADE20K  # noqa: E402  (segmentation datasets register themselves)
 from franca.data.datasets.base import (
     ImageDataset,
     ReadFailureCounter,
@@ -7,12 +8,15 @@ from franca.data.datasets.base import (
     UnreadableImageWarning,
     decode_image,
 )
+from franca.data.datasets.coco import COCOImages  # noqa: E402
 from franca.data.datasets.fashion_mnist import FashionMNIST, read_idx, write_idx
 from franca.data.datasets.image_folder import ImageFolder
 from franca.data.datasets.image_net import ImageNet
 from franca.data.datasets.image_net_22k import ImageNet22k
 from franca.data.datasets.registry import DatasetSpec, get_dataset_spec, register_dataset, registered_dataset_names
 from franca.data.datasets.seeded_transform import SeededTransformDataset, seeded_global_rngs
+from franca.data.datasets.segmentation_folder import SegFolder, SegmentationDataset  # noqa: E402
+from franca.data.datasets.voc import VOCSegmentation  # noqa: E402
 
 register_dataset("ImageNet", ImageNet, keys=("split", "root", "extra"), required_keys=("split", "root"))
 register_dataset("ImageNet22k", ImageNet22k, keys=("root", "extra"), required_keys=("root",))
@@ -20,6 +24,11 @@ register_dataset("ImageFolder", ImageFolder, keys=("root",), required_keys=("roo
 register_dataset("FashionMNIST", FashionMNIST, keys=("root", "split"))
 
 __all__ = [
+    "ADE20K",
+    "COCOImages",
+    "SegFolder",
+    "SegmentationDataset",
+    "VOCSegmentation",
     "DatasetSpec",
     "FashionMNIST",
     "ImageDataset",

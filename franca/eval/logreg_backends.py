@@ -1,0 +1,159 @@
+"""L2-regularised multinomial logistic regression, three interchangeable solvers (reference §7, log_regression).
+
+All solve  min_{W,b}  Σ_i CE(W x_i + b, y_i) + ‖W‖² / (2C)  (intercept not penalised, scikit-learn's objective):
+- ``cuml``: cuML's GPU quasi-Newton solver with the original's settings (tol 1e-12, 50 line-search steps);
+- ``sklearn``: scikit-learn's L-BFGS;
+- ``torch``: L-BFGS with strong-Wolfe line search in float64 on the default device (GPU when present), loss
+  accumulated over row chunks so large feature sets fit; each fit may warm-start from the previous solution.
+Every backend returns a :class:`LinearModel`; predictions are made from it the same way for all.
+With two classes scikit-learn and cuML fit one logit (w = w₁ − w₀) while ``torch`` fits two; the torch optimum then
+equals theirs at 2C.
+"""
+
+import importlib.util
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from franca.eval.features import default_device
+
+BACKENDS = ("auto", "cuml", "sklearn", "torch")
+
+
+@dataclass
+class LinearModel:
+    """Logits = features @ weight.T + bias; weight [K, D] and bias [K] in float64 on the CPU."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def logits(self, features: torch.Tensor, chunk_size: int = 65536) -> torch.Tensor:
+        return torch.cat(
+            [f.double() @ self.weight.T + self.bias for f in features.split(chunk_size)]
+            if len(features)
+            else [torch.empty(0, len(self.bias), dtype=torch.float64)]
+        )
+
+
+def _from_estimator(coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray, num_classes: int) -> LinearModel:
+    """Full [K, D] model from an estimator trained on the classes it saw; absent classes get logit −inf."""
+    coef = torch.as_tensor(np.asarray(coef), dtype=torch.float64)
+    intercept = torch.as_tensor(np.asarray(intercept), dtype=torch.float64).flatten()
+    classes = torch.as_tensor(np.asarray(classes), dtype=torch.long)
+    if len(coef) == 1:
+        coef = torch.cat([torch.zeros_like(coef), coef])
+        intercept = torch.cat([torch.zeros(1, dtype=torch.float64), intercept])
+    weight = torch.zeros(num_classes, coef.shape[1], dtype=torch.float64)
+    bias = torch.full((num_classes,), float("-inf"), dtype=torch.float64)
+    weight[classes], bias[classes] = coef, intercept
+    return LinearModel(weight, bias)
+
+
+class SklearnBackend:
+    name = "sklearn"
+    warm_start = False
+
+    def __init__(self, max_iter: int = 1000, tol: float = 1e-7):
+        self.max_iter, self.tol = max_iter, tol
+
+    def fit(self, features: torch.Tensor, labels: torch.Tensor, C: float, num_classes: int, init=None) -> LinearModel:
+        from sklearn.linear_model import LogisticRegression
+
+        model = LogisticRegression(C=C, max_iter=self.max_iter, tol=self.tol)
+        model.fit(features.double().numpy(), labels.numpy())
+        return _from_estimator(model.coef_, model.intercept_, model.classes_, num_classes)
+
+
+class CumlBackend:
+    name = "cuml"
+    warm_start = False
+
+    def __init__(self, max_iter: int = 1000, tol: float = 1e-12):
+        self.max_iter, self.tol = max_iter, tol
+
+    def fit(self, features: torch.Tensor, labels: torch.Tensor, C: float, num_classes: int, init=None) -> LinearModel:
+        from cuml.linear_model import LogisticRegression
+
+        model = LogisticRegression(
+            penalty="l2", C=C, tol=self.tol, max_iter=self.max_iter, linesearch_max_iter=50, output_type="numpy"
+        )
+        model.fit(features.double().numpy(), labels.numpy())
+        return _from_estimator(model.coef_, model.intercept_, model.classes_, num_classes)
+
+
+class TorchBackend:
+    """Multinomial L-BFGS; the objective is divided by N (same minimiser) so the gradient tolerance is scale-free."""
+
+    name = "torch"
+    warm_start = True
+
+    def __init__(
+        self,
+        max_iter: int = 1000,
+        tol: float = 1e-7,
+        device: torch.device | None = None,
+        chunk_size: int = 65536,
+    ):
+        self.max_iter, self.tol = max_iter, tol
+        self.device = device or default_device()
+        self.chunk_size = chunk_size
+
+    def fit(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        C: float,
+        num_classes: int,
+        init: LinearModel | None = None,
+    ) -> LinearModel:
+        if C <= 0:
+            raise ValueError(f"C={C} must be > 0 (the inverse of the L2 regularisation strength)")
+        x = features.to(self.device, torch.float64)
+        y = labels.to(self.device)
+        n, dim = x.shape
+        weight = torch.zeros(num_classes, dim, dtype=torch.float64, device=self.device)
+        bias = torch.zeros(num_classes, dtype=torch.float64, device=self.device)
+        if init is not None:
+            weight.copy_(init.weight)
+            bias.copy_(torch.nan_to_num(init.bias, neginf=0.0))
+        weight.requires_grad_(True)
+        bias.requires_grad_(True)
+        optimizer = torch.optim.LBFGS(
+            [weight, bias],
+            lr=1.0,
+            max_iter=self.max_iter,
+            max_eval=2 * self.max_iter,
+            tolerance_grad=self.tol,
+            tolerance_change=1e-15,
+            history_size=20,
+            line_search_fn="strong_wolfe",
+        )
+
+        def closure() -> float:
+            optimizer.zero_grad()
+            total = 0.0
+            for xs, ys in zip(x.split(self.chunk_size), y.split(self.chunk_size)):
+                loss = F.cross_entropy(xs @ weight.T + bias, ys, reduction="sum") / n
+                loss.backward()
+                total += loss.item()
+            penalty = weight.square().sum() / (2 * C * n)
+            penalty.backward()
+            return total + penalty.item()
+
+        optimizer.step(closure)
+        return LinearModel(weight.detach().cpu(), bias.detach().cpu())
+
+
+def make_backend(name: str, max_iter: int = 1000) -> SklearnBackend | CumlBackend | TorchBackend:
+    """``auto`` picks cuML when importable, else scikit-learn when importable, else torch; the choice is printed."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown logistic-regression backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        name = next(n for n in ("cuml", "sklearn", "torch") if n == "torch" or importlib.util.find_spec(n))
+        print(f"logistic regression backend: {name} (auto: cuML, else scikit-learn, else torch)", flush=True)
+    elif name in ("cuml", "sklearn") and importlib.util.find_spec(name) is None:
+        extra = "RAPIDS cuML (https://docs.rapids.ai/install)" if name == "cuml" else "pip install scikit-learn"
+        raise ImportError(f"--backend {name} needs the {name} package: install it ({extra}) or use --backend torch")
+    return {"cuml": CumlBackend, "sklearn": SklearnBackend, "torch": TorchBackend}[name](max_iter=max_iter)

@@ -1,0 +1,313 @@
+"""Train a RASA head on a frozen backbone, one rank-2 regressor per round (reference §8.2).
+
+Round i has i frozen pre-layers (the regressors of rounds 0 … i−1, in order) and a fresh ``pos_pred`` (PyTorch's
+default Linear init). Its step: patch tokens ``x_norm_patchtokens`` of the augmented crops (no grad; bf16 autocast on
+CUDA) → remove the planes of the pre-layers → ``sigmoid(x · pos_predᵀ)`` → MSE against the (row, col)/(n−1) grid
+positions. AdamW, lr cosine-annealed per step to ``optim.final_lr`` within each round.
+
+Outputs in ``--output-dir D``: ``D/config.yaml``; after each round ``D/rounds/round_{i}.pth`` (the head so far: i
+pre-layers + ``pos_pred``, original keys) and ``D/rounds/state.json``; per-epoch and per-round metrics in
+``D/rasa_metrics.json`` (JSON lines); the result ``D/rasa_head.pth`` (= the last round's file), loadable with
+``franca.hub.load_backbone(..., rasa_weights=D/rasa_head.pth)``. Restarting the same command skips finished rounds
+(the data order, augmentations and initialisations are functions of (seed, round, epoch, index), so the result is the
+one of an uninterrupted run).
+
+``python -m rasa.train --config-file configs/rasa/voc_vitb14.yaml --output-dir D [--no-resume] [key=value ...]``
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from franca.checkpoint.resumable import atomic_torch_save
+from franca.config import ConfigError, save_config
+from franca.data.datasets import seeded_global_rngs
+from franca.eval.features import default_device
+from franca.utils.logging import Progress
+from rasa.config import load_rasa_config
+from rasa.data import (
+    SeededAugmentedImages,
+    grid_positions,
+    make_rasa_eval_transform,
+    make_rasa_train_transform,
+    round_batches,
+    square_grid_side,
+)
+from rasa.eval import (
+    extract_patch_tokens,
+    head_prediction_mse,
+    patch_tokens,
+    position_readout,
+    remove_first_planes,
+    split_images,
+)
+from rasa.head import RASAHead
+
+STATE_FILE = "state.json"
+METRICS_FILE = "rasa_metrics.json"
+RESULT_FILE = "rasa_head.pth"
+# Keys that may change between a run and its resumption (they do not change the trained head).
+_RESUMABLE_CHANGES = ("data.num_workers", "train.end_round", "train.log_every_s", "val.")
+
+
+def round_file(output_dir: Path, round_index: int) -> Path:
+    return output_dir / "rounds" / f"round_{round_index}.pth"
+
+
+def load_frozen_backbone(weights: str, device: torch.device) -> nn.Module:
+    """The backbone of ``model.weights`` in eval mode without gradients; errors name the config key."""
+    from franca.hub import load_backbone
+
+    try:
+        backbone = load_backbone(weights)
+    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as error:
+        raise ValueError(f"model.weights={weights!r} cannot be loaded as a ViT backbone: {error}") from error
+    backbone.requires_grad_(False)
+    return backbone.to(device).eval()
+
+
+def head_for_round(previous: RASAHead | None, round_index: int, embed_dim: int, seed: int) -> RASAHead:
+    """A head with ``round_index`` frozen pre-layers = ``previous``'s pre-layers then its ``pos_pred``, and a fresh
+    ``pos_pred`` (PyTorch default init, drawn under RNGs seeded by (seed, round))."""
+    previous_weights = [] if previous is None else previous.weights(use_pos_pred=True)
+    if len(previous_weights) != round_index:
+        raise ValueError(
+            f"round {round_index} needs {round_index} earlier regressors, but the previous head has "
+            f"{len(previous_weights)} (pre-layers + pos_pred); give the file of round {round_index - 1}"
+        )
+    with seeded_global_rngs([seed, round_index]):
+        head = RASAHead(embed_dim, n_pos_layers=round_index)
+    with torch.no_grad():
+        for layer, weight in zip(head.pre_pos_layers, previous_weights):
+            layer.weight.copy_(weight)
+    head.pre_pos_layers.requires_grad_(False)
+    return head
+
+
+def _lr_at(step: int, total: int, lr: float, final_lr: float) -> float:
+    """Cosine annealing from ``lr`` at step 0 to ``final_lr`` at step ``total`` (CosineAnnealingLR, per step)."""
+    return final_lr + 0.5 * (lr - final_lr) * (1 + math.cos(math.pi * step / total))
+
+
+def train_round(
+    backbone: nn.Module, head: RASAHead, images, cfg: DictConfig, round_index: int, device: torch.device
+) -> list[dict]:
+    """Trains ``head.pos_pred`` for one round; returns one metrics record per epoch."""
+    batches = round_batches(len(images), cfg.train.batch_size, cfg.train.epochs_per_round, cfg.train.seed, round_index)
+    augmented = SeededAugmentedImages(
+        images,
+        make_rasa_train_transform(cfg.data.image_size, (cfg.data.min_scale, cfg.data.max_scale)),
+        cfg.train.seed,
+        round_index,
+    )
+    loader = DataLoader(
+        augmented, batch_sampler=batches, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda"
+    )
+    head = head.to(device)
+    with torch.no_grad():
+        removal = head.folded_matrix(use_pos_pred=False).T.contiguous()
+    optimizer = torch.optim.AdamW(head.pos_pred.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    steps_per_epoch = len(batches) // cfg.train.epochs_per_round
+    progress = Progress(f"RASA round {round_index}", len(batches))
+    records, epoch_losses, last_log = [], [], time.perf_counter()
+    targets = None
+    for step, crops in enumerate(loader):
+        tokens = patch_tokens(backbone, crops, device).to(device)
+        if targets is None:
+            side = square_grid_side(tokens.shape[1])
+            targets = grid_positions(side, side).to(device)
+        lr = _lr_at(step, len(batches), cfg.optim.lr, cfg.optim.final_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        prediction = torch.sigmoid(head.pos_pred(tokens @ removal))
+        loss = nn.functional.mse_loss(prediction, targets.expand_as(prediction))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"RASA round {round_index} step {step}: loss is {loss.item()}; lower optim.lr (now {cfg.optim.lr})"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.clip_grad > 0:
+            nn.utils.clip_grad_norm_(head.pos_pred.parameters(), cfg.optim.clip_grad)
+        optimizer.step()
+        epoch_losses.append(loss.item())
+        if (step + 1) % steps_per_epoch == 0:
+            epoch = (step + 1) // steps_per_epoch - 1
+            records.append({"round": round_index, "epoch": epoch, "train_mse": sum(epoch_losses) / len(epoch_losses)})
+            epoch_losses = []
+        if time.perf_counter() - last_log > cfg.train.log_every_s or step + 1 == len(batches):
+            progress.print(step + 1, f"mse {loss.item():.5f} lr {lr:.2e}")
+            last_log = time.perf_counter()
+    return records
+
+
+def validate_round(backbone: nn.Module, head: RASAHead, cfg: DictConfig, device: torch.device) -> dict:
+    """Position MSE of the head's prediction and held-out R² of a fresh linear read-out after all removals."""
+    from franca.data.loaders import make_dataset
+
+    dataset = make_dataset(cfg.val.dataset, transform=make_rasa_eval_transform(cfg.val.image_size))
+    dataset = Subset(dataset, range(min(cfg.val.max_images, len(dataset))))
+    tokens, _, _ = extract_patch_tokens(
+        backbone, dataset, cfg.train.batch_size, cfg.data.num_workers, device, name="val"
+    )
+    fit, held_out = split_images(len(tokens), 0.5, cfg.train.seed)
+    debiased = remove_first_planes(tokens, head.weights(use_pos_pred=True))
+    readout = position_readout(debiased[fit], debiased[held_out])
+    return {"val_mse": head_prediction_mse(head, tokens), "val_r2_after_removal": readout["position_r2"]}
+
+
+def head_state(head: RASAHead) -> dict[str, torch.Tensor]:
+    """The original's keys: ``pre_pos_layers.{j}.weight`` [2, D] and ``pos_pred.weight`` [2, D], on CPU."""
+    return {key: value.detach().cpu().clone() for key, value in head.state_dict().items()}
+
+
+class RoundState:
+    """``D/rounds/state.json``: the finished rounds and the config they were trained with."""
+
+    def __init__(self, output_dir: Path):
+        self.path = output_dir / "rounds" / STATE_FILE
+
+    def read(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        return json.loads(self.path.read_text())
+
+    def write(self, finished_round: int, cfg: DictConfig) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"last_finished_round": finished_round, "config": OmegaConf.to_container(cfg)}
+        temporary = self.path.with_name(f".{self.path.name}.tmp.{os.getpid()}")
+        temporary.write_text(json.dumps(record, indent=2))
+        os.replace(temporary, self.path)
+
+
+def _flatten(node: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in node.items():
+        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+def check_resumable(saved: dict, cfg: DictConfig, output_dir: Path) -> None:
+    """Refuse to resume when a key that shapes the trained head differs from the finished rounds' config."""
+    old, new = _flatten(saved), _flatten(OmegaConf.to_container(cfg))
+    changed = [
+        f"{key}: {old.get(key)!r} → {new.get(key)!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key) and not key.startswith(_RESUMABLE_CHANGES)
+    ]
+    if changed:
+        raise ConfigError(
+            f"{output_dir} holds RASA rounds trained with another config ({'; '.join(changed)}); use the same "
+            "settings to resume, another --output-dir, or --no-resume to start over"
+        )
+
+
+def _metrics_writer(output_dir: Path, first_round: int):
+    """Keeps the metric lines of rounds before ``first_round`` (a resumption rewrites the rest) and appends."""
+    path = output_dir / METRICS_FILE
+    kept = []
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in kept if json.loads(line)["round"] < first_round]
+    temporary = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    temporary.write_text("".join(line + "\n" for line in kept))
+    os.replace(temporary, path)
+
+    def write(record: dict) -> None:
+        with open(path, "a") as stream:
+            stream.write(json.dumps(record) + "\n")
+
+    return write
+
+
+def _starting_head(cfg: DictConfig, output_dir: Path, resume: bool, embed_dim: int) -> tuple[RASAHead | None, int]:
+    """(the head of the last finished round, or None, and the next round to train)."""
+    from franca.hub import load_rasa_head
+
+    state = RoundState(output_dir).read() if resume else None
+    if state is not None:
+        check_resumable(state["config"], cfg, output_dir)
+        finished = state["last_finished_round"]
+        print(f"resuming: rounds up to {finished} are finished in {output_dir / 'rounds'}", flush=True)
+        return load_rasa_head(round_file(output_dir, finished), embed_dim), finished + 1
+    if cfg.train.start_round == 0:
+        return None, 0
+    head = load_rasa_head(cfg.model.init_head, embed_dim)
+    if head.n_pos_layers != cfg.train.start_round - 1:
+        raise ValueError(
+            f"model.init_head={cfg.model.init_head!r} has {head.n_pos_layers} pre-layers, but train.start_round="
+            f"{cfg.train.start_round} continues from a head with {cfg.train.start_round - 1}"
+        )
+    return head, cfg.train.start_round
+
+
+def train(cfg: DictConfig, output_dir: str | os.PathLike, resume: bool = True) -> Path:
+    """Runs the remaining rounds of ``cfg`` in ``output_dir``; returns the path of ``rasa_head.pth``."""
+    from franca.data.loaders import make_dataset
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, output_dir / "config.yaml")
+    device = default_device()
+    backbone = load_frozen_backbone(cfg.model.weights, device)
+    patch = backbone.patch_size
+    if cfg.data.image_size % patch:
+        raise ConfigError(
+            f"data.image_size={cfg.data.image_size} is not a multiple of the backbone's patch size {patch}; use e.g. "
+            f"data.image_size={patch * max(2, cfg.data.image_size // patch)}"
+        )
+    images = make_dataset(cfg.data.dataset)
+    head, first_round = _starting_head(cfg, output_dir, resume, backbone.embed_dim)
+    write_metrics = _metrics_writer(output_dir, first_round)
+    state = RoundState(output_dir)
+    for round_index in range(first_round, cfg.train.end_round):
+        started = time.perf_counter()
+        head = head_for_round(head, round_index, backbone.embed_dim, cfg.train.seed)
+        records = train_round(backbone, head, images, cfg, round_index, device)
+        for record in records:
+            write_metrics(record)
+        summary = {
+            "round": round_index,
+            "pre_layers": round_index,
+            "train_mse": records[-1]["train_mse"],
+            "time_s": time.perf_counter() - started,
+        }
+        if cfg.val.dataset:
+            summary.update(validate_round(backbone, head.cpu(), cfg, device))
+        write_metrics(summary)
+        atomic_torch_save(head_state(head), round_file(output_dir, round_index))
+        state.write(round_index, cfg)
+        print(f"RASA round {round_index} done: " + json.dumps(summary), flush=True)
+    final = round_file(output_dir, cfg.train.end_round - 1)
+    if not final.is_file():
+        raise FileNotFoundError(f"{final} is missing: the rounds in {output_dir} were not completed; rerun the command")
+    atomic_torch_save(torch.load(final, map_location="cpu", weights_only=True), output_dir / RESULT_FILE)
+    print(f"RASA head written to {output_dir / RESULT_FILE}", flush=True)
+    return output_dir / RESULT_FILE
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("rasa.train", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config-file", default=None, help="YAML recipe, e.g. configs/rasa/voc_vitb14.yaml")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--no-resume", action="store_true", help="retrain every round even if some are finished")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.end_round=3")
+    return p
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = get_args_parser().parse_args(argv)
+    cfg = load_rasa_config(args.config_file, args.overrides)
+    return train(cfg, args.output_dir, resume=not args.no_resume)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""End-to-end tests of the single-process trainer on real Fashion-MNIST photos (the shipped subset)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from franca.config import ConfigError
+from franca.hub import load_backbone
+from franca.train import train as trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = """
+dino: {head_n_prototypes: 64, head_bottleneck_dim: 16, head_hidden_dim: 32, mrl_l2_norm: true}
+ibot: {separate_head: true, head_n_prototypes: 64, head_bottleneck_dim: 16, head_hidden_dim: 32}
+train: {batch_size_per_gpu: 8, dataset_path: "FashionMNIST:root=bundled:split=train", OFFICIAL_EPOCH_LENGTH: 3,
+        num_workers: 0, log_period: 1, seed: 3}
+student: {arch: vit_tiny, embed_dim: 32, depth: 2, num_heads: 2, patch_size: 4, drop_path_rate: 0.1,
+          ffn_layer: swiglufused, block_chunks: 2}
+teacher: {momentum_teacher: 0.9, warmup_teacher_temp_epochs: 1}
+optim: {epochs: 3, warmup_epochs: 1, base_lr: 0.01, freeze_last_layer_epochs: 1}
+crops: {global_crops_size: 16, local_crops_size: 8, local_crops_number: 2}
+evaluation: {eval_period_iterations: 6}
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "training_metrics.json").read_text().splitlines()]
+
+
+def test_tiny_run_writes_metrics_checkpoints_and_a_loadable_teacher(tiny_config, tmp_path):
+    out = tmp_path / "run"
+    trainer.main(["--config-file", str(tiny_config), "--output-dir", str(out)])
+    records = read_metrics(out)
+    assert [r["iteration"] for r in records] == list(range(9))
+    terms = ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss")
+    for r in records:
+        assert abs(r["total_loss"] - sum(r[k] for k in terms)) < 1e-4
+        assert {"lr", "wd", "mom", "teacher_temp", "iter_time"} <= set(r)
+    assert records[0]["lr"] == 0.0 and records[0]["teacher_temp"] == pytest.approx(0.04)
+    assert (out / "config.yaml").is_file() and (out / "loss_curves.png").is_file()
+    checkpoints = sorted(p.name for p in (out / "checkpoints").glob("model_*.pth"))
+    assert checkpoints == ["model_0000006.pth", "model_0000009.pth"]  # every epoch, the last 2 kept
+
+    for iteration in (5, 8):  # periodic (eval_period_iterations=6) and final exports
+        export = out / "eval" / f"training_{iteration}" / "teacher_checkpoint.pth"
+        raw = torch.load(export, weights_only=True)
+        keys = raw["teacher"].keys()
+        assert "backbone.blocks.1.1.attn.qkv.weight" in keys  # released chunked naming, 2 chunks of 1 block
+        assert any(k.startswith("dino_head.last_layers.4.") for k in keys)
+        assert any(k.startswith("ibot_head.") for k in keys)
+    model = load_backbone(export).eval()
+    assert model.num_heads == 2 and model.embed_dim == 32
+    state = torch.load(out / "checkpoints" / "model_0000009.pth", weights_only=True)["model"]
+    teacher = {k[len("teacher.backbone.") :]: v for k, v in state.items() if k.startswith("teacher.backbone.")}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in teacher.items())
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tiny_config, tmp_path):
+    full = tmp_path / "full"
+    trainer.main(["--config-file", str(tiny_config), "--output-dir", str(full)])
+    reference = {r["iteration"]: r for r in read_metrics(full)}
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "franca.train", "--config-file", str(tiny_config), "--output-dir", str(killed)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first_checkpoint = killed / "checkpoints" / "model_0000003.pth"
+    deadline = time.monotonic() + 120
+    while not first_checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first_checkpoint.exists(), proc.stderr.read().decode()[-2000:]
+    assert not (killed / "eval" / "training_8").exists(), "the run finished before it could be killed"
+
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    resumed = {r["iteration"]: r for r in read_metrics(killed)}
+    assert sorted(resumed) == sorted(reference)
+    for iteration, record in reference.items():
+        for key in ("total_loss", "dino_local_crops_loss", "ibot_loss", "koleo_loss", "lr", "mom"):
+            assert resumed[iteration][key] == pytest.approx(record[key], rel=1e-6, abs=1e-7), (iteration, key)
+    a = torch.load(full / "eval" / "training_8" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+    b = torch.load(killed / "eval" / "training_8" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_sigterm_checkpoints_and_stops(tiny_config, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "franca.train", "--config-file", str(tiny_config), "--output-dir", str(out)]
+    proc = subprocess.Popen(
+        command + ["optim.epochs=50"], env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "training_metrics.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "run the same command again to resume" in stdout.decode()
+    saved = torch.load(
+        out / "checkpoints" / f"model_{read_metrics(out)[-1]['iteration'] + 1:07d}.pth", weights_only=True
+    )
+    assert saved["iteration"] == read_metrics(out)[-1]["iteration"] + 1
+
+
+def test_dinov2_baseline_and_softmax_centering_train(tiny_config, tmp_path):
+    out = tmp_path / "baseline"
+    overrides = ["dino.MRL=false", "train.centering=centering", "optim.epochs=1", "train.use_inverse_block=false"]
+    record = trainer.main(["--config-file", str(tiny_config), "--output-dir", str(out), *overrides])
+    assert torch.isfinite(torch.tensor(record["total_loss"]))
+    keys = torch.load(out / "eval" / "training_2" / "teacher_checkpoint.pth", weights_only=True)["teacher"].keys()
+    assert "dino_head.last_layer.weight_g" in keys and not any("last_layers" in k for k in keys)
+
+
+def test_pretrained_weights_initialise_both_backbones(tiny_config, tmp_path):
+    first = tmp_path / "first"
+    trainer.main(["--config-file", str(tiny_config), "--output-dir", str(first), "optim.epochs=1"])
+    export = first / "eval" / "training_2" / "teacher_checkpoint.pth"
+    cfg_args = ["--config-file", str(tiny_config), "--output-dir", str(tmp_path / "second")]
+    args = trainer.get_args_parser().parse_args(cfg_args + [f"student.pretrained_weights={export}"])
+    cfg = trainer.setup_run(args)
+    from franca.train.ssl_meta_arch import SSLMetaArch
+
+    model = SSLMetaArch(cfg)
+    trainer.load_pretrained(cfg, model)
+    source = load_backbone(export).state_dict()
+    for name in ("student", "teacher"):
+        own = model.__getattr__(name)["backbone"].state_dict()
+        assert all(torch.equal(own[k], v) for k, v in source.items())
+
+
+def test_config_and_dataset_errors_are_clear(tiny_config, tmp_path):
+    with pytest.raises(ConfigError, match="optim.base_lrr"):
+        trainer.main(["--config-file", str(tiny_config), "--output-dir", str(tmp_path / "a"), "optim.base_lrr=1"])
+    missing = "train.dataset_path=ImageFolder:root=/nonexistent/photos"
+    with pytest.raises(FileNotFoundError, match="/nonexistent/photos"):
+        trainer.main(["--config-file", str(tiny_config), "--output-dir", str(tmp_path / "b"), missing])
+
+
+def test_nonfinite_loss_stops_with_the_term_name(tiny_config, tmp_path, monkeypatch):
+    from franca.train.ssl_meta_arch import SSLMetaArch
+
+    original = SSLMetaArch.compute_losses
+
+    def poisoned(self, batch, teacher_temp):
+        losses = original(self, batch, teacher_temp)
+        losses["koleo_loss"] = losses["koleo_loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(SSLMetaArch, "compute_losses", poisoned)
+    with pytest.raises(trainer.NonFiniteLossError, match="koleo_loss"):
+        trainer.main(["--config-file", str(tiny_config), "--output-dir", str(tmp_path / "nan")])
+
+
+def test_quickstart_runs_end_to_end_in_short_form(tmp_path, capsys):
+    from franca import quickstart
+
+    record = quickstart.main(
+        [
+            "--output-dir",
+            str(tmp_path / "qs"),
+            "--knn-train-samples",
+            "400",
+            "--knn-test-samples",
+            "100",
+            "train.dataset_path=FashionMNIST:root=bundled:split=train",
+            "train.num_workers=0",
+            "train.batch_size_per_gpu=16",
+            "train.OFFICIAL_EPOCH_LENGTH=2",
+            "optim.epochs=2",
+            "optim.warmup_epochs=1",
+            "--test-dataset",
+            "FashionMNIST:root=bundled:split=test",
+        ]
+    )
+    assert set(record["knn"]) == {"raw pixels", "random-init ViT", "Franca (pretrained)"}
+    for by_k in record["knn"].values():
+        assert 0 <= by_k["20"]["top1"] <= 100
+    assert record["knn"]["raw pixels"]["20"]["top1"] > 50  # real photos: raw-pixel k-NN is far above chance
+    assert "k-NN (k=20)" in capsys.readouterr().out
