@@ -18,49 +18,26 @@ Only tensors are resized; an optimizer state kept in the checkpoint is not (rest
 """
 
 import argparse
-import math
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+from franca.models.vision_transformer import resize_pos_embed as run_time_resize
 
 AUTO = "auto"
 POS_EMBED = "pos_embed"
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, target_grid: int, interpolate_offset: float = 0.1) -> torch.Tensor:
-    """[1, 1 + M², D] → [1, 1 + T², D] with the ViT's run-time interpolation for a T×T patch grid.
-
-    Same arithmetic as ``DinoVisionTransformer.interpolate_pos_encoding``: the patch part is resized in float32 with
-    ``F.interpolate(bicubic, antialias=False, scale_factor=(T + offset) / M)`` (``size=`` when the offset is 0),
-    the CLS row is kept, and the result is cast back to the input dtype. Returns the input itself when M = T (the
-    model does not interpolate at its construction size either).
-    """
-    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
-        raise ValueError(f"pos_embed must have shape [1, 1 + M², D], got {tuple(pos_embed.shape)}")
-    rows = pos_embed.shape[1] - 1
-    side = math.isqrt(rows)
-    if side * side != rows:
-        raise ValueError(f"pos_embed has {rows} patch rows, which is not a square grid")
-    if side == target_grid:
+    """[1, 1 + M², D] → [1, 1 + T², D] with the ViT's run-time interpolation (returns the input itself when M = T:
+    the model does not interpolate at its construction size either), in the input's dtype."""
+    if pos_embed.ndim == 3 and pos_embed.shape[1] - 1 == target_grid * target_grid:
         return pos_embed
-    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:].float()
-    grid = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    if interpolate_offset:
-        scale = (target_grid + interpolate_offset) / side
-        resized = F.interpolate(grid, scale_factor=(scale, scale), mode="bicubic", antialias=False)
-    else:
-        resized = F.interpolate(grid, size=(target_grid, target_grid), mode="bicubic", antialias=False)
-    if resized.shape[-2:] != (target_grid, target_grid):
-        raise RuntimeError(
-            f"interpolating a {side}x{side} grid with offset {interpolate_offset} gave {tuple(resized.shape[-2:])}, "
-            f"not {target_grid}x{target_grid}"
-        )
-    patch_pos = resized.permute(0, 2, 3, 1).reshape(1, target_grid * target_grid, -1).to(pos_embed.dtype)
-    return torch.cat((cls_pos, patch_pos), dim=1)
+    grid = (target_grid, target_grid)
+    return run_time_resize(pos_embed, grid, offset=interpolate_offset).to(pos_embed.dtype)
 
 
 def _is_pos_embed_key(key: object, wanted: str) -> bool:

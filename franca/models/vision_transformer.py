@@ -27,6 +27,29 @@ ARCHITECTURES = {
 }
 
 
+def resize_pos_embed(
+    pos_embed: torch.Tensor, grid: tuple[int, int], offset: float = 0.1, antialias: bool = False
+) -> torch.Tensor:
+    """[1, 1 + M², D] position embeddings → [1, 1 + h·w, D] for an h×w patch grid, the ViT's run-time interpolation.
+
+    The M×M patch grid is resized bicubically in float32 with ``scale_factor=((h + offset)/M, (w + offset)/M)`` (not a
+    target size: the 0.1 offset of the original moves the sampling positions; ``size=`` when the offset is 0); the CLS
+    row is kept. Returns float32. Used at run time and to rebuild a checkpoint for another image size.
+    """
+    rows = pos_embed.shape[1] - 1
+    side = math.isqrt(rows)
+    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1 or side * side != rows:
+        raise ValueError(f"pos_embed must be [1, 1 + M², D] with a square grid, got {tuple(pos_embed.shape)}")
+    h, w = grid
+    pos = pos_embed.float()
+    patch_grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    resize = {"scale_factor": ((h + offset) / side, (w + offset) / side)} if offset else {"size": (h, w)}
+    patch_grid = F.interpolate(patch_grid, mode="bicubic", antialias=antialias, **resize)
+    if patch_grid.shape[-2:] != (h, w):
+        raise RuntimeError(f"position-embedding interpolation gave {tuple(patch_grid.shape[-2:])}, expected {(h, w)}")
+    return torch.cat((pos[:, :1], patch_grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)), dim=1)
+
+
 def _init_linear(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
@@ -129,32 +152,12 @@ class DinoVisionTransformer(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------------------
     def interpolate_pos_encoding(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """Position embeddings for an h×w image, exactly as the original (reference §2.3).
-
-        The construction grid M×M is resized bicubically with ``scale_factor=((h/P + offset)/M, (w/P + offset)/M)``
-        (not a target size: the 0.1 offset moves the sampling positions), in float32, then cast back.
-        """
-        dtype = x.dtype
-        n_patches = x.shape[1] - 1
-        m = self.pos_embed.shape[1] - 1
-        if n_patches == m and h == w:
+        """Position embeddings for an h×w image, exactly as the original (reference §2.3): unchanged at the
+        construction grid for square inputs, else :func:`resize_pos_embed` to (h/P, w/P), cast to ``x``'s dtype."""
+        if x.shape[1] - 1 == self.pos_embed.shape[1] - 1 and h == w:
             return self.pos_embed
-        pos = self.pos_embed.float()
-        cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
-        side = int(math.sqrt(m))
-        if side * side != m:
-            raise ValueError(f"pos_embed has {m} patch rows, which is not a square grid")
-        h0, w0 = h // self.patch_size, w // self.patch_size
-        grid = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        if self.interpolate_offset:
-            resize = {"scale_factor": ((h0 + self.interpolate_offset) / side, (w0 + self.interpolate_offset) / side)}
-        else:
-            resize = {"size": (h0, w0)}
-        grid = F.interpolate(grid, mode="bicubic", antialias=self.interpolate_antialias, **resize)
-        if grid.shape[-2:] != (h0, w0):
-            raise RuntimeError(f"position-embedding interpolation gave {tuple(grid.shape[-2:])}, expected {(h0, w0)}")
-        patch_pos = grid.permute(0, 2, 3, 1).reshape(1, h0 * w0, -1)
-        return torch.cat((cls_pos, patch_pos), dim=1).to(dtype)
+        grid = (h // self.patch_size, w // self.patch_size)
+        return resize_pos_embed(self.pos_embed, grid, self.interpolate_offset, self.interpolate_antialias).to(x.dtype)
 
     def prepare_tokens_with_masks(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Patch embedding, mask tokens (before position embeddings), CLS, position embeddings, registers."""

@@ -1,0 +1,66 @@
+"""Feature extraction in a few lines: load a backbone through the hub, run it on a photo, print the feature shapes
+and write a PCA picture of the patch features.
+
+``python -m franca.demo [--weights franca_vitb14 | /path/ckpt.pth] [--image photo.jpg] [--size 448] [--out pca.png]``
+
+Without ``--weights`` the ViT-B/14 is randomly initialised (no download); without ``--image`` scikit-image's
+astronaut photo is used (``pip install scikit-image``).
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from franca.data.augmentations import make_normalize_transform
+from franca.eval.pca import pca_rgb, upsample_rgb
+
+
+def load_photo(path: str | None) -> Image.Image:
+    if path is not None:
+        return Image.open(path).convert("RGB")
+    try:
+        from skimage import data
+    except ImportError as err:
+        raise SystemExit("no --image given and scikit-image is not installed: pass --image PHOTO.jpg") from err
+    return Image.fromarray(data.astronaut())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser("franca.demo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--weights", default=None, help="hub name or checkpoint path (default: random ViT-B/14)")
+    p.add_argument("--rasa-weights", default=None)
+    p.add_argument("--image", default=None)
+    p.add_argument("--size", type=int, default=448, help="square input size, a multiple of the patch size")
+    p.add_argument("--out", default="franca_pca.png")
+    args = p.parse_args(argv)
+
+    from franca.hub import franca_vitb14, load_backbone
+
+    if args.weights is None:
+        model = franca_vitb14(pretrained=False)
+    else:
+        model = load_backbone(args.weights, rasa_weights=args.rasa_weights)
+    model.eval()
+    if args.size % model.patch_size:
+        raise SystemExit(f"--size {args.size} is not a multiple of the patch size {model.patch_size}")
+    photo = load_photo(args.image).resize((args.size, args.size), Image.BICUBIC)
+    x = make_normalize_transform()(photo).unsqueeze(0)
+    with torch.no_grad():
+        out = model.forward_features(x, use_rasa_head=args.rasa_weights is not None)
+    for key, value in out.items():
+        if torch.is_tensor(value):
+            print(f"{key:<20} {tuple(value.shape)}")
+    grid = args.size // model.patch_size
+    patches = out.get("patch_token_rasa", out["x_norm_patchtokens"]).reshape(1, grid, grid, -1)
+    rgb, _ = pca_rgb(patches)
+    picture = np.concatenate([np.asarray(photo), upsample_rgb(rgb, (args.size, args.size))[0]], axis=1)
+    Image.fromarray(picture).save(args.out)
+    print(f"PCA of the patch features written to {Path(args.out).resolve()}")
+    return {k: tuple(v.shape) for k, v in out.items() if torch.is_tensor(v)}
+
+
+if __name__ == "__main__":
+    main()

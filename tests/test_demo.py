@@ -1,0 +1,14 @@
+"""The feature-extraction demo: shapes printed and a PCA picture written, on a real photo."""
+
+from PIL import Image
+
+from franca import demo
+
+
+def test_demo_prints_shapes_and_writes_a_pca_picture(tmp_path, capsys):
+    out = tmp_path / "pca.png"
+    shapes = demo.main(["--size", "112", "--out", str(out)])
+    assert shapes["x_norm_clstoken"] == (1, 768)
+    assert shapes["x_norm_patchtokens"] == (1, 64, 768)
+    assert Image.open(out).size == (224, 112)  # photo and PCA side by side
+    assert "x_norm_patchtokens" in capsys.readouterr().out
