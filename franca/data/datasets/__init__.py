@@ -17,6 +17,7 @@ from franca.data.datasets.registry import DatasetSpec, get_dataset_spec, registe
 from franca.data.datasets.seeded_transform import SeededTransformDataset, seeded_global_rngs
 from franca.data.datasets.segmentation_folder import SegFolder, SegmentationDataset  # noqa: E402
 from franca.data.datasets.voc import VOCSegmentation  # noqa: E402
+from franca.data.datasets.webdataset import WebDatasetShards, make_webdataset_train_loader  # noqa: E402
 
 register_dataset("ImageNet", ImageNet, keys=("split", "root", "extra"), required_keys=("split", "root"))
 register_dataset("ImageNet22k", ImageNet22k, keys=("root", "extra"), required_keys=("root",))
@@ -29,6 +30,8 @@ __all__ = [
     "SegFolder",
     "SegmentationDataset",
     "VOCSegmentation",
+    "WebDatasetShards",
+    "make_webdataset_train_loader",
     "DatasetSpec",
     "FashionMNIST",
     "ImageDataset",

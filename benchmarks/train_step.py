@@ -1,0 +1,485 @@
+"""Training-step throughput, FLOPs, MFU, peak memory and a time breakdown of the full Franca step.
+
+One step is exactly the trainer's (reference §4.2, ``franca.train.train.do_train``): schedules applied to the param
+groups, ``SSLMetaArch.forward_backward`` under autocast (teacher + student backbones, five-level Matryoshka DINO and
+iBOT heads, Sinkhorn-Knopp, KoLeo), per-submodule gradient clipping, AdamW (built by the trainer's
+``build_optimizer``) and the EMA teacher update. One "img" is one image with 2×224² + 8×98² crops.
+
+- Data: ``synthetic`` batches have the collated format of the trainer (``collated_global_crops`` [2B,3,224,224],
+  ``collated_local_crops`` [8B,3,98,98], masks drawn by the real ``MaskingCollator``, so the masked-token count is
+  realistic; a new mask set each step, cycling over 8); ``loader`` runs the trainer's data loader on ``--dataset``
+  with ``--num-workers`` (the step time then includes waiting for data).
+- FLOPs per step: ``torch.utils.flop_counter.FlopCounterMode`` on one real eager step (forward + backward). It counts
+  matmul, convolution and scaled-dot-product-attention FLOPs only (elementwise, norms, softmax, Sinkhorn and the
+  optimizer are not counted); the CPU attention kernel is added to its table so CPU counts include attention.
+- MFU = FLOPs per step / mean step time / the measured dense ``--peak-size``³ matmul rate in the autocast dtype.
+- Peak memory: ``torch.cuda.max_memory_allocated`` over the timed steps (CUDA only).
+- ``--breakdown``: an instrumented copy of the step (same calls as ``compute_losses``; the library is untouched)
+  with device marks after teacher backbone, teacher heads + targets, student backbones, student heads + losses,
+  backward and clip + AdamW + EMA, averaged over ``--steps`` steps; and the counted FLOPs of each phase (one eager
+  instrumented step under ``FlopCounterMode``; they sum to the FLOPs per step).
+- ``--compile``: ``torch.compile`` on every transformer block of both backbones (``block.compile()``).
+
+Results are merged into ``OUT/train_step.json`` (one record per config × batch × mode × dtype × data, written
+atomically after each run), and a Markdown table of every record in it is printed last. ``--results-md FILE``
+appends that table as a dated section to FILE (only when given).
+
+Reproduce (one GPU)::
+
+    python benchmarks/train_step.py --config configs/train/IN21K/vitb14.yaml --config configs/train/IN21K/vitl14.yaml \\
+        --batch-sizes 32 64 --breakdown --out results/perf
+    python benchmarks/train_step.py --config configs/train/IN21K/vitb14.yaml --config configs/train/IN21K/vitl14.yaml \\
+        --batch-sizes 32 64 --breakdown --compile --out results/perf --results-md benchmarks/RESULTS.md
+    # real data: an ImageFolder of JPEGs (e.g. made by benchmarks/data_pipeline.py --make-jpegs 2000)
+    python benchmarks/train_step.py --config configs/train/IN21K/vitb14.yaml --batch-sizes 64 --compile \\
+        --data loader --dataset ImageFolder:root=results/jpegs --num-workers 16 --out results/perf
+"""
+
+import argparse
+import gc
+import itertools
+import json
+import shlex
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from common import (
+    DeviceClock,
+    append_results_section,
+    environment,
+    markdown_table,
+    measure_matmul_peak,
+    resolve_device,
+    summarize_ms,
+    write_json_atomic,
+)
+from omegaconf import DictConfig
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from franca.config import apply_scaling_rules, load_config
+from franca.data.collate import MaskingCollator
+from franca.data.masking import build_mask_generator
+from franca.data.samplers import SampleKey
+from franca.loss import koleo_loss
+from franca.train.param_groups import apply_optim_schedule
+from franca.train.schedules import build_schedules
+from franca.train.ssl_meta_arch import SSLMetaArch, resolve_autocast_dtype
+from franca.train.train import build_data, build_optimizer, move_batch
+
+PHASES = (
+    "teacher_backbone",
+    "teacher_heads_targets",
+    "student_backbone",
+    "student_heads_losses",
+    "backward",
+    "optimizer_ema",
+)
+FLOP_NOTE = (
+    "FlopCounterMode counts matmul (mm/addmm/bmm), convolution and scaled-dot-product-attention FLOPs of forward and "
+    "backward only; elementwise ops, norms, softmax, Sinkhorn-Knopp and the optimizer are not counted"
+)
+
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_attention_backward_flops(grad_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kw) -> int:
+    return sdpa_backward_flop_count(grad_shape, query_shape, key_shape, value_shape)
+
+
+# FlopCounterMode has formulas for the CUDA attention kernels only; the CPU flash kernel takes the same [B,H,T,d].
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+}
+N_DISTINCT_MASK_SETS = 8
+RESULT_KEY = ("config", "batch_size", "compile", "dtype", "data")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        "benchmarks/train_step.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", action="append", required=True, help="training config file; repeat the flag for several")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 64], help="images per step (per GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every block of both backbones")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="autocast (auto: bf16 on CUDA)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing (compilation happens here)")
+    p.add_argument("--data", default="synthetic", choices=("synthetic", "loader"))
+    p.add_argument("--dataset", default=None, help="dataset string for --data loader, e.g. ImageFolder:root=DIR")
+    p.add_argument("--num-workers", type=int, default=10, help="data-loader workers for --data loader")
+    p.add_argument("--device", default=None, choices=("cuda", "cpu"), help="default: cuda when available")
+    p.add_argument("--breakdown", action="store_true", help="also time the phases of the step")
+    p.add_argument("--peak-size", type=int, default=8192, help="side of the square matmul measuring the peak")
+    p.add_argument("--out", default="results/perf", help="folder of train_step.json")
+    p.add_argument("--results-md", default=None, help="append the table as a dated section to this Markdown file")
+    p.add_argument("opts", nargs="*", default=[], help="config overrides key=value (e.g. student.depth=2)")
+    return p
+
+
+def build_config(config_file: str, batch_size: int, args: argparse.Namespace) -> DictConfig:
+    """The trainer's config for one run: file ← overrides ← batch size (and dataset), lr by the scaling rule."""
+    overrides = list(args.opts) + [f"train.batch_size_per_gpu={batch_size}"]
+    if args.data == "loader":
+        overrides += [f"train.dataset_path={args.dataset}", f"train.num_workers={args.num_workers}"]
+    cfg = load_config(config_file, overrides)
+    return apply_scaling_rules(cfg, world_size=1)
+
+
+def make_collator(cfg: DictConfig) -> MaskingCollator:
+    """The trainer's ``MaskingCollator`` (CyclicMask etc. from the config), as ``franca.train.train.build_data``."""
+    grid = cfg.crops.global_crops_size // cfg.student.patch_size
+    return MaskingCollator(
+        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
+        mask_probability=cfg.ibot.mask_sample_probability,
+        n_tokens=grid * grid,
+        mask_generator=build_mask_generator(
+            (grid, grid), cfg.train.use_block_masking, cfg.train.use_inverse_block, cfg.train.roll
+        ),
+        seed=cfg.train.seed,
+    )
+
+
+def synthetic_batches(cfg: DictConfig, device: torch.device, n_mask_sets: int = N_DISTINCT_MASK_SETS) -> list[dict]:
+    """Collated batches with random crops and the collator's masks of iterations 0..n−1 (crops shared).
+
+    The collator is given empty placeholder crops, so its masks, indices, weights and bounds are exactly those of
+    the training collate; the crops are then random normal tensors of the collated shapes, made on ``device``.
+    """
+    batch_size, n_local = cfg.train.batch_size_per_gpu, cfg.crops.local_crops_number
+    g, s = cfg.crops.global_crops_size, cfg.crops.local_crops_size
+    generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    global_crops = torch.randn(2 * batch_size, 3, g, g, generator=generator, device=device)
+    local_crops = torch.randn(n_local * batch_size, 3, s, s, generator=generator, device=device)
+    collator = make_collator(cfg)
+    placeholder = torch.empty(0)
+    batches = []
+    for iteration in range(n_mask_sets):
+        samples = [
+            ({"global_crops": [placeholder] * 2, "local_crops": [placeholder] * n_local}, 0, SampleKey(i, 0, iteration))
+            for i in range(batch_size)
+        ]
+        batch = move_batch(collator(samples), device)
+        batch["collated_global_crops"], batch["collated_local_crops"] = global_crops, local_crops
+        batches.append(batch)
+    return batches
+
+
+def batch_stream(cfg: DictConfig, data: str, device: torch.device) -> Iterator[dict]:
+    if data == "synthetic":
+        return itertools.cycle(synthetic_batches(cfg, device))
+    _, loader = build_data(cfg, 0)
+    return (move_batch(batch, device) for batch in loader)
+
+
+def compile_backbone_blocks(model: SSLMetaArch) -> None:
+    for models in (model.student, model.teacher):
+        for block in models["backbone"].blocks:
+            block.compile()
+
+
+class TrainStep:
+    """The trainer's iteration for one model (``step``) and an instrumented copy with device marks (``timed``)."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device, dtype: str):
+        self.cfg = cfg
+        self.model = SSLMetaArch(cfg).to(device)
+        self.model.train()
+        self.optimizer = build_optimizer(cfg, self.model, device)
+        self.schedules = build_schedules(cfg)
+        self.autocast_dtype = resolve_autocast_dtype(dtype, device)
+        self.device = device
+
+    def _begin(self, iteration: int) -> tuple[float, float]:
+        s = self.schedules
+        apply_optim_schedule(
+            self.optimizer, lr=s["lr"][iteration], wd=s["wd"][iteration], last_layer_lr=s["last_layer_lr"][iteration]
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        return s["teacher_temp"][iteration], s["momentum"][iteration]
+
+    def _finish(self, momentum: float) -> None:
+        if self.cfg.optim.clip_grad:
+            self.model.clip_gradients(self.cfg.optim.clip_grad)
+        self.optimizer.step()
+        self.model.update_teacher(momentum)
+
+    def step(self, batch: dict, iteration: int) -> dict[str, torch.Tensor]:
+        """One training iteration exactly as ``do_train`` runs it (bf16/fp32: no grad scaler)."""
+        teacher_temp, momentum = self._begin(iteration)
+        losses = self.model.forward_backward(batch, teacher_temp, self.autocast_dtype)
+        self._finish(momentum)
+        return losses
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def timed(self, batch: dict, iteration: int, clock) -> dict[str, torch.Tensor]:
+        """``step`` with ``clock.mark`` after each of :data:`PHASES`; the same calls as ``compute_losses``.
+
+        ``clock`` is a :class:`DeviceClock` (time) or a :class:`FlopMarks` (FLOPs).
+        """
+        model, cfg = self.model, self.cfg
+        clock.mark("start")
+        teacher_temp, momentum = self._begin(iteration)
+        global_crops, local_crops = batch["collated_global_crops"], batch["collated_local_crops"]
+        mask_indices = batch["mask_indices_list"]
+        n_global_images, n_local = global_crops.shape[0], model.n_local_crops
+        use_center = model.centering == "centering"
+        with self._autocast():
+            with torch.no_grad():
+                teacher_out = model.teacher["backbone"](global_crops, is_training=True)
+                clock.mark("teacher_backbone")
+                cls_logits = model.teacher["dino_head"](teacher_out["x_norm_clstoken"])
+                teacher_patches = teacher_out["x_norm_patchtokens"].flatten(0, 1)[mask_indices]
+                teacher_patch_logits = model._ibot_head("teacher")(teacher_patches) if len(mask_indices) else None
+                center = model.dino_center if use_center else None
+                dino_targets = model._teacher_targets(cls_logits, teacher_temp, center)
+                ibot_targets = None
+                if teacher_patch_logits is not None:
+                    center = model.ibot_center if use_center else None
+                    ibot_targets = model._teacher_targets(teacher_patch_logits, teacher_temp, center)
+            clock.mark("teacher_heads_targets")
+
+            backbone = model.student["backbone"]
+            s_global = backbone(global_crops, masks=batch["collated_masks"], is_training=True)
+            global_cls = s_global["x_norm_clstoken"]
+            cls_parts = [global_cls]
+            if n_local:
+                cls_parts.insert(0, backbone(local_crops, is_training=True)["x_norm_clstoken"])
+            clock.mark("student_backbone")
+
+            head_out = model.student["dino_head"](torch.cat(cls_parts))
+            n_local_rows = head_out[0].shape[0] - n_global_images
+            n_pairs = 2 + 2 * n_local
+            losses = {}
+            if n_local:
+                local_loss = model.dino_loss([h[:n_local_rows] for h in head_out], dino_targets, n_local, 2)
+                losses["dino_local_crops_loss"] = cfg.dino.loss_weight * local_loss / n_pairs
+            global_logits = [h[n_local_rows:] for h in head_out]
+            global_loss = model.dino_loss(global_logits, dino_targets, 2, 2, skip_same_view=True)
+            losses["dino_global_crops_loss"] = cfg.dino.loss_weight * global_loss / n_pairs
+            if cfg.dino.koleo_loss_weight > 0:
+                losses["koleo_loss"] = cfg.dino.koleo_loss_weight * sum(koleo_loss(v) for v in global_cls.chunk(2))
+            if ibot_targets is not None:
+                patches = s_global["x_norm_patchtokens"].flatten(0, 1)[mask_indices]
+                patch_logits = model._ibot_head("student")(patches)
+                ibot = model.ibot_loss(patch_logits, ibot_targets, batch["masks_weight"], n_global_images)
+                losses["ibot_loss"] = cfg.ibot.loss_weight * ibot
+        clock.mark("student_heads_losses")
+        sum(losses.values()).backward()
+        clock.mark("backward")
+        self._finish(momentum)
+        clock.mark("optimizer_ema")
+        return {k: v.detach() for k, v in losses.items()}
+
+
+class FlopMarks:
+    """Running FLOP totals of a ``FlopCounterMode`` at named marks (the FLOP analogue of ``DeviceClock``)."""
+
+    def __init__(self, counter: FlopCounterMode):
+        self.counter = counter
+        self.marks: list[tuple[str, int]] = []
+
+    def mark(self, name: str) -> None:
+        self.marks.append((name, self.counter.get_total_flops()))
+
+    def intervals(self) -> list[tuple[str, int]]:
+        return [(name, end - start) for (_, start), (name, end) in zip(self.marks[:-1], self.marks[1:], strict=True)]
+
+
+def count_step_flops(step: TrainStep, batch: dict, iteration: int) -> int:
+    """FLOPs of one real eager step (see :data:`FLOP_NOTE`)."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        step.step(batch, iteration)
+    return counter.get_total_flops()
+
+
+def count_phase_flops(step: TrainStep, batch: dict, iteration: int) -> dict[str, int]:
+    """FLOPs of each of :data:`PHASES` in one eager instrumented step."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        marks = FlopMarks(counter)
+        step.timed(batch, iteration, marks)
+    return dict(marks.intervals())
+
+
+def run_steps(step: TrainStep, batches: Iterator[dict], start: int, count: int) -> tuple[list[float], list[float]]:
+    """Time ``count`` full steps from iteration ``start``: per-step ms (device clock) and data-wait ms (host)."""
+    clock, waits = DeviceClock(step.device), []
+    clock.mark("start")
+    for iteration in range(start, start + count):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        waits.append((time.perf_counter() - t0) * 1000.0)
+        step.step(batch, iteration)
+        clock.mark("step")
+    return [ms for _, ms in clock.intervals()], waits
+
+
+def run_breakdown(step: TrainStep, batches: Iterator[dict], start: int, count: int) -> dict[str, float]:
+    """Mean ms per phase of :data:`PHASES` over ``count`` instrumented steps."""
+    totals = dict.fromkeys(PHASES, 0.0)
+    for iteration in range(start, start + count):
+        clock = DeviceClock(step.device)
+        step.timed(next(batches), iteration, clock)
+        for name, ms in clock.intervals():
+            totals[name] += ms
+    return {name: total / count for name, total in totals.items()}
+
+
+def model_label(cfg: DictConfig) -> str:
+    heads = f"{len(cfg.dino.nesting_list) or 5}-level MRL" if cfg.dino.MRL else "DINO"
+    return f"{cfg.student.arch}/{cfg.student.patch_size} ({heads}, {cfg.dino.head_n_prototypes} prototypes)"
+
+
+def benchmark(config_file: str, batch_size: int, args: argparse.Namespace, device: torch.device, peak: dict) -> dict:
+    """One record: throughput, FLOPs, MFU, memory (and breakdown) of one config at one batch size."""
+    cfg = build_config(config_file, batch_size, args)
+    record = {
+        "config": config_file,
+        "model": model_label(cfg),
+        "batch_size": batch_size,
+        "compile": args.compile,
+        "dtype": args.dtype,
+        "data": args.data,
+        "overrides": list(args.opts),
+    }
+    torch.manual_seed(cfg.train.seed)
+    step = TrainStep(cfg, device, args.dtype)
+    record["autocast_dtype"] = str(step.autocast_dtype or torch.float32).removeprefix("torch.")
+    batches = batch_stream(cfg, args.data, device)
+    first = next(batches)
+    record["n_masked_patches_flop_step"] = int(first["n_masked_patches"].sum())
+    flops = count_step_flops(step, first, 0)
+    phase_flops = count_phase_flops(step, first, 1) if args.breakdown else None
+    if args.compile:
+        compile_backbone_blocks(step.model)
+    print(f"{record['model']} batch {batch_size}: {args.warmup} warm-up steps", flush=True)
+    run_steps(step, batches, 2, args.warmup)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = 2 + args.warmup
+    step_ms, wait_ms = run_steps(step, batches, start, args.steps)
+    stats = summarize_ms(step_ms)
+    step_s = stats["mean"] / 1000.0
+    record.update(
+        {
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "step_ms": stats,
+            "data_wait_ms_mean": sum(wait_ms) / len(wait_ms),
+            "img_per_s": batch_size / step_s,
+            "flops_per_step": flops,
+            "achieved_flops_per_s": flops / step_s,
+            "mfu": flops / step_s / peak["flops_per_s"],
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None,
+        }
+    )
+    if args.breakdown:
+        phases = run_breakdown(step, batches, start + args.steps, args.steps)
+        record["breakdown_ms"] = phases
+        record["breakdown_sum_ms"] = sum(phases.values())
+        record["breakdown_flops"] = phase_flops
+    return record
+
+
+def release_memory() -> None:
+    gc.collect()
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def merge_records(existing: list[dict], new: dict) -> list[dict]:
+    """Replace the record with the same :data:`RESULT_KEY` (a re-run) or append."""
+    key = tuple(new[k] for k in RESULT_KEY)
+    return [r for r in existing if tuple(r.get(k) for k in RESULT_KEY) != key] + [new]
+
+
+def results_table(records: list[dict]) -> str:
+    headers = ["model", "batch", "mode", "data", "img/s", "step ms", "TFLOP/step", "TFLOP/s", "MFU", "peak GiB"]
+    headers += [f"{p} ms" for p in PHASES]
+    rows = []
+    for r in records:
+        mode = ("compiled" if r["compile"] else "eager") + f" {r.get('autocast_dtype', r['dtype'])}"
+        if "error" in r:
+            rows.append([r.get("model", r["config"]), r["batch_size"], mode, r["data"], r["error"]] + [None] * 11)
+            continue
+        phases = r.get("breakdown_ms", {})
+        rows.append(
+            [
+                r["model"],
+                r["batch_size"],
+                mode,
+                r["data"],
+                r["img_per_s"],
+                r["step_ms"]["mean"],
+                r["flops_per_step"] / 1e12,
+                r["achieved_flops_per_s"] / 1e12,
+                r["mfu"],
+                r["peak_memory_gib"],
+            ]
+            + [phases.get(p) for p in PHASES]
+        )
+    return markdown_table(headers, rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    if args.data == "loader" and not args.dataset:
+        raise SystemExit("--data loader needs --dataset, e.g. --dataset ImageFolder:root=/path/to/jpegs")
+    if min(args.steps, args.warmup + 1, *args.batch_sizes) < 1:
+        raise SystemExit("--steps and --batch-sizes must be >= 1 and --warmup >= 0")
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    env = environment(device)
+    peak_dtype = resolve_autocast_dtype(args.dtype, device) or torch.float32
+    print(f"measuring the {args.peak_size}³ {peak_dtype} matmul peak on {env['device']}", flush=True)
+    peak = measure_matmul_peak(device, peak_dtype, args.peak_size)
+    print(f"peak {peak['flops_per_s'] / 1e12:.3g} TFLOP/s", flush=True)
+
+    out_path = Path(args.out) / "train_step.json"
+    payload = {"runs": []}
+    if out_path.exists():
+        payload = json.loads(out_path.read_text())
+    command = "python " + shlex.join(["benchmarks/train_step.py", *(sys.argv[1:] if argv is None else argv)])
+    common_fields = {"environment": env, "command": command, "matmul_peak": peak, "flop_counter": FLOP_NOTE}
+    for config_file, batch_size in itertools.product(args.config, args.batch_sizes):
+        try:
+            record = benchmark(config_file, batch_size, args, device, peak)
+        except torch.OutOfMemoryError as error:
+            first_line = str(error).splitlines()[0]
+            print(f"{config_file} batch {batch_size}: out of memory ({first_line})", flush=True)
+            record = {k: v for k, v in zip(RESULT_KEY, (config_file, batch_size, args.compile, args.dtype, args.data))}
+            record["error"] = "out of memory"
+        record.update(common_fields)
+        payload["runs"] = merge_records(payload["runs"], record)
+        write_json_atomic(out_path, payload)
+        if "error" not in record:
+            print(
+                f"{record['model']} batch {batch_size}: {record['img_per_s']:.1f} img/s, "
+                f"{record['step_ms']['mean']:.1f} ms/step, MFU {record['mfu']:.3f}",
+                flush=True,
+            )
+        release_memory()
+    table = results_table(payload["runs"])
+    print(f"\nresults in {out_path}\n\n{table}", flush=True)
+    if args.results_md:
+        append_results_section(args.results_md, "Training step (benchmarks/train_step.py)", env, command, table)
+        print(f"appended to {args.results_md}", flush=True)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
