@@ -32,6 +32,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.centering": ("sinkhorn_knopp", "centering"),
     "dino.mrl_input": ("slice", "project"),
     "compute_precision.dtype": ("auto", "bf16", "fp16", "fp32"),
+    "compute_precision.compile": ("auto", "true", "false"),
+    "compute_precision.distributed": ("auto", "fsdp", "ddp", "none"),
     "student.arch": tuple(ARCHITECTURES),
     "student.ffn_layer": tuple(FFN_LAYERS),
     "optim.scaling_rule": ("sqrt_wrt_1024",),
@@ -170,6 +172,8 @@ def _coerce(field: _Field, value: Any) -> Any:
         if not isinstance(value, list) or (field.length is not None and len(value) != field.length):
             raise _type_error(field, value)
         return [_coerce_scalar(field, field.item_kind, v, f"{field.key}[{i}]") for i, v in enumerate(value)]
+    if field.kind is str and isinstance(value, bool) and "true" in field.choices:
+        value = "true" if value else "false"  # YAML reads `compile: true` as a boolean; the choice is the word
     value = _coerce_scalar(field, field.kind, value, field.key)
     if field.choices and value not in field.choices:
         raise _type_error(field, value)
@@ -249,7 +253,15 @@ def apply_scaling_rules(cfg: DictConfig, world_size: int) -> DictConfig:
     if rule != "sqrt_wrt_1024":
         raise ConfigError(f"optim.scaling_rule={rule!r} is not implemented; use optim.scaling_rule=sqrt_wrt_1024")
     global_batch = cfg.train.batch_size_per_gpu * world_size
-    cfg.optim.lr = float(cfg.optim.base_lr * math.sqrt(global_batch / 1024.0))
+    lr = float(cfg.optim.base_lr * math.sqrt(global_batch / 1024.0))
+    if cfg.optim.lr and not math.isclose(cfg.optim.lr, lr):
+        warnings.warn(
+            f"optim.lr={cfg.optim.lr} is replaced by {lr:.6g}: the learning rate is computed from optim.base_lr "
+            f"({cfg.optim.base_lr}) and the global batch ({global_batch}) by {rule}; set optim.base_lr instead",
+            UserWarning,
+            stacklevel=2,
+        )
+    cfg.optim.lr = lr
     return cfg
 
 

@@ -119,15 +119,16 @@ def test_default_config_has_every_reference_key_with_its_default():
         assert type(value) is type(expected) or isinstance(expected, list), key
 
 
-def test_default_precision_tree_matches_the_original():
+def test_default_precision_tree_keeps_the_original_structure_in_bf16():
+    """The original's tree (§5.1) with bf16 instead of fp16 parameters (docs/deviations.md); reductions as original."""
     cfg = load_config()
     for model in ("teacher", "student"):
         for part in ("backbone", "dino_head", "ibot_head"):
             node = cfg.compute_precision[model][part]
             student_head = model == "student" and part != "backbone"
             assert node.sharding_strategy == "SHARD_GRAD_OP"
-            assert node.mixed_precision.param_dtype == "fp16"
-            assert node.mixed_precision.reduce_dtype == ("fp32" if student_head else "fp16")
+            assert node.mixed_precision.param_dtype == "bf16"
+            assert node.mixed_precision.reduce_dtype == ("fp32" if student_head else "bf16")
             assert node.mixed_precision.buffer_dtype == "fp32"
 
 
@@ -425,3 +426,13 @@ def test_save_config_round_trips_atomically(tmp_path):
 def test_save_config_creates_the_folder(tmp_path):
     target = save_config(load_config(), tmp_path / "a" / "b" / "config.yaml")
     assert load_config(target).optim.base_lr == 0.004
+
+
+def test_a_user_set_lr_is_replaced_with_a_warning():
+    cfg = load_config(None, ["optim.lr=0.5", "optim.base_lr=0.004", "train.batch_size_per_gpu=64"])
+    with pytest.warns(UserWarning, match=r"optim.lr=0.5 is replaced by 0.002.*set optim.base_lr instead"):
+        apply_scaling_rules(cfg, world_size=4)
+    assert cfg.optim.lr == pytest.approx(0.004 * (256 / 1024) ** 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_scaling_rules(cfg, world_size=4)  # a config saved by a run (lr already computed) stays silent

@@ -328,21 +328,8 @@ def test_hub_entry_through_torch_hub_load(vitb14_checkpoint):
     assert loaded.img_size == 224 and loaded.embed_dim == 768
     assert_same_outputs(source, loaded, torch.randn(1, 3, 56, 70))
 
-    with pytest.raises(ValueError, match=r"img_size=100 is not divisible by the patch size 14"):
-        franca_vitb14(weights=str(path), img_size=100)
-
-
-def test_img_size_rebuilds_the_grid_with_the_run_time_interpolation(tmp_path):
-    """A 98 px checkpoint built at 70 px (and at 140 px) equals the 98 px model run at that size, exactly."""
-    source = tiny_vit(img_size=98, depth=2).eval()
-    path = tmp_path / "tiny.pth"
-    torch.save({"teacher": {f"backbone.{k}": v for k, v in source.state_dict().items()}}, path)
-    for size in (70, 140):
-        rebuilt = load_backbone(path, num_heads=source.num_heads, img_size=size).eval()
-        assert rebuilt.img_size == size and rebuilt.pos_embed.shape[1] == 1 + (size // 14) ** 2
-        x = torch.randn(2, 3, size, size)
-        with torch.no_grad():
-            assert torch.equal(rebuilt(x), source(x))
+    with pytest.raises(ValueError, match=r"img_size=518 conflicts .*built for 224px.*modify_ckpt_highres"):
+        franca_vitb14(weights=str(path), img_size=518)
 
 
 def test_wrong_architecture_is_refused(tmp_path):

@@ -8,7 +8,20 @@ import torch
 
 from franca.data.masking import BlockMask, CyclicMask, InverseBlockMask, build_mask_generator
 
-GRID_SIZES = [(16, 16), (14, 14), (7, 11), (11, 7), (1, 5), (5, 1), (2, 30), (1, 1), (37, 37)]
+GRID_SIZES = [
+    (16, 16),
+    (14, 14),
+    (7, 11),
+    (11, 7),
+    (1, 5),
+    (5, 1),
+    (2, 30),
+    (30, 2),
+    (11, 3),
+    (40, 2),
+    (1, 1),
+    (37, 37),
+]
 
 
 def partial_rectangle(height: int, width: int, count: int, block_h: int, block_w: int) -> np.ndarray:

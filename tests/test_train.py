@@ -167,6 +167,25 @@ def test_nonfinite_loss_stops_with_the_term_name(tiny_config, tmp_path, monkeypa
         trainer.main(["--config-file", str(tiny_config), "--output-dir", str(tmp_path / "nan")])
 
 
+def test_nonfinite_loss_between_log_steps_is_caught_before_the_next_checkpoint(tiny_config, tmp_path, monkeypatch):
+    from franca.train.ssl_meta_arch import SSLMetaArch
+
+    original, calls = SSLMetaArch.compute_losses, []
+
+    def poisoned_once(self, batch, teacher_temp):
+        losses = original(self, batch, teacher_temp)
+        calls.append(1)
+        if len(calls) == 5:  # iteration 4: between the log steps 0 and 5 (log_period=5), before checkpoint 6
+            losses["ibot_loss"] = losses["ibot_loss"] * float("inf")
+        return losses
+
+    monkeypatch.setattr(SSLMetaArch, "compute_losses", poisoned_once)
+    out = tmp_path / "inf"
+    with pytest.raises(trainer.NonFiniteLossError, match=r"ibot_loss.*since iteration 4"):
+        trainer.main(["--config-file", str(tiny_config), "--output-dir", str(out), "train.log_period=5"])
+    assert sorted(p.name for p in (out / "checkpoints").glob("model_*")) == ["model_0000003.pth"]
+
+
 def test_quickstart_runs_end_to_end_in_short_form(tmp_path, capsys):
     from franca import quickstart
 
@@ -193,3 +212,29 @@ def test_quickstart_runs_end_to_end_in_short_form(tmp_path, capsys):
         assert 0 <= by_k["20"]["top1"] <= 100
     assert record["knn"]["raw pixels"]["20"]["top1"] > 50  # real photos: raw-pixel k-NN is far above chance
     assert "k-NN (k=20)" in capsys.readouterr().out
+
+
+def test_training_on_webdataset_shards(tiny_config, tmp_path):
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    photo = Image.fromarray(data.astronaut())
+    rng = np.random.default_rng(0)
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"shard-{shard:02d}.tar", "w") as tar:
+            for i in range(12):
+                left, top = (int(v) for v in rng.integers(0, 400, size=2))
+                buffer = io.BytesIO()
+                photo.crop((left, top, left + 96, top + 96)).save(buffer, format="JPEG")
+                info = tarfile.TarInfo(f"{shard:02d}{i:04d}.jpg")
+                info.size = buffer.tell()
+                buffer.seek(0)
+                tar.addfile(info, buffer)
+    dataset = f"train.dataset_path=WebDataset:urls={tmp_path}/shard-{{00..01}}.tar"
+    out = tmp_path / "wds"
+    record = trainer.main(["--config-file", str(tiny_config), "--output-dir", str(out), dataset, "optim.epochs=1"])
+    assert record["iteration"] == 2 and torch.isfinite(torch.tensor(record["total_loss"]))

@@ -16,19 +16,40 @@ from franca.checkpoint.resumable import atomic_torch_save
 from franca.hub.keys import to_release_state_dict
 
 
-def teacher_release_state_dict(teacher: nn.ModuleDict, block_chunks: int = 4) -> dict[str, torch.Tensor]:
-    state = to_release_state_dict(teacher["backbone"].state_dict(), block_chunks=block_chunks, prefix="backbone.")
-    for name, module in teacher.items():
-        if name != "backbone":
-            state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+def release_state_dict_from(teacher_state: dict[str, torch.Tensor], block_chunks: int = 4) -> dict[str, torch.Tensor]:
+    """Release keys from a teacher ModuleDict state dict (``backbone.<flat key>``, ``dino_head.<key>``, ...)."""
+    backbone = {k[len("backbone.") :]: v for k, v in teacher_state.items() if k.startswith("backbone.")}
+    state = to_release_state_dict(backbone, block_chunks=block_chunks, prefix="backbone.")
+    state.update({k: v for k, v in teacher_state.items() if not k.startswith("backbone.")})
     return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def teacher_release_state_dict(teacher: nn.ModuleDict, block_chunks: int = 4) -> dict[str, torch.Tensor]:
+    return release_state_dict_from(teacher.state_dict(), block_chunks)
+
+
+def save_teacher_release(
+    teacher_state: dict[str, torch.Tensor], backbone_config: dict, path: str | os.PathLike, block_chunks: int = 4
+) -> Path:
+    """Write ``{"teacher": release keys, "backbone_config": ...}`` to ``path`` atomically and return it."""
+    path = Path(path)
+    atomic_torch_save(
+        {"teacher": release_state_dict_from(teacher_state, block_chunks), "backbone_config": backbone_config}, path
+    )
+    return path
+
+
+def teacher_export_path(output_dir: str | os.PathLike, iteration: int) -> Path:
+    return Path(output_dir) / "eval" / f"training_{iteration}" / "teacher_checkpoint.pth"
 
 
 def export_teacher(
     teacher: nn.ModuleDict, output_dir: str | os.PathLike, iteration: int, block_chunks: int = 4
 ) -> Path:
     """Write ``<output_dir>/eval/training_<iteration>/teacher_checkpoint.pth`` atomically and return its path."""
-    path = Path(output_dir) / "eval" / f"training_{iteration}" / "teacher_checkpoint.pth"
-    state = teacher_release_state_dict(teacher, block_chunks)
-    atomic_torch_save({"teacher": state, "backbone_config": teacher["backbone"].build_config()}, path)
-    return path
+    return save_teacher_release(
+        teacher.state_dict(),
+        teacher["backbone"].build_config(),
+        teacher_export_path(output_dir, iteration),
+        block_chunks,
+    )

@@ -69,6 +69,11 @@ class BlockMask:
         aspect = math.exp(rng.uniform(low, high))
         block_h = min(math.ceil(math.sqrt(count * aspect)), height)
         block_w = min(math.ceil(math.sqrt(count / aspect)), width)
+        if block_h * block_w < count:
+            # Only on strongly non-square grids, where the aspect window and the grid bounds conflict (the original
+            # then returned too few cells): widen, then heighten, the rectangle until it holds ``count`` cells.
+            block_w = min(math.ceil(count / block_h), width)
+            block_h = min(math.ceil(count / block_w), height)
         top = int(rng.integers(0, height - block_h + 1))
         left = int(rng.integers(0, width - block_w + 1))
         rectangle = np.zeros((height, width), dtype=bool)

@@ -26,7 +26,7 @@ from franca.hub.registry import (
     get_weights,
     is_weights_name,
 )
-from franca.models.vision_transformer import ARCHITECTURES, DinoVisionTransformer, resize_pos_embed
+from franca.models.vision_transformer import ARCHITECTURES, DinoVisionTransformer
 from rasa.head import RASAHead
 
 FRANCA_VIT_CONFIG = {
@@ -181,20 +181,17 @@ def build_loaded_vit(config: dict, state_dict: dict, source: str) -> DinoVisionT
     return model
 
 
-def _apply_image_size(config: dict, state_dict: dict, checkpoint_img_size: int) -> None:
-    """Honour an ``img_size=`` keyword: build at that size with the position grid resized exactly as the model would
-    interpolate it at run time (so outputs equal the checkpoint's model run at that size); default: the checkpoint's."""
+def _apply_image_size(config: dict, checkpoint_img_size: int) -> None:
+    """Build at the checkpoint's own grid; an ``img_size=`` keyword that disagrees is refused (a resized grid would
+    change the outputs at every other input size, while the model already runs at any size divisible by the patch)."""
     requested = config.pop("img_size", None) or checkpoint_img_size
-    patch = config.get("patch_size", 14)
-    if requested % patch:
-        raise ValueError(f"img_size={requested} is not divisible by the patch size {patch}")
     if requested != checkpoint_img_size:
-        pos = state_dict["pos_embed"]
-        grid = (requested // patch, requested // patch)
-        offset = config.get("interpolate_offset", 0.1)
-        antialias = config.get("interpolate_antialias", False)
-        state_dict["pos_embed"] = resize_pos_embed(pos, grid, offset, antialias).to(pos.dtype)
-    config["img_size"] = requested
+        raise ValueError(
+            f"img_size={requested} conflicts with the checkpoint's position grid (built for {checkpoint_img_size}px); "
+            "leave img_size out: the model runs at any input size divisible by the patch size. To change the grid "
+            "itself (high-resolution finetuning), use scripts/modify_ckpt_highres.py"
+        )
+    config["img_size"] = checkpoint_img_size
 
 
 def _hub_model(
@@ -219,7 +216,7 @@ def _hub_model(
         return model
     raw = _read_release(release) if release is not None else load_checkpoint_file(weights)
     state_dict, embedded_rasa = normalize_backbone_state_dict(raw)
-    _apply_image_size(config, state_dict, infer_image_size(state_dict, config["patch_size"]))
+    _apply_image_size(config, infer_image_size(state_dict, config["patch_size"]))
     model = build_loaded_vit(config, state_dict, _describe_source(weights, release))
     _attach_rasa(model, arch, use_rasa_head, rasa_weights, release, embedded_rasa)
     return model
@@ -320,7 +317,7 @@ def load_backbone(
     state_dict, embedded_rasa = normalize_backbone_state_dict(raw)
     config = _generic_config(weights, state_dict, arch, stored)
     config = {**config, **kwargs}
-    _apply_image_size(config, state_dict, infer_image_size(state_dict, config.get("patch_size", 14)))
+    _apply_image_size(config, infer_image_size(state_dict, config.get("patch_size", 14)))
     model = build_loaded_vit(config, state_dict, str(weights))
     _attach_rasa(model, arch, use_rasa_head, rasa_weights, None, embedded_rasa)
     return model

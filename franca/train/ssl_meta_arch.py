@@ -16,6 +16,7 @@ from torch import nn
 from franca.layers.heads import build_head
 from franca.loss import DINOLoss, IBOTPatchLoss, SoftmaxCentering, koleo_loss, sinkhorn_knopp
 from franca.models import build_vit
+from franca.models.vision_transformer import resize_pos_embed
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -57,6 +58,16 @@ def _build_head(cfg: DictConfig, head_cfg: DictConfig, embed_dim: int) -> nn.Mod
     )
 
 
+def build_model_dict(cfg: DictConfig, drop_path: bool) -> nn.ModuleDict:
+    """``{backbone, dino_head[, ibot_head]}``: the student (``drop_path=True``) or the teacher's modules."""
+    models = nn.ModuleDict({"backbone": build_backbone(cfg, drop_path=drop_path)})
+    dim = models["backbone"].embed_dim
+    models["dino_head"] = _build_head(cfg, cfg.dino, dim)
+    if cfg.ibot.separate_head:
+        models["ibot_head"] = _build_head(cfg, cfg.ibot, dim)
+    return models
+
+
 def resolve_autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """``compute_precision.dtype``: auto = bf16 on CUDA and fp32 (no autocast) on CPU."""
     if name == "auto":
@@ -68,21 +79,17 @@ class SSLMetaArch(nn.Module):
     def __init__(self, cfg: DictConfig):
         super().__init__()
         self.cfg = cfg
-        student, teacher = nn.ModuleDict(), nn.ModuleDict()
-        student["backbone"] = build_backbone(cfg, drop_path=True)
-        teacher["backbone"] = build_backbone(cfg, drop_path=False)
-        dim = student["backbone"].embed_dim
-        student["dino_head"] = _build_head(cfg, cfg.dino, dim)
-        teacher["dino_head"] = _build_head(cfg, cfg.dino, dim)
-        if cfg.ibot.separate_head:
-            student["ibot_head"] = _build_head(cfg, cfg.ibot, dim)
-            teacher["ibot_head"] = _build_head(cfg, cfg.ibot, dim)
-        self.student, self.teacher = student, teacher
+        self.student = build_model_dict(cfg, drop_path=True)
+        self.teacher = build_model_dict(cfg, drop_path=False)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
         self.teacher.eval()
+        self._ema_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
         self.n_local_crops = cfg.crops.local_crops_number
+        # Decided by the config, not by the batch: a rank whose batch has no masked token still runs the iBOT heads
+        # (on zero rows) and their Sinkhorn-Knopp, so every rank joins the same FSDP and SK collectives.
+        self.use_ibot = cfg.ibot.mask_sample_probability > 0
         self.dino_loss = DINOLoss(student_temp=0.1, level_weights=list(cfg.dino.level_weights) or None)
         self.ibot_loss = IBOTPatchLoss(student_temp=0.1, level_weights=list(cfg.ibot.level_weights) or None)
         self.centering = cfg.train.centering
@@ -100,22 +107,31 @@ class SSLMetaArch(nn.Module):
         return models["ibot_head"] if "ibot_head" in models else models["dino_head"]
 
     def load_pretrained_backbone(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Initialise both backbones from released-format weights (heads stay fresh: continued pretraining)."""
-        own = self.student["backbone"].state_dict()
+        """Initialise both backbones from released-format weights (heads stay fresh: continued pretraining).
+
+        A position grid of another size (e.g. 224 px weights for 518 px finetuning) is resized with the model's own
+        run-time interpolation, the same as ``scripts/modify_ckpt_highres.py``: the initial model then reproduces the
+        source model run at the new size.
+        """
+        backbone = self.student["backbone"]
+        own = backbone.state_dict()
+        state_dict = dict(state_dict)
+        pos = state_dict.get("pos_embed")
+        if pos is not None and pos.shape != own["pos_embed"].shape and pos.shape[-1] == own["pos_embed"].shape[-1]:
+            grid = backbone.img_size // backbone.patch_size
+            resized = resize_pos_embed(pos, (grid, grid), backbone.interpolate_offset, backbone.interpolate_antialias)
+            state_dict["pos_embed"] = resized.to(pos.dtype)
         mismatched = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
-        if mismatched:
-            detail = ", ".join(f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched[:4])
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        if mismatched or missing or unexpected:
+            shapes = ", ".join(f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched[:4])
             raise ValueError(
-                f"student.pretrained_weights do not fit the configured backbone ({detail}). For another image size, "
-                "resize the position grid first: python scripts/modify_ckpt_highres.py --checkpoint-path IN "
-                "--output-path OUT --target-img-size <crops.global_crops_size>"
+                f"student.pretrained_weights do not fit the configured backbone: shape mismatches [{shapes}], "
+                f"missing keys {missing[:8]}, unexpected keys {unexpected[:8]}; the checkpoint is for another "
+                "architecture than student.arch/embed_dim/depth/patch_size/ffn_layer"
             )
-        missing, unexpected = self.student["backbone"].load_state_dict(state_dict, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"student.pretrained_weights: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}; "
-                "the checkpoint is for another architecture than student.arch/patch_size/ffn_layer"
-            )
+        backbone.load_state_dict(state_dict)
         self.teacher["backbone"].load_state_dict(state_dict)
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -131,7 +147,7 @@ class SSLMetaArch(nn.Module):
         out = self.teacher["backbone"](global_crops, is_training=True)
         cls_logits = self.teacher["dino_head"](out["x_norm_clstoken"])
         patches = out["x_norm_patchtokens"].flatten(0, 1)[mask_indices]
-        patch_logits = self._ibot_head("teacher")(patches) if len(mask_indices) else None
+        patch_logits = self._ibot_head("teacher")(patches) if self.use_ibot else None
         use_center = self.centering == "centering"
         dino_targets = self._teacher_targets(cls_logits, teacher_temp, self.dino_center if use_center else None)
         ibot_targets = None
@@ -191,7 +207,10 @@ class SSLMetaArch(nn.Module):
         return {k: v.detach() for k, v in losses.items()}
 
     def clip_gradients(self, max_norm: float) -> dict[str, torch.Tensor]:
-        """Clip each student submodule's gradient norm separately (reference §4.2 step 4); returns the norms."""
+        """Clip each student submodule's gradient norm separately (reference §4.2 step 4); returns the norms.
+
+        Works on FSDP2-sharded (DTensor) gradients too: ``clip_grad_norm_`` then reduces the norm over the shards.
+        """
         return {
             name: nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
             for name, module in self.student.items()
@@ -199,11 +218,41 @@ class SSLMetaArch(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """EMA θ_t ← m·θ_t + (1−m)·θ_s over all three submodules."""
+        """EMA θ_t ← m·θ_t + (1−m)·θ_s over all three submodules.
+
+        With FSDP2 each rank updates its own shards (student and teacher are sharded alike); with replicated students
+        the teacher is a plain copy and takes the local replica. Every rank applies the same update, so the teacher
+        stays consistent without communication. The (teacher, student) tensor lists are paired once, at the first
+        update (after ``parallelize``), and reused: parameters keep their storage for the whole run.
+        """
+        if self._ema_pairs is None:
+            self._ema_pairs = self._pair_ema_tensors()
+        teacher_params, student_params = self._ema_pairs
+        torch._foreach_mul_(teacher_params, momentum)
+        torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
+
+    def _pair_ema_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         student = dict(self.student.named_parameters())
         teacher_params, student_params = [], []
         for name, p in self.teacher.named_parameters():
-            teacher_params.append(p)
-            student_params.append(student[name].detach())
-        torch._foreach_mul_(teacher_params, momentum)
-        torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
+            t_local, s_local = _local_tensor(p), _local_tensor(student[name].detach())
+            if t_local.shape != s_local.shape:
+                raise RuntimeError(
+                    f"teacher and student parameter {name} are sharded differently (local shapes "
+                    f"{tuple(t_local.shape)} vs {tuple(s_local.shape)}); give compute_precision.teacher and "
+                    "compute_precision.student the same sharding strategies"
+                )
+            teacher_params.append(t_local)
+            student_params.append(s_local)
+        return teacher_params, student_params
+
+    def _apply(self, fn, recurse: bool = True):
+        self._ema_pairs = None  # .to() / .cuda() may replace parameter storage
+        return super()._apply(fn, recurse)
+
+
+def _local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard (or replica) of a DTensor, the tensor itself otherwise; in-place updates reach the DTensor."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

@@ -3,11 +3,17 @@
 Owns the loop of reference §4.2: schedules → forward/backward → per-submodule clipping → AdamW step → EMA teacher,
 with a progress line, ``training_metrics.json``, resumable checkpoints every ``train.saveckp_freq`` epochs of
 ``train.OFFICIAL_EPOCH_LENGTH`` iterations (and on SIGTERM/SIGUSR1), and release-format teacher exports.
+
+The same command runs as one process, under ``torchrun`` or as SLURM tasks (:mod:`franca.distributed` detects which):
+the model goes through :func:`franca.parallel.parallelize` (FSDP2 / DDP / compile / activation checkpointing), each
+rank reads its slice of the world-size-independent global batch, logged losses are averaged over ranks, rank 0 alone
+writes metrics, plots and teacher exports, and a stop signal on any rank leads every rank to one collective
+checkpoint. KoLeo stays per rank (as the original, reference §10 item 6); the iBOT loss is normalised per rank by the
+rank's 2B global crops (reference §3.4), and gradients are averaged over ranks, so it equals the single-process loss
+on the concatenated batch when the masks are the same.
 """
 
 import argparse
-import math
-import os
 import random
 import signal
 import sys
@@ -16,14 +22,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from franca.checkpoint import Checkpointer, export_teacher
+from franca.checkpoint import TrainingCheckpointer, latest_checkpoint, restore_rng_state, save_teacher_release
+from franca.checkpoint.release import teacher_export_path
 from franca.config import apply_scaling_rules, load_config, save_config
 from franca.data.augmentations import DataAugmentationDINO
 from franca.data.collate import MaskingCollator
+from franca.data.datasets import WebDatasetShards, make_webdataset_train_loader
 from franca.data.loaders import make_dataset, make_train_data_loader
 from franca.data.masking import build_mask_generator
+from franca.distributed import (
+    all_reduce_mean,
+    any_rank,
+    barrier,
+    destroy_distributed,
+    init_distributed,
+    is_main_process,
+    setup_rank_output,
+)
+from franca.parallel import parallelize
 from franca.train.param_groups import apply_optim_schedule, fuse_params_groups, get_params_groups
 from franca.train.schedules import build_schedules
 from franca.train.ssl_meta_arch import SSLMetaArch, resolve_autocast_dtype
@@ -44,16 +63,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def setup_run(args: argparse.Namespace) -> DictConfig:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RuntimeError(
-            f"WORLD_SIZE={os.environ['WORLD_SIZE']}: multi-process training is not available in this version of "
-            "franca.train; run one process (python -m franca.train ...)"
-        )
+    """Join the process group (if launched with several), build the config, write it (rank 0), route printing."""
+    env, _ = init_distributed()
     cfg = load_config(args.config_file, list(args.opts))
     cfg.train.output_dir = str(args.output_dir)
-    apply_scaling_rules(cfg, world_size=1)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    save_config(cfg, Path(args.output_dir) / "config.yaml")
+    apply_scaling_rules(cfg, world_size=env.world_size)
+    if env.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(args.output_dir) / "config.yaml")
+    barrier()
+    setup_rank_output(args.output_dir, env.rank, env.world_size)
     return cfg
 
 
@@ -74,7 +93,7 @@ def build_optimizer(cfg: DictConfig, model: SSLMetaArch, device: torch.device) -
     return torch.optim.AdamW(fuse_params_groups(groups), betas=betas, **fast)
 
 
-def build_data(cfg: DictConfig, start_iteration: int, device: torch.device):
+def build_data(cfg: DictConfig, start_iteration: int, rank: int = 0, world_size: int = 1):
     transform = DataAugmentationDINO(
         cfg.crops.global_crops_scale,
         cfg.crops.local_crops_scale,
@@ -93,8 +112,10 @@ def build_data(cfg: DictConfig, start_iteration: int, device: torch.device):
             (grid, grid), cfg.train.use_block_masking, cfg.train.use_inverse_block, cfg.train.roll
         ),
         seed=cfg.train.seed,
+        rank=rank,
     )
-    loader = make_train_data_loader(
+    make_loader = make_webdataset_train_loader if isinstance(dataset, WebDatasetShards) else make_train_data_loader
+    loader = make_loader(
         dataset,
         transform,
         collate,
@@ -102,8 +123,15 @@ def build_data(cfg: DictConfig, start_iteration: int, device: torch.device):
         seed=cfg.train.seed,
         start_iteration=start_iteration,
         num_workers=cfg.train.num_workers,
+        rank=rank,
+        world_size=world_size,
     )
     return dataset, loader
+
+
+def _describe_size(dataset) -> str:
+    size = dataset.num_samples if isinstance(dataset, WebDatasetShards) else len(dataset)
+    return "a stream of unknown length" if size is None else f"{size} images"
 
 
 def move_batch(batch: dict, device: torch.device) -> dict:
@@ -138,30 +166,78 @@ def _format_losses(losses: dict[str, float]) -> str:
     return " ".join(f"{k.replace('_crops', '').replace('_loss', '')} {v:.4f}" for k, v in losses.items())
 
 
-def _check_finite(losses: dict[str, float], iteration: int, checkpointer: Checkpointer) -> None:
-    bad = [k for k, v in losses.items() if not math.isfinite(v)]
-    if bad:
-        last = checkpointer.last()
+class NonFiniteTracker:
+    """Remembers, on the device and without a host sync, which loss terms went non-finite and since when.
+
+    The trainer reads it at log and checkpoint iterations (:meth:`check`), so a bad step is reported with its term and
+    first iteration, and no checkpoint is ever written after one.
+    """
+
+    def __init__(self):
+        self.bad: dict[str, torch.Tensor] = {}
+        self.first: torch.Tensor | None = None
+
+    def update(self, losses: dict[str, torch.Tensor], iteration: int) -> None:
+        for name, value in losses.items():
+            flag = ~torch.isfinite(value)
+            self.bad[name] = flag if name not in self.bad else self.bad[name] | flag
+        any_bad = torch.stack(list(self.bad.values())).any()
+        if self.first is None:
+            self.first = torch.full((), -1, dtype=torch.long, device=any_bad.device)
+        self.first = torch.where((self.first < 0) & any_bad, iteration, self.first)
+
+    def check(self, losses: dict[str, float], iteration: int, checkpoint_dir: Path) -> None:
+        bad = [name for name, flag in self.bad.items() if bool(flag)]
+        if not any_rank(bool(bad)):
+            return
+        last = latest_checkpoint(checkpoint_dir)
+        where = (
+            f"{', '.join(f'{k}={losses.get(k)}' for k in bad)} since iteration {int(self.first)}"
+            if bad
+            else "on another rank"
+        )
         raise NonFiniteLossError(
-            f"non-finite loss at iteration {iteration}: {', '.join(f'{k}={losses[k]}' for k in bad)}. "
-            f"The last good checkpoint is {last or 'none (no checkpoint written yet)'}; lower optim.base_lr, raise "
-            "optim.warmup_epochs, or use compute_precision.dtype=bf16/fp32, then restart the same command to resume"
+            f"non-finite loss by iteration {iteration}: {where}. The last good checkpoint is "
+            f"{last or 'none (no checkpoint written yet)'}; lower optim.base_lr, raise optim.warmup_epochs, or use "
+            "compute_precision.dtype=bf16/fp32, then restart the same command to resume"
         )
 
 
-def do_train(cfg: DictConfig, resume: bool = True) -> dict:
-    """Run (or resume) the training of ``cfg`` and return the last logged metrics."""
-    out_dir = Path(cfg.train.output_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def export_teacher_collective(model: SSLMetaArch, out_dir: Path, iteration: int, block_chunks: int) -> Path:
+    """Gather the full teacher (a collective under FSDP) and write its release-format export from rank 0."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model.teacher, options=options)
+    path = teacher_export_path(out_dir, iteration)
+    if is_main_process():
+        save_teacher_release(state, model.teacher["backbone"].build_config(), path, block_chunks)
+    barrier()
+    return path
+
+
+def build_model(cfg: DictConfig, device: torch.device, world_size: int, local_world_size: int) -> SSLMetaArch:
+    """The meta-architecture, initialised alike on every rank (same seed), on ``device`` and parallelised."""
     seed_everything(cfg.train.seed)
+    model = SSLMetaArch(cfg)
+    load_pretrained(cfg, model)
+    model.to(device)
+    mode = parallelize(model, cfg, device, world_size, local_world_size)
+    model.train()
+    if world_size > 1:
+        print(f"data parallel: {mode} over {world_size} processes", flush=True)
+    return model
+
+
+def do_train(cfg: DictConfig, resume: bool = True) -> dict:
+    """Run (or resume) the training of ``cfg`` and return the last logged metrics (on every rank)."""
+    out_dir = Path(cfg.train.output_dir)
+    env, device = init_distributed()
+    rank, world_size = env.rank, env.world_size
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    model = SSLMetaArch(cfg)
-    load_pretrained(cfg, model)
-    model.to(device)
-    model.train()
+    model = build_model(cfg, device, world_size, env.local_world_size)
+    seed_everything(cfg.train.seed + rank)
     optimizer = build_optimizer(cfg, model, device)
     autocast_dtype = resolve_autocast_dtype(cfg.compute_precision.dtype, device)
     use_scaler = autocast_dtype == torch.float16 and cfg.compute_precision.grad_scaler
@@ -173,39 +249,44 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
     eval_period = cfg.evaluation.eval_period_iterations
     block_chunks = cfg.student.block_chunks
 
-    checkpointer = Checkpointer(out_dir, keep=cfg.train.keep_checkpoints)
+    checkpointer = TrainingCheckpointer(out_dir, keep=cfg.train.keep_checkpoints)
     start = 0
-    state = checkpointer.load() if resume else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        start = state["iteration"]
-        print(f"resuming from {checkpointer.last()} at iteration {start}", flush=True)
+    last = checkpointer.last() if resume else None
+    loaded = checkpointer.load(last, model, optimizer) if last is not None else None
+    if loaded is not None:
+        if scaler is not None and loaded.scaler is not None:
+            scaler.load_state_dict(loaded.scaler)
+        start = loaded.iteration
+        print(f"resuming from {loaded.path} at iteration {start}", flush=True)
 
     def save(iteration: int) -> None:
-        extra = {"scaler": scaler.state_dict()} if scaler is not None else {}
-        checkpointer.save(iteration, model=model.state_dict(), optimizer=optimizer.state_dict(), **extra)
+        checkpointer.save(iteration, model, optimizer, scaler, OmegaConf.to_yaml(cfg))
 
-    dataset, loader = build_data(cfg, start, device)
-    if state is not None:
-        from franca.checkpoint import restore_rng_state
-
-        restore_rng_state(state["rng"])
-    metrics = MetricsWriter(out_dir / "training_metrics.json", resume_iteration=start)
-    tb = _tensorboard(out_dir)
+    dataset, loader = build_data(cfg, start, rank, world_size)
+    if loaded is not None and loaded.rng is not None:
+        restore_rng_state(loaded.rng)
+    elif loaded is not None:
+        seed_everything(cfg.train.seed + rank + start * world_size)
+        print(
+            f"checkpoint saved by {loaded.saved_world_size} process(es), resumed by {world_size}: random states "
+            f"(stochastic depth) are reseeded with train.seed + rank + iteration * world_size",
+            flush=True,
+        )
+    main_process = is_main_process()
+    metrics = MetricsWriter(out_dir / "training_metrics.json", resume_iteration=start) if main_process else None
+    tb = _tensorboard(out_dir) if main_process else None
     stop = StopRequest()
-    images_per_iteration = cfg.train.batch_size_per_gpu
+    images_per_iteration = cfg.train.batch_size_per_gpu * world_size
     progress = Progress("Training", max_iter, start)
     print(
-        f"training {cfg.student.arch}/{cfg.student.patch_size} on {cfg.train.dataset_path} ({len(dataset)} images) "
-        f"for {max_iter} iterations, batch {cfg.train.batch_size_per_gpu}, lr {cfg.optim.lr:.3g}, device {device}, "
-        f"dtype {autocast_dtype or torch.float32}",
+        f"training {cfg.student.arch}/{cfg.student.patch_size} on {cfg.train.dataset_path} ({_describe_size(dataset)}) "
+        f"for {max_iter} iterations, batch {cfg.train.batch_size_per_gpu} x {world_size} process(es), "
+        f"lr {cfg.optim.lr:.3g}, device {device}, dtype {autocast_dtype or torch.float32}",
         flush=True,
     )
 
     last_record: dict = {}
+    nonfinite = NonFiniteTracker()
     window_start, window_iters = time.perf_counter(), 0
     data_iter = iter(loader)
     for iteration in range(start, max_iter):
@@ -228,14 +309,16 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
         else:
             optimizer.step()
         model.update_teacher(mom)
+        nonfinite.update(losses, iteration)
         window_iters += 1
         done = iteration + 1
 
+        stopping = any_rank(stop.signal is not None) if world_size > 1 else stop.signal is not None
         log_now = done % cfg.train.log_period == 0 or done == max_iter or done == start + 1
-        save_now = done % ckpt_period == 0 or done == max_iter or stop.signal is not None
+        save_now = done % ckpt_period == 0 or done == max_iter or stopping
         if log_now or save_now:
-            values = {k: float(v) for k, v in losses.items()}
-            _check_finite(values, iteration, checkpointer)
+            values = all_reduce_mean({k: float(v) for k, v in losses.items()})
+            nonfinite.check(values, iteration, out_dir / "checkpoints")
         if log_now:
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -252,31 +335,33 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
                 "iter_time": iter_time,
                 "data_time": data_time,
             }
-            metrics.write(record)
             last_record = record
-            if tb is not None:
-                for k, v in record.items():
-                    tb.add_scalar(k, v, iteration)
-            mem = f" mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GiB" if device.type == "cuda" else ""
-            progress.print(
-                done,
-                f"loss {record['total_loss']:.4f} ({_format_losses(values)}) lr {lr:.2e} "
-                f"{images_per_iteration / iter_time:.1f} img/s{mem}",
-            )
+            if main_process:
+                metrics.write(record)
+                if tb is not None:
+                    for k, v in record.items():
+                        tb.add_scalar(k, v, iteration)
+                mem = f" mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GiB" if device.type == "cuda" else ""
+                progress.print(
+                    done,
+                    f"loss {record['total_loss']:.4f} ({_format_losses(values)}) lr {lr:.2e} "
+                    f"{images_per_iteration / iter_time:.1f} img/s{mem}",
+                )
             window_start, window_iters = time.perf_counter(), 0
         if eval_period and done % eval_period == 0 and done != max_iter:
-            export_teacher(model.teacher, out_dir, iteration, block_chunks)
+            export_teacher_collective(model, out_dir, iteration, block_chunks)
         if save_now:
             save(done)
-        if stop.signal is not None and done != max_iter:
+        if stopping and done != max_iter:
             print(f"stopped at iteration {done}; run the same command again to resume", flush=True)
-            raise SystemExit(128 + stop.signal)
+            raise SystemExit(128 + (stop.signal or signal.SIGTERM))
 
-    final = export_teacher(model.teacher, out_dir, max_iter - 1, block_chunks)
+    final = export_teacher_collective(model, out_dir, max_iter - 1, block_chunks)
     print(f"teacher exported to {final}", flush=True)
-    if tb is not None:
-        tb.close()
-    _write_loss_plot(out_dir)
+    if main_process:
+        if tb is not None:
+            tb.close()
+        _write_loss_plot(out_dir)
     return last_record
 
 
@@ -299,9 +384,13 @@ def _write_loss_plot(out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Entry point for ``python -m franca.train``, torchrun workers and SLURM tasks alike."""
     args = get_args_parser().parse_args(argv)
-    cfg = setup_run(args)
-    return do_train(cfg, resume=not args.no_resume)
+    try:
+        cfg = setup_run(args)
+        return do_train(cfg, resume=not args.no_resume)
+    finally:
+        destroy_distributed()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,121 @@
+"""Consolidate a training checkpoint into release files, on one CPU process without a process group.
+
+``python -m franca.checkpoint.consolidate RUN_DIR OUT [--iteration N]``
+
+Reads the latest (or the given iteration's) checkpoint of ``RUN_DIR/checkpoints`` — a DCP folder written by any
+number of ranks, or a single-process ``model_*.pth`` — and writes into the folder ``OUT``:
+
+* ``teacher_checkpoint.pth``: the teacher in the release format ``{"teacher": ..., "backbone_config": ...}``
+  (as :func:`franca.checkpoint.release.export_teacher`), loadable by the hub and the original code;
+* ``backbone/``: the teacher backbone as a safetensors folder (:func:`franca.export.safetensors.export_safetensors`).
+
+Only the teacher's tensors are read from a DCP folder (not the student nor the optimizer).
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from omegaconf import DictConfig, OmegaConf
+
+from franca.checkpoint.distributed import TRAIN_STATE_FILE, list_checkpoints
+from franca.checkpoint.release import save_teacher_release
+
+TEACHER_PREFIX = "teacher."
+
+
+def find_checkpoint(run_dir: str | os.PathLike, iteration: int | None = None) -> Path:
+    """The newest checkpoint of ``run_dir`` (or the one saved to resume at ``iteration``)."""
+    found = list_checkpoints(Path(run_dir) / "checkpoints")
+    if not found:
+        raise FileNotFoundError(f"no training checkpoint under {Path(run_dir) / 'checkpoints'}; is it a run dir?")
+    if iteration is None:
+        return found[-1][1]
+    matching = [path for it, path in found if it == iteration]
+    if not matching:
+        raise FileNotFoundError(
+            f"no checkpoint for iteration {iteration} in {run_dir}; available: {', '.join(str(it) for it, _ in found)}"
+        )
+    return matching[0]
+
+
+def _dcp_teacher_state(path: Path) -> dict[str, torch.Tensor]:
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    prefix = "model." + TEACHER_PREFIX
+    state = {
+        key[len("model.") :]: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and hasattr(meta, "size")
+    }
+    if not state:
+        raise ValueError(f"DCP checkpoint {path} holds no {prefix}* tensors; it is not a franca training checkpoint")
+    wrapped = {"model": state}
+    dcp.load(wrapped, checkpoint_id=str(path), no_dist=True)
+    return {key[len(TEACHER_PREFIX) :]: tensor for key, tensor in wrapped["model"].items()}
+
+
+def load_teacher_state(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The teacher ModuleDict state dict of a checkpoint, and the config YAML stored with it (DCP only)."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        train_state = torch.load(path / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+        return _dcp_teacher_state(path), train_state.get("config") or None
+    model = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    teacher = {k[len(TEACHER_PREFIX) :]: v for k, v in model.items() if k.startswith(TEACHER_PREFIX)}
+    if not teacher:
+        raise ValueError(f"checkpoint {path} holds no teacher.* weights; it is not a franca training checkpoint")
+    return teacher, None
+
+
+def _run_config(run_dir: Path, stored_yaml: str | None) -> DictConfig:
+    if stored_yaml:
+        return OmegaConf.create(stored_yaml)
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the run's config is needed to rebuild the teacher")
+    return OmegaConf.load(path)
+
+
+def consolidate(run_dir: str | os.PathLike, out_dir: str | os.PathLike, iteration: int | None = None) -> Path:
+    """Write ``OUT/teacher_checkpoint.pth`` and ``OUT/backbone/`` from a checkpoint of ``run_dir``; returns OUT."""
+    from franca.export.safetensors import export_safetensors
+    from franca.train.ssl_meta_arch import build_model_dict
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    checkpoint = find_checkpoint(run_dir, iteration)
+    state, stored_yaml = load_teacher_state(checkpoint)
+    cfg = _run_config(run_dir, stored_yaml)
+    teacher = build_model_dict(cfg, drop_path=False)
+    teacher.load_state_dict(state)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_teacher_release(
+        state, teacher["backbone"].build_config(), out_dir / "teacher_checkpoint.pth", cfg.student.block_chunks
+    )
+    export_safetensors(teacher["backbone"], out_dir / "backbone")
+    print(f"consolidated {checkpoint} into {out_dir / 'teacher_checkpoint.pth'} and {out_dir / 'backbone'}")
+    return out_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m franca.checkpoint.consolidate", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", help="the training run's --output-dir")
+    parser.add_argument("out", help="folder for teacher_checkpoint.pth and backbone/")
+    parser.add_argument("--iteration", type=int, default=None, help="checkpoint to use (default: the latest)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        consolidate(args.run_dir, args.out, args.iteration)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
