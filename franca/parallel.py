@@ -55,7 +55,7 @@ def apply_activation_checkpointing(blocks: nn.ModuleList) -> None:
 def apply_compile(blocks: nn.ModuleList) -> None:
     """``torch.compile`` each block in place (``nn.Module.compile``: parameter names unchanged)."""
     for block in blocks:
-        block.compile()
+        block.compile(dynamic=False)
 
 
 def resolve_compile(setting: str, device: torch.device) -> bool:
