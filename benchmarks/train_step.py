@@ -18,7 +18,8 @@ iBOT heads, Sinkhorn-Knopp, KoLeo), per-submodule gradient clipping, AdamW (buil
   with device marks after teacher backbone, teacher heads + targets, student backbones, student heads + losses,
   backward and clip + AdamW + EMA, averaged over ``--steps`` steps; and the counted FLOPs of each phase (one eager
   instrumented step under ``FlopCounterMode``; they sum to the FLOPs per step).
-- ``--compile``: ``torch.compile`` on every transformer block of both backbones (``block.compile(dynamic=False)``: one graph per crop resolution and batch size).
+- ``--compile``: ``torch.compile`` on every transformer block of both backbones (``block.compile(dynamic=False)``:
+  one graph per crop resolution and batch size).
 
 Results are merged into ``OUT/train_step.json`` (one record per config × batch × mode × dtype × data, written
 atomically after each run), and a Markdown table of every record in it is printed last. ``--results-md FILE``

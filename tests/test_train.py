@@ -207,7 +207,13 @@ def test_quickstart_runs_end_to_end_in_short_form(tmp_path, capsys):
             "FashionMNIST:root=bundled:split=test",
         ]
     )
-    assert set(record["knn"]) == {"raw pixels", "random-init ViT", "Franca (pretrained)"}
+    assert set(record["knn"]) == {
+        "raw pixels",
+        "random-init ViT, CLS",
+        "random-init ViT, mean patch",
+        "Franca, CLS",
+        "Franca, mean patch",
+    }
     for by_k in record["knn"].values():
         assert 0 <= by_k["20"]["top1"] <= 100
     assert record["knn"]["raw pixels"]["20"]["top1"] > 50  # real photos: raw-pixel k-NN is far above chance
