@@ -113,8 +113,20 @@ def test_masking_collator_seeds_masks_by_iteration():
     assert torch.equal(first["collated_masks"], again["collated_masks"])
     assert not torch.equal(first["collated_masks"], other["collated_masks"])
     assert first["iteration"] == 7 and first["sample_indices"].tolist() == list(range(6))
-    other_rank = MaskingCollator(CyclicMask(GRID), N_TOKENS, seed=3, rank=1)(make_samples(6, iteration=7))
-    assert not torch.equal(first["collated_masks"], other_rank["collated_masks"])
+
+
+def test_masks_do_not_depend_on_the_world_size():
+    """Two ranks of 3 samples each get exactly the rows one rank of 6 samples gets (crop-major within each rank)."""
+    whole = MaskingCollator(CyclicMask(GRID), N_TOKENS, seed=3)(make_samples(6, iteration=7))["collated_masks"]
+    parts = [
+        MaskingCollator(CyclicMask(GRID), N_TOKENS, seed=3, rank=r, world_size=2)(make_samples(3, iteration=7))
+        for r in range(2)
+    ]
+    for rank, part in enumerate(parts):
+        expected = torch.cat([whole[crop * 6 + rank * 3 : crop * 6 + rank * 3 + 3] for crop in range(2)])
+        assert torch.equal(part["collated_masks"], expected)
+        assert part["upperbound"] >= int(part["collated_masks"].sum())
+    assert not torch.equal(parts[0]["collated_masks"], parts[1]["collated_masks"])
 
 
 def test_masking_collator_refuses_mixed_iterations_and_missing_keys():

@@ -27,23 +27,31 @@ def _stratified_masks(
     mask_probability: float,
     mask_generator: BlockMask,
     rng: np.random.Generator,
-) -> tuple[torch.Tensor, int]:
-    """Masks for ``n_images`` images: int(n_images·p) of them get ratios stratified over (r_min, r_max), the rest none.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks [n_images, N] and per-image upper bounds [n_images]: int(n_images·p) images get ratios stratified over
+    (r_min, r_max), the rest none.
 
-    Image i < n_masked gets int(N·U(r_i, r_{i+1})) masked patches with r = linspace(r_min, r_max, n_masked + 1);
-    ``upperbound`` = Σ int(N·r_{i+1}) bounds the total. The image order is then shuffled (reference §4.5).
+    Image i < n_masked gets int(N·U(r_i, r_{i+1})) masked patches with r = linspace(r_min, r_max, n_masked + 1) and the
+    bound int(N·r_{i+1}); the image order is then shuffled (reference §4.5).
     """
     n_tokens = mask_generator.num_patches
     n_masked_images = int(n_images * mask_probability)
     ratios = np.linspace(mask_ratio_tuple[0], mask_ratio_tuple[1], n_masked_images + 1)
-    masks, upperbound = [], 0
+    masks, bounds = [], []
     for i in range(n_masked_images):
         num_masked = int(n_tokens * rng.uniform(ratios[i], ratios[i + 1]))
         masks.append(mask_generator(num_masked, rng).flatten())
-        upperbound += int(n_tokens * ratios[i + 1])
+        bounds.append(int(n_tokens * ratios[i + 1]))
     masks += [torch.zeros(n_tokens, dtype=torch.bool)] * (n_images - n_masked_images)
-    order = rng.permutation(n_images)
-    return torch.stack([masks[i] for i in order]), upperbound
+    bounds += [0] * (n_images - n_masked_images)
+    order = torch.from_numpy(rng.permutation(n_images))
+    return torch.stack(masks)[order], torch.tensor(bounds, dtype=torch.long)[order]
+
+
+def _rank_rows(n_crops: int, batch_size: int, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's rows of the global crop-major image list [crop c of global sample j] = c·(B·W) + j."""
+    local = torch.arange(batch_size) + rank * batch_size
+    return torch.cat([crop * batch_size * world_size + local for crop in range(n_crops)])
 
 
 def collate_data_and_cast(
@@ -54,8 +62,14 @@ def collate_data_and_cast(
     mask_generator: BlockMask,
     dtype: torch.dtype,
     rng: np.random.Generator,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, Any]:
     """Stacks crops crop-major, casts them to ``dtype`` and draws the masks of the global crops (reference §4.5).
+
+    The masks are drawn for the global batch of ``world_size`` ranks (this rank's B samples being global samples
+    rank·B … rank·B + B − 1) and this rank keeps its rows, so the masks of an iteration do not depend on the world
+    size: a run resumed on another number of processes continues with the same masks.
 
     Returns ``collated_global_crops`` [G·B, 3, S, S], ``collated_local_crops`` [L·B, 3, s, s], ``collated_masks``
     [G·B, N] bool, ``mask_indices_list`` (flat indices into G·B·N), ``masks_weight`` (1 / #masked of the token's
@@ -76,7 +90,14 @@ def collate_data_and_cast(
         raise ValueError(f"mask_probability={mask_probability} must be in [0, 1]")
     global_crops = _stack_crop_major(samples, "global_crops")
     local_crops = _stack_crop_major(samples, "local_crops")
-    masks, upperbound = _stratified_masks(len(global_crops), (r_min, r_max), mask_probability, mask_generator, rng)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    n_global_crops = len(global_crops) // len(samples)
+    all_masks, all_bounds = _stratified_masks(
+        len(global_crops) * world_size, (r_min, r_max), mask_probability, mask_generator, rng
+    )
+    rows = _rank_rows(n_global_crops, len(samples), rank, world_size)
+    masks, upperbound = all_masks[rows], int(all_bounds[rows].sum())
     mask_indices = masks.flatten().nonzero().flatten()
     masked_per_image = masks.sum(dim=-1, keepdim=True).clamp(min=1).to(torch.float32)
     masks_weight = (1.0 / masked_per_image).expand_as(masks)[masks]
@@ -94,11 +115,11 @@ def collate_data_and_cast(
 
 @dataclass
 class MaskingCollator:
-    """The training collate: :func:`collate_data_and_cast` with masks seeded by (seed, iteration, rank).
+    """The training collate: :func:`collate_data_and_cast` with the global batch's masks seeded by (seed, iteration).
 
-    The iteration is read from the samples' :class:`~franca.data.samplers.SampleKey`, so the masks of a batch do not
-    depend on the worker that built it nor on whether the run was resumed. The rank enters the seed so that ranks
-    draw different masks for the same iteration.
+    The iteration is read from the samples' :class:`~franca.data.samplers.SampleKey`, so the masks of a batch depend
+    neither on the worker that built it, nor on whether the run was resumed, nor on the world size; each rank keeps
+    its own rows of the global draw.
     """
 
     mask_generator: BlockMask
@@ -108,6 +129,7 @@ class MaskingCollator:
     dtype: torch.dtype = torch.float32
     seed: int = 0
     rank: int = 0
+    world_size: int = 1
 
     def __call__(self, samples: Sequence[Sequence[Any]]) -> dict[str, Any]:
         keys = [sample[2] if len(sample) > 2 else None for sample in samples]
@@ -120,9 +142,17 @@ class MaskingCollator:
         if len(iterations) != 1:
             raise ValueError(f"one batch mixes samples of iterations {sorted(iterations)}; batches must not straddle")
         iteration = iterations.pop()
-        rng = np.random.default_rng([self.seed, iteration, self.rank])
+        rng = np.random.default_rng([self.seed, iteration])
         batch = collate_data_and_cast(
-            samples, self.mask_ratio_tuple, self.mask_probability, self.n_tokens, self.mask_generator, self.dtype, rng
+            samples,
+            self.mask_ratio_tuple,
+            self.mask_probability,
+            self.n_tokens,
+            self.mask_generator,
+            self.dtype,
+            rng,
+            self.rank,
+            self.world_size,
         )
         batch["iteration"] = iteration
         batch["sample_indices"] = torch.tensor([key.index for key in keys], dtype=torch.long)

@@ -83,7 +83,7 @@ def make_train_data_loader(
     """An infinite loader whose k-th batch is iteration ``start_iteration + k`` of the run (see :mod:`samplers`).
 
     Samples are ``(transform(image), target, SampleKey)`` with augmentations seeded by (seed, pass, index); give a
-    :class:`franca.data.collate.MaskingCollator` as ``collate`` to seed the masks by (seed, iteration, rank). Workers
+    :class:`franca.data.collate.MaskingCollator` as ``collate`` to seed the masks by (seed, iteration). Workers
     are persistent; memory is pinned when CUDA is available (unless ``pin_memory`` says otherwise). The loader draws
     nothing from the caller's global RNGs.
     """

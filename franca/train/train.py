@@ -113,6 +113,7 @@ def build_data(cfg: DictConfig, start_iteration: int, rank: int = 0, world_size:
         ),
         seed=cfg.train.seed,
         rank=rank,
+        world_size=world_size,
     )
     make_loader = make_webdataset_train_loader if isinstance(dataset, WebDatasetShards) else make_train_data_loader
     loader = make_loader(
