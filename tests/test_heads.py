@@ -193,3 +193,25 @@ def test_build_head_rejects_bad_settings(kwargs, message):
     options = {"in_dim": 32, "out_dim": 64, "hidden_dim": 16, "bottleneck_dim": 8, "nlayers": 3} | kwargs
     with pytest.raises(ValueError, match=message):
         build_head(**options)
+
+
+def test_l2_normalised_matryoshka_levels_are_dinov2_heads():
+    """With l2_norm=True each level is Linear-GELU-Linear-GELU-Linear, L2 norm, weight-normed prototypes (float64)."""
+    torch.manual_seed(0)
+    head = MatryoshkaHead(32, 64, hidden_dim=16, bottleneck_dim=8, nlayers=3, nesting_list=[8, 32], l2_norm=True)
+    head = head.double()
+    x = torch.randn(5, 32, dtype=torch.float64)
+    outputs = head(x)
+    for level, d in enumerate([8, 32]):
+        proj_w = head.matryoshka_projections[level].weight
+        proj_b = head.matryoshka_projections[level].bias
+        h = x[:, :d] @ proj_w.T + proj_b
+        mlp = head.mlps[level]
+        h = torch.nn.functional.gelu(h @ mlp[0].weight.T + mlp[0].bias)
+        h = torch.nn.functional.gelu(h @ mlp[2].weight.T + mlp[2].bias)
+        h = h @ mlp[4].weight.T + mlp[4].bias  # no GELU after the bottleneck
+        h = h / h.norm(dim=1, keepdim=True)
+        last = head.last_layers[level]
+        weight = last.weight_g * last.weight_v / last.weight_v.norm(dim=1, keepdim=True)
+        assert torch.allclose(outputs[level], h @ weight.T, atol=1e-12)
+    assert len(head.mlps[0]) == 5

@@ -109,10 +109,12 @@ class MatryoshkaHead(nn.Module):
 
     Branch l reads ``x[..., :d_l]`` (``input_mode="slice"``, the paper and release v1.1) or all of x
     (``"project"``, release v1.0.0), applies ``matryoshka_projections.{l}`` → d_l, ``mlps.{l}`` (GELU after the
-    bottleneck too) and the weight-normed ``last_layers.{l}`` with K_l = int(K·d_l/D) prototypes. As in the original
-    there is no L2 normalisation before the prototypes unless ``l2_norm=True``: without it the initial logits scale
-    with the width (std ~1e-4 for D=128 heads), so small models sit at uniform targets for long; with it each level's
-    logits are cosine similarities, as in DINOv2's head. ``forward`` returns one [*, K_l] tensor per level.
+    bottleneck too) and the weight-normed ``last_layers.{l}`` with K_l = int(K·d_l/D) prototypes, as the original.
+    ``l2_norm=True`` makes each level a DINOv2 head instead: no GELU after the bottleneck, and the bottleneck
+    L2-normalised before the prototypes. The original form starts with logits that scale with the width (std ~1e-4 for
+    a D=128 head) and can collapse to exactly uniform predictions (a bottleneck driven into GELU's flat negative side
+    gives zero logits, zero gradient); the DINOv2 form gives every level cosine logits. ``forward`` returns one [*, K_l]
+    tensor per level.
     """
 
     def __init__(
@@ -147,7 +149,7 @@ class MatryoshkaHead(nn.Module):
             nn.Linear(d_in, d) for d_in, d in zip(projection_in, nesting_list, strict=True)
         )
         self.mlps = nn.ModuleList(
-            build_mlp(d, hidden_dim, bottleneck_dim, nlayers, gelu_after_bottleneck=True) for d in nesting_list
+            build_mlp(d, hidden_dim, bottleneck_dim, nlayers, gelu_after_bottleneck=not l2_norm) for d in nesting_list
         )
         self.last_layers = nn.ModuleList(WeightNormLinear(bottleneck_dim, k) for k in out_dims)
         self.reset_parameters()
