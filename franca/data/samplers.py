@@ -30,6 +30,16 @@ def pass_permutation(dataset_size: int, seed: int, pass_index: int) -> torch.Ten
     return torch.randperm(dataset_size, generator=torch.Generator().manual_seed(pass_seed))
 
 
+def check_stream_settings(batch_size_per_rank: int, seed: int, start_iteration: int, rank: int, world_size: int):
+    """The settings every training stream (map-style sampler or shard stream) shares, checked once."""
+    if batch_size_per_rank < 1:
+        raise ValueError(f"batch_size_per_rank={batch_size_per_rank} must be >= 1")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    if seed < 0 or start_iteration < 0:
+        raise ValueError(f"seed={seed} and start_iteration={start_iteration} must be >= 0")
+
+
 class InfiniteSampleKeySampler(Sampler[SampleKey]):
     """Yields rank ``rank``'s sample keys, ``batch_size_per_rank`` per iteration, from ``start_iteration`` on."""
 
@@ -44,12 +54,7 @@ class InfiniteSampleKeySampler(Sampler[SampleKey]):
     ):
         if dataset_size < 1:
             raise ValueError(f"dataset_size={dataset_size}: the training dataset is empty")
-        if batch_size_per_rank < 1:
-            raise ValueError(f"batch_size_per_rank={batch_size_per_rank} must be >= 1")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        if seed < 0 or start_iteration < 0:
-            raise ValueError(f"seed={seed} and start_iteration={start_iteration} must be >= 0")
+        check_stream_settings(batch_size_per_rank, seed, start_iteration, rank, world_size)
         self.dataset_size = dataset_size
         self.batch_size_per_rank = batch_size_per_rank
         self.seed = seed

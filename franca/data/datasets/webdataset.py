@@ -51,7 +51,7 @@ from franca.data.datasets.base import (
 )
 from franca.data.datasets.registry import register_dataset
 from franca.data.datasets.seeded_transform import seeded_global_rngs
-from franca.data.samplers import SampleKey, pass_permutation
+from franca.data.samplers import SampleKey, check_stream_settings, pass_permutation
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 # Sample ids are shard_id · 2**24 + index in shard: unique per image, independent of the rank/worker split.
@@ -347,12 +347,7 @@ class WebDatasetTrainStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
     ):
-        if batch_size_per_rank < 1:
-            raise ValueError(f"batch_size_per_rank={batch_size_per_rank} must be >= 1")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        if seed < 0 or start_iteration < 0:
-            raise ValueError(f"seed={seed} and start_iteration={start_iteration} must be >= 0")
+        check_stream_settings(batch_size_per_rank, seed, start_iteration, rank, world_size)
         self.shards = shards
         self.transform = transform
         self.seed = seed
