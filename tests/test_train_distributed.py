@@ -1,7 +1,9 @@
 """The trainer under ``torchrun --nproc-per-node 2`` (gloo, CPU) against one process, across resumes and SIGTERM.
 
-Comparable runs: stochastic depth off, KoLeo off (per rank by design) and no iBOT masks (the masks are drawn per rank,
-so their split differs with the world size); the global batch of 8 images is the same for every world size.
+Comparable runs: the global batch of 8 images and its iBOT masks (drawn for the global batch from (seed, iteration))
+are the same for every world size, and stochastic depth is off. KoLeo stays off: like the original, it takes each
+CLS token's nearest neighbour within the rank's own batch (docs/deviations.md), so its value, and through its gradient
+every later loss, rightly changes with the world size.
 """
 
 import json
@@ -24,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = """
 dino: {head_n_prototypes: 64, head_bottleneck_dim: 16, head_hidden_dim: 32, mrl_l2_norm: true, koleo_loss_weight: 0.0}
 ibot: {separate_head: true, head_n_prototypes: 64, head_bottleneck_dim: 16, head_hidden_dim: 32,
-       mask_sample_probability: 0.0}
+       mask_sample_probability: 0.5}
 train: {dataset_path: "FashionMNIST:root=bundled:split=train", OFFICIAL_EPOCH_LENGTH: 3, num_workers: 0,
         log_period: 1, seed: 3}
 student: {arch: vit_tiny, embed_dim: 32, depth: 2, num_heads: 2, patch_size: 4, drop_path_rate: 0.0,
@@ -34,7 +36,7 @@ optim: {epochs: 3, warmup_epochs: 1, base_lr: 0.01, freeze_last_layer_epochs: 1}
 crops: {global_crops_size: 16, local_crops_size: 8, local_crops_number: 2}
 evaluation: {eval_period_iterations: 0}
 """
-TERMS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "lr", "mom")
+TERMS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss", "lr", "mom")
 
 
 def _free_port() -> int:
