@@ -90,17 +90,40 @@ def make_train_data_loader(
     sampler = InfiniteSampleKeySampler(
         len(dataset), batch_size_per_rank, seed=seed, start_iteration=start_iteration, rank=rank, world_size=world_size
     )
-    return DataLoader(
+    return train_worker_loader(
         SeededTransformDataset(dataset, transform, seed),
-        batch_size=batch_size_per_rank,
+        batch_size_per_rank,
+        collate,
+        num_workers,
+        pin_memory,
+        prefetch_factor,
         sampler=sampler,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def train_worker_loader(
+    dataset: Dataset,
+    batch_size: int,
+    collate: Callable[[list[Any]], Any],
+    num_workers: int,
+    pin_memory: bool | None,
+    prefetch_factor: int,
+    **sampling: Any,
+) -> DataLoader:
+    """The DataLoader settings both training loaders (map-style and shards) share, kept in one place: persistent
+    workers that ignore stop signals, memory pinned when CUDA is available. ``sampling`` passes the loader's own
+    ``sampler`` and ``generator``, if any."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
         collate_fn=collate,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=num_workers > 0,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
-        generator=torch.Generator().manual_seed(seed),
         worker_init_fn=ignore_stop_signals,
+        **sampling,
     )
 
 

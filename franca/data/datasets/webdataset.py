@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -407,20 +406,11 @@ def make_webdataset_train_loader(
         raise ValueError("give the training transform to make_webdataset_train_loader, not to the WebDatasetShards")
     if num_workers < 0:
         raise ValueError(f"num_workers={num_workers} must be >= 0")
-    from franca.data.loaders import ignore_stop_signals  # not at the top: loaders imports the datasets package
+    from franca.data.loaders import train_worker_loader  # not at the top: loaders imports the datasets package
 
     dataset.check_stream_count(world_size * max(1, num_workers))
     stream = WebDatasetTrainStream(dataset, transform, seed, batch_size_per_rank, start_iteration, rank, world_size)
-    return DataLoader(
-        stream,
-        batch_size=batch_size_per_rank,
-        collate_fn=collate,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        persistent_workers=num_workers > 0,
-        prefetch_factor=prefetch_factor if num_workers > 0 else None,
-        worker_init_fn=ignore_stop_signals,
-    )
+    return train_worker_loader(stream, batch_size_per_rank, collate, num_workers, pin_memory, prefetch_factor)
 
 
 register_dataset("WebDataset", WebDatasetShards, keys=("urls", "counts"), required_keys=("urls",))
