@@ -9,9 +9,12 @@ the padding rows into its Sinkhorn-Knopp (§10 item 2); here the targets come fr
 real rows, so padding cannot shift them.
 """
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
+from franca.loss.chunked import Chunk, TargetRows, chunk_bounds, soft_cross_entropy
 from franca.loss.dino_clstoken import level_weights_for
 
 
@@ -24,11 +27,14 @@ class IBOTPatchLoss(nn.Module):
     def forward(
         self,
         student_levels: list[torch.Tensor],
-        teacher_levels: list[torch.Tensor],
+        teacher_levels: list[torch.Tensor] | list[TargetRows],
         masks_weight: torch.Tensor,
         n_global_images: int,
     ) -> torch.Tensor:
-        """Weighted cross-entropy of the masked tokens, summed over levels; every level is [M, K_l]."""
+        """Weighted cross-entropy of the masked tokens, summed over levels; every level is [M, K_l].
+
+        Teacher levels are target tensors, or :class:`TargetRows` for the chunked path.
+        """
         weights = level_weights_for(self.level_weights, student_levels, teacher_levels)
         if n_global_images < 1:
             raise ValueError(f"n_global_images={n_global_images} must be the number of global crops on this rank")
@@ -44,7 +50,28 @@ class IBOTPatchLoss(nn.Module):
             token_weights = masks_weight.float()
             total = 0.0
             for weight, student, teacher in zip(weights, student_levels, teacher_levels, strict=True):
-                log_probs = (student.float() / self.student_temp).log_softmax(dim=-1)
-                token_losses = -(teacher.float() * log_probs).sum(dim=-1)
-                total = total + weight * (token_weights * token_losses).sum()
+                total = total + weight * self._weighted_token_loss(student, teacher, token_weights)
             return total / n_global_images
+
+    def _weighted_token_loss(
+        self, student: torch.Tensor, teacher: torch.Tensor | TargetRows, token_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Σ_m masks_weight_m · CE(T[m], S[m]) of one level; chunk by chunk when the targets are ``TargetRows``."""
+        if isinstance(teacher, TargetRows):
+            return chunked_token_cross_entropy(student, teacher, token_weights, self.student_temp)
+        log_probs = (student.float() / self.student_temp).log_softmax(dim=-1)
+        token_losses = -(teacher.float() * log_probs).sum(dim=-1)
+        return (token_weights * token_losses).sum()
+
+
+def chunked_token_cross_entropy(
+    student_logits: torch.Tensor, targets: TargetRows, token_weights: torch.Tensor, student_temp: float
+) -> torch.Tensor:
+    """Σ_m token_weights_m · CE(T[m], S[m]), targets and student softmax made ``targets.chunk_size`` rows at a time."""
+    token_weights = token_weights.float().unsqueeze(-1)
+
+    def plan() -> Iterator[Chunk]:
+        for start, stop in chunk_bounds(targets.shape[0], targets.chunk_size):
+            yield slice(start, stop), targets.rows(start, stop), token_weights[start:stop]
+
+    return soft_cross_entropy(student_logits, student_temp, plan)
