@@ -33,6 +33,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dino.mrl_input": ("slice", "project"),
     "compute_precision.dtype": ("auto", "bf16", "fp16", "fp32"),
     "compute_precision.compile": ("auto", "true", "false"),
+    "compute_precision.chunked_losses": ("auto", "true", "false"),
     "compute_precision.distributed": ("auto", "fsdp", "ddp", "none"),
     "student.arch": tuple(ARCHITECTURES),
     "student.ffn_layer": tuple(FFN_LAYERS),

@@ -7,6 +7,10 @@ One ``forward_backward`` computes the whole objective of reference §3–4.2 for
   masked patch tokens through the iBOT head; DINO loss averaged over the 2 + 2L (student crop, teacher crop) pairs and
   summed over Matryoshka levels, iBOT loss, KoLeo on the backbone CLS of each global view.
 The DINOv2 baseline is the same code with ``dino.MRL: false`` (one-level heads).
+
+``compute_precision.chunked_losses`` (auto = on CUDA) switches the targets and the DINO / iBOT cross-entropies to
+their chunked forms (``franca.loss.chunked``): the same values in exact arithmetic, without fp32 [tokens × K] tensors.
+On CPU the plain path stays the default; its numbers are the golden test's.
 """
 
 import torch
@@ -14,7 +18,16 @@ from omegaconf import DictConfig
 from torch import nn
 
 from franca.layers.heads import build_head
-from franca.loss import DINOLoss, IBOTPatchLoss, SoftmaxCentering, koleo_loss, sinkhorn_knopp
+from franca.loss import (
+    DenseTargets,
+    DINOLoss,
+    IBOTPatchLoss,
+    SoftmaxCentering,
+    TargetRows,
+    koleo_loss,
+    sinkhorn_knopp,
+    sinkhorn_knopp_streaming,
+)
 from franca.models import build_vit
 from franca.models.vision_transformer import resize_pos_embed
 
@@ -73,6 +86,19 @@ def resolve_autocast_dtype(name: str, device: torch.device) -> torch.dtype | Non
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return AUTOCAST_DTYPES[name]
+
+
+def resolve_loss_chunk_size(chunked_losses: str, chunk_size: int, device: torch.device) -> int | None:
+    """Rows per chunk of the chunked losses, or None for the plain path (``compute_precision.chunked_losses``).
+
+    auto = chunked on CUDA (where the [tokens × K] fp32 tensors cost memory and time), plain elsewhere.
+    """
+    if chunked_losses not in ("auto", "true", "false"):
+        raise ValueError(f"compute_precision.chunked_losses={chunked_losses!r}; use auto, true or false")
+    if chunk_size < 1:
+        raise ValueError(f"compute_precision.loss_chunk_size={chunk_size} must be >= 1 (rows per chunk, e.g. 256)")
+    enabled = device.type == "cuda" if chunked_losses == "auto" else chunked_losses == "true"
+    return chunk_size if enabled else None
 
 
 class SSLMetaArch(nn.Module):
@@ -134,25 +160,39 @@ class SSLMetaArch(nn.Module):
         backbone.load_state_dict(state_dict)
         self.teacher["backbone"].load_state_dict(state_dict)
 
+    def loss_chunk_size(self, device: torch.device) -> int | None:
+        """Rows per chunk of the chunked losses on ``device``, None for the plain path."""
+        precision = self.cfg.compute_precision
+        return resolve_loss_chunk_size(precision.chunked_losses, precision.loss_chunk_size, device)
+
     # ----------------------------------------------------------------------------------------------------------------
-    def _teacher_targets(self, logits: list[torch.Tensor], temp: float, center: SoftmaxCentering | None) -> list:
+    def _teacher_targets(
+        self, logits: list[torch.Tensor], temp: float, center: SoftmaxCentering | None, chunk_size: int | None = None
+    ) -> list[torch.Tensor] | list[TargetRows]:
+        """Per-level targets: tensors, or ``TargetRows`` served by chunks when ``chunk_size`` is set."""
         if center is None:
-            return [sinkhorn_knopp(t, temp) for t in logits]
+            if chunk_size is None:
+                return [sinkhorn_knopp(t, temp) for t in logits]
+            return [sinkhorn_knopp_streaming(t, temp, chunk_size=chunk_size) for t in logits]
         targets = center.targets(logits, temp)
         center.update(logits)
-        return targets
+        return targets if chunk_size is None else [DenseTargets(t, chunk_size) for t in targets]
 
     @torch.no_grad()
-    def _teacher_output(self, global_crops: torch.Tensor, mask_indices: torch.Tensor, teacher_temp: float):
+    def _teacher_output(
+        self, global_crops: torch.Tensor, mask_indices: torch.Tensor, teacher_temp: float, chunk_size: int | None
+    ):
         out = self.teacher["backbone"](global_crops, is_training=True)
         cls_logits = self.teacher["dino_head"](out["x_norm_clstoken"])
         patches = out["x_norm_patchtokens"].flatten(0, 1)[mask_indices]
         patch_logits = self._ibot_head("teacher")(patches) if self.use_ibot else None
         use_center = self.centering == "centering"
-        dino_targets = self._teacher_targets(cls_logits, teacher_temp, self.dino_center if use_center else None)
+        dino_center = self.dino_center if use_center else None
+        dino_targets = self._teacher_targets(cls_logits, teacher_temp, dino_center, chunk_size)
         ibot_targets = None
         if patch_logits is not None:
-            ibot_targets = self._teacher_targets(patch_logits, teacher_temp, self.ibot_center if use_center else None)
+            ibot_center = self.ibot_center if use_center else None
+            ibot_targets = self._teacher_targets(patch_logits, teacher_temp, ibot_center, chunk_size)
         return dino_targets, ibot_targets
 
     def compute_losses(self, batch: dict, teacher_temp: float) -> dict[str, torch.Tensor]:
@@ -165,7 +205,8 @@ class SSLMetaArch(nn.Module):
         n_global_images = global_crops.shape[0]
         n_local = self.n_local_crops
 
-        dino_targets, ibot_targets = self._teacher_output(global_crops, mask_indices, teacher_temp)
+        chunk_size = self.loss_chunk_size(global_crops.device)
+        dino_targets, ibot_targets = self._teacher_output(global_crops, mask_indices, teacher_temp, chunk_size)
 
         backbone = self.student["backbone"]
         s_global = backbone(global_crops, masks=masks, is_training=True)
