@@ -20,9 +20,12 @@ iBOT heads, Sinkhorn-Knopp, KoLeo), per-submodule gradient clipping, AdamW (buil
   instrumented step under ``FlopCounterMode``; they sum to the FLOPs per step).
 - ``--compile``: ``torch.compile`` on every transformer block of both backbones (``block.compile(dynamic=False)``:
   one graph per crop resolution and batch size).
+- ``--chunked-losses true false``: run each config with the chunked Sinkhorn-Knopp targets and DINO / iBOT
+  cross-entropies (``compute_precision.chunked_losses``) and with the plain ones; ``auto`` (default) = the trainer's
+  choice (chunked on CUDA). The chunk size is ``compute_precision.loss_chunk_size`` (an override like any other).
 
-Results are merged into ``OUT/train_step.json`` (one record per config × batch × mode × dtype × data, written
-atomically after each run), and a Markdown table of every record in it is printed last. ``--results-md FILE``
+Results are merged into ``OUT/train_step.json`` (one record per config × batch × mode × dtype × data × loss path,
+written atomically after each run), and a Markdown table of every record in it is printed last. ``--results-md FILE``
 appends that table as a dated section to FILE (only when given).
 
 Reproduce (one GPU)::
@@ -31,6 +34,9 @@ Reproduce (one GPU)::
         --batch-sizes 32 64 --breakdown --out results/perf
     python benchmarks/train_step.py --config configs/train/IN21K/vitb14.yaml --config configs/train/IN21K/vitl14.yaml \\
         --batch-sizes 32 64 --breakdown --compile --out results/perf --results-md benchmarks/RESULTS.md
+    # plain vs chunked losses, side by side
+    python benchmarks/train_step.py --config configs/train/IN21K/vitb14.yaml --config configs/train/IN21K/vitl14.yaml \\
+        --batch-sizes 32 64 --breakdown --compile --chunked-losses false true --out results/perf
     # real data: an ImageFolder of JPEGs (e.g. made by benchmarks/data_pipeline.py --make-jpegs 2000)
     python benchmarks/train_step.py --config configs/train/IN21K/vitb14.yaml --batch-sizes 64 --compile \\
         --data loader --dataset ImageFolder:root=results/jpegs --num-workers 16 --out results/perf
@@ -99,7 +105,7 @@ CPU_ATTENTION_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
 }
 N_DISTINCT_MASK_SETS = 8
-RESULT_KEY = ("config", "batch_size", "compile", "dtype", "data")
+RESULT_KEY = ("config", "batch_size", "compile", "dtype", "data", "chunked_losses")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -110,6 +116,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 64], help="images per step (per GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile every block of both backbones")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="autocast (auto: bf16 on CUDA)")
+    p.add_argument(
+        "--chunked-losses",
+        nargs="+",
+        default=["auto"],
+        choices=("auto", "true", "false"),
+        help="compute_precision.chunked_losses for each run; several values run each (auto: chunked on CUDA)",
+    )
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing (compilation happens here)")
     p.add_argument("--data", default="synthetic", choices=("synthetic", "loader"))
@@ -124,9 +137,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_config(config_file: str, batch_size: int, args: argparse.Namespace) -> DictConfig:
-    """The trainer's config for one run: file ← overrides ← batch size (and dataset), lr by the scaling rule."""
-    overrides = list(args.opts) + [f"train.batch_size_per_gpu={batch_size}"]
+def build_config(
+    config_file: str, batch_size: int, args: argparse.Namespace, chunked_losses: str = "auto"
+) -> DictConfig:
+    """The trainer's config for one run: file ← overrides ← batch size, loss path (and dataset); lr by scaling rule."""
+    overrides = list(args.opts) + [
+        f"train.batch_size_per_gpu={batch_size}",
+        f"compute_precision.chunked_losses={chunked_losses}",
+    ]
     if args.data == "loader":
         overrides += [f"train.dataset_path={args.dataset}", f"train.num_workers={args.num_workers}"]
     cfg = load_config(config_file, overrides)
@@ -235,6 +253,7 @@ class TrainStep:
         mask_indices = batch["mask_indices_list"]
         n_global_images, n_local = global_crops.shape[0], model.n_local_crops
         use_center = model.centering == "centering"
+        chunk_size = model.loss_chunk_size(self.device)
         with self._autocast():
             with torch.no_grad():
                 teacher_out = model.teacher["backbone"](global_crops, is_training=True)
@@ -243,11 +262,11 @@ class TrainStep:
                 teacher_patches = teacher_out["x_norm_patchtokens"].flatten(0, 1)[mask_indices]
                 teacher_patch_logits = model._ibot_head("teacher")(teacher_patches) if len(mask_indices) else None
                 center = model.dino_center if use_center else None
-                dino_targets = model._teacher_targets(cls_logits, teacher_temp, center)
+                dino_targets = model._teacher_targets(cls_logits, teacher_temp, center, chunk_size)
                 ibot_targets = None
                 if teacher_patch_logits is not None:
                     center = model.ibot_center if use_center else None
-                    ibot_targets = model._teacher_targets(teacher_patch_logits, teacher_temp, center)
+                    ibot_targets = model._teacher_targets(teacher_patch_logits, teacher_temp, center, chunk_size)
             clock.mark("teacher_heads_targets")
 
             backbone = model.student["backbone"]
@@ -341,9 +360,11 @@ def model_label(cfg: DictConfig) -> str:
     return f"{cfg.student.arch}/{cfg.student.patch_size} ({heads}, {cfg.dino.head_n_prototypes} prototypes)"
 
 
-def benchmark(config_file: str, batch_size: int, args: argparse.Namespace, device: torch.device, peak: dict) -> dict:
-    """One record: throughput, FLOPs, MFU, memory (and breakdown) of one config at one batch size."""
-    cfg = build_config(config_file, batch_size, args)
+def benchmark(
+    config_file: str, batch_size: int, chunked_losses: str, args: argparse.Namespace, device: torch.device, peak: dict
+) -> dict:
+    """One record: throughput, FLOPs, MFU, memory (and breakdown) of one config at one batch size and loss path."""
+    cfg = build_config(config_file, batch_size, args, chunked_losses)
     record = {
         "config": config_file,
         "model": model_label(cfg),
@@ -351,10 +372,12 @@ def benchmark(config_file: str, batch_size: int, args: argparse.Namespace, devic
         "compile": args.compile,
         "dtype": args.dtype,
         "data": args.data,
+        "chunked_losses": chunked_losses,
         "overrides": list(args.opts),
     }
     torch.manual_seed(cfg.train.seed)
     step = TrainStep(cfg, device, args.dtype)
+    record["loss_chunk_size"] = step.model.loss_chunk_size(device)
     record["autocast_dtype"] = str(step.autocast_dtype or torch.float32).removeprefix("torch.")
     batches = batch_stream(cfg, args.data, device)
     first = next(batches)
@@ -363,7 +386,8 @@ def benchmark(config_file: str, batch_size: int, args: argparse.Namespace, devic
     phase_flops = count_phase_flops(step, first, 1) if args.breakdown else None
     if args.compile:
         compile_backbone_blocks(step.model)
-    print(f"{record['model']} batch {batch_size}: {args.warmup} warm-up steps", flush=True)
+    label = f"{record['model']} batch {batch_size} chunked_losses={chunked_losses}"
+    print(f"{label}: {args.warmup} warm-up steps", flush=True)
     run_steps(step, batches, 2, args.warmup)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -402,7 +426,7 @@ def release_memory() -> None:
 
 def merge_records(existing: list[dict], new: dict) -> list[dict]:
     """Replace the record with the same :data:`RESULT_KEY` (a re-run) or append."""
-    key = tuple(new[k] for k in RESULT_KEY)
+    key = tuple(new.get(k) for k in RESULT_KEY)
     return [r for r in existing if tuple(r.get(k) for k in RESULT_KEY) != key] + [new]
 
 
@@ -412,6 +436,7 @@ def results_table(records: list[dict]) -> str:
     rows = []
     for r in records:
         mode = ("compiled" if r["compile"] else "eager") + f" {r.get('autocast_dtype', r['dtype'])}"
+        mode += " chunked" if r.get("loss_chunk_size") else ""
         if "error" in r:
             rows.append([r.get("model", r["config"]), r["batch_size"], mode, r["data"], r["error"]] + [None] * 11)
             continue
@@ -456,20 +481,21 @@ def main(argv: list[str] | None = None) -> dict:
         payload = json.loads(out_path.read_text())
     command = "python " + shlex.join(["benchmarks/train_step.py", *(sys.argv[1:] if argv is None else argv)])
     common_fields = {"environment": env, "command": command, "matmul_peak": peak, "flop_counter": FLOP_NOTE}
-    for config_file, batch_size in itertools.product(args.config, args.batch_sizes):
+    for config_file, batch_size, chunked in itertools.product(args.config, args.batch_sizes, args.chunked_losses):
         try:
-            record = benchmark(config_file, batch_size, args, device, peak)
+            record = benchmark(config_file, batch_size, chunked, args, device, peak)
         except torch.OutOfMemoryError as error:
             first_line = str(error).splitlines()[0]
             print(f"{config_file} batch {batch_size}: out of memory ({first_line})", flush=True)
-            record = {k: v for k, v in zip(RESULT_KEY, (config_file, batch_size, args.compile, args.dtype, args.data))}
+            key = (config_file, batch_size, args.compile, args.dtype, args.data, chunked)
+            record = dict(zip(RESULT_KEY, key, strict=True))
             record["error"] = "out of memory"
         record.update(common_fields)
         payload["runs"] = merge_records(payload["runs"], record)
         write_json_atomic(out_path, payload)
         if "error" not in record:
             print(
-                f"{record['model']} batch {batch_size}: {record['img_per_s']:.1f} img/s, "
+                f"{record['model']} batch {batch_size} chunked_losses={chunked}: {record['img_per_s']:.1f} img/s, "
                 f"{record['step_ms']['mean']:.1f} ms/step, MFU {record['mfu']:.3f}",
                 flush=True,
             )

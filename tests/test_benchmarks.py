@@ -115,8 +115,23 @@ def test_train_step_runs_on_the_trainer_loader(tmp_path):
     assert run["data_wait_ms_mean"] > 0  # decoding and augmenting happen inside the timed step
 
 
-def test_instrumented_step_equals_the_trainer_step():
-    cfg = train_step.build_config(CONFIG, BATCH, train_step.get_args_parser().parse_args(["--config", CONFIG, *TINY]))
+def test_chunked_losses_flag_runs_both_loss_paths(tmp_path):
+    argv = ["--config", CONFIG, "--batch-sizes", str(BATCH), "--steps", "1", "--warmup", "0", "--device", "cpu"]
+    argv += ["--chunked-losses", "false", "true", "--peak-size", "64", "--out", str(tmp_path), *TINY]
+    payload = train_step.main(argv)
+    plain, chunked = payload["runs"]
+    assert (plain["chunked_losses"], plain["loss_chunk_size"]) == ("false", None)
+    assert (chunked["chunked_losses"], chunked["loss_chunk_size"]) == ("true", 256)
+    assert chunked["img_per_s"] > 0
+    # The same matmuls either way: the chunked losses change how the elementwise loss work is done.
+    assert chunked["flops_per_step"] == plain["flops_per_step"]
+    assert "eager float32 chunked" in train_step.results_table(payload["runs"])
+
+
+@pytest.mark.parametrize("chunked_losses", ["false", "true"])
+def test_instrumented_step_equals_the_trainer_step(chunked_losses):
+    args = train_step.get_args_parser().parse_args(["--config", CONFIG, *TINY])
+    cfg = train_step.build_config(CONFIG, BATCH, args, chunked_losses)
     torch.manual_seed(0)
     reference = train_step.TrainStep(cfg, torch.device("cpu"), "fp32")
     instrumented = copy.deepcopy(reference)
