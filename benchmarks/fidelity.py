@@ -31,6 +31,7 @@ the same command resumes the trainings and RASA rounds; ``--fresh`` starts over.
 """
 
 import argparse
+import copy
 import importlib.util
 import io
 import shlex
@@ -193,7 +194,10 @@ class Runner:
         self.recipe.parent.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.budget.pretrain, self.recipe)
         self.train_cfgs = {name: load_config(self.recipe, overrides) for name, overrides in self.overrides.items()}
-        self.rasa_cfg = load_rasa_config(None, self._rasa_overrides())
+        self.rasa_cfgs = {
+            regressor: load_rasa_config(None, [*self._rasa_overrides(), f"train.regressor={regressor}"])
+            for regressor in self.budget.rasa_eval.regressors
+        }
 
     def _rasa_overrides(self) -> list[str]:
         flat = OmegaConf.to_container(self.budget.rasa)
@@ -250,32 +254,36 @@ class Runner:
         return {"backend": backend.name, **result}
 
     def rasa(self, franca_teacher: Path) -> dict:
-        """Train the RASA head on the Franca teacher, then measure position R² and mean-patch k-NN before/after."""
-        head_file = rasa_train.train(self.rasa_cfg, self.out / "rasa", resume=not self.args.fresh)
-        backbone = load_backbone(franca_teacher, rasa_weights=head_file).to(self.device).eval()
+        """For each of ``rasa_eval.regressors``: train a RASA head on the Franca teacher, then measure the position R²
+        and the mean-patch k-NN before and after its removal; ``{regressor: results}``."""
         ev, re = self.budget.evaluation, self.budget.rasa_eval
-        position_set = make_dataset(
-            self.datasets["test"], transform=make_rasa_eval_transform(self.rasa_cfg.data.image_size)
-        )
-        position_set = Subset(position_set, range(min(re.position_images, len(position_set))))
-        tokens, _, _ = extract_patch_tokens(
-            backbone, position_set, ev.batch_size, ev.num_workers, self.device, name="patch tokens for position R²"
-        )
-        fit, held_out = split_images(len(tokens), 0.5, self.seed)
-        head = load_rasa_head(head_file, embed_dim=backbone.embed_dim)
-        stages, _ = evaluate_removal(head, tokens, None, fit, held_out, with_miou=False)
+        backbone = load_backbone(franca_teacher).to(self.device).eval()
         before = self.knn(self.features(MeanPatchToken(backbone), "mean patch token"))
-        after = self.knn(self.features(FeatureModel(backbone, use_rasa_head=True), "mean RASA patch token"))
-        return {
-            "head": str(head_file),
-            "planes_removed": len(stages) - 1,
-            "position_images": len(tokens),
-            "position_r2_before": stages[0]["position_r2"],
-            "position_r2_after": stages[-1]["position_r2"],
-            "stages": stages,
-            "knn_mean_patch_before": before,
-            "knn_mean_patch_after": after,
-        }
+        results = {}
+        for regressor, cfg in self.rasa_cfgs.items():
+            head_file = rasa_train.train(cfg, self.out / "rasa" / regressor, resume=not self.args.fresh)
+            head = load_rasa_head(head_file, embed_dim=backbone.embed_dim)
+            position_set = make_dataset(self.datasets["test"], transform=make_rasa_eval_transform(cfg.data.image_size))
+            position_set = Subset(position_set, range(min(re.position_images, len(position_set))))
+            tokens, _, _ = extract_patch_tokens(
+                backbone, position_set, ev.batch_size, ev.num_workers, self.device, name="patch tokens for position R²"
+            )
+            fit, held_out = split_images(len(tokens), 0.5, self.seed)
+            stages, _ = evaluate_removal(head, tokens, None, fit, held_out, with_miou=False)
+            backbone.attach_rasa_head(copy.deepcopy(head).to(self.device))
+            debiased = FeatureModel(backbone, use_rasa_head=True)
+            after = self.knn(self.features(debiased, f"mean RASA patch token ({regressor})"))
+            results[regressor] = {
+                "head": str(head_file),
+                "planes_removed": len(stages) - 1,
+                "position_images": len(tokens),
+                "position_r2_before": stages[0]["position_r2"],
+                "position_r2_after": stages[-1]["position_r2"],
+                "stages": stages,
+                "knn_mean_patch_before": before,
+                "knn_mean_patch_after": after,
+            }
+        return results
 
     # ---------------------------------------------------------------- the whole run
     def run(self) -> dict:
@@ -339,7 +347,8 @@ class Runner:
                 "top1": {name: {str(d): acc for d, acc in s.items()} for name, s in slices.items()},
                 "retention_d16": {name: s[dim >> 4] / s[dim] for name, s in slices.items()},
             },
-            "rasa": rasa,
+            "rasa": {"regressor": next(iter(rasa)), **next(iter(rasa.values()))},
+            "rasa_regressors": rasa,
         }
         result["goals"] = goals(result)
         return result
@@ -361,7 +370,11 @@ def goals(result: dict) -> list[dict]:
             f"{100 * retention[FRANCA]:.1f}% vs {100 * retention[DINOV2]:.1f}%",
             retention[FRANCA] > retention[DINOV2],
         ),
-        ("position R² after RASA < 0.05", f"{rasa['position_r2_after']:.3f}", rasa["position_r2_after"] < 0.05),
+        (
+            f"position R² after RASA ({rasa['regressor']}) < 0.05",
+            f"{rasa['position_r2_after']:.3f}",
+            rasa["position_r2_after"] < 0.05,
+        ),
         ("mean-patch k-NN within 0.5 points after RASA", f"{shift:+.2f} points", abs(shift) <= 0.5),
     ]
     return [{"goal": g, "measured": m, "met": bool(ok)} for g, m, ok in rows]
@@ -382,15 +395,18 @@ def markdown(result: dict) -> str:
     lines.append("|---|" + "---|" * len(dims))
     for name, by_d in result["matryoshka"]["top1"].items():
         lines.append(f"| {name} | " + " | ".join(f"{by_d[str(d)]:.2f}" for d in dims) + " |")
-    rasa = result["rasa"]
+    rasa = result["rasa_regressors"]
+    first = next(iter(rasa.values()))
     lines += [
         "",
-        "| Franca + RASA | before | after |",
-        "|---|---|---|",
-        f"| position R² of patch tokens (linear read-out) | {rasa['position_r2_before']:.3f} | "
-        f"{rasa['position_r2_after']:.3f} |",
-        f"| k-NN top-1 on the mean patch token | {rasa['knn_mean_patch_before'][k]['top1']:.2f} | "
-        f"{rasa['knn_mean_patch_after'][k]['top1']:.2f} |",
+        "| Franca + RASA | before | " + " | ".join(f"after ({name})" for name in rasa) + " |",
+        "|---|---|" + "---|" * len(rasa),
+        f"| position R² of patch tokens (linear read-out) | {first['position_r2_before']:.3f} | "
+        + " | ".join(f"{r['position_r2_after']:.3f}" for r in rasa.values())
+        + " |",
+        f"| k-NN top-1 on the mean patch token | {first['knn_mean_patch_before'][k]['top1']:.2f} | "
+        + " | ".join(f"{r['knn_mean_patch_after'][k]['top1']:.2f}" for r in rasa.values())
+        + " |",
         "",
         "| goal | measured | met |",
         "|---|---|---|",
@@ -484,7 +500,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default runs/fidelity_<budget>)")
     p.add_argument("--seed", type=int, default=0, help="seed of both pretrainings, RASA and the evaluation splits")
     p.add_argument("--data-root", default=None, help="folder of the Fashion-MNIST idx files (default: Debian's)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="change a key of the budget file")
+    p.add_argument(
+        "--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="change a key of the budget file"
+    )
     p.add_argument("--fresh", action="store_true", help="retrain everything instead of resuming in --out")
     return p
 

@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from franca.config import ConfigError, _coerce, _Field, _field_for
 
 DEFAULTS_FILE = Path(__file__).parent / "defaults.yaml"
+REGRESSOR_CHOICES = ("trained", "cross_covariance")
 
 
 @cache
@@ -99,6 +100,8 @@ def _check_values(cfg: DictConfig) -> None:
     for key in ("train.epochs_per_round", "train.batch_size", "data.image_size", "val.image_size", "val.max_images"):
         if OmegaConf.select(cfg, key) < 1:
             problems.append(f"{key}={OmegaConf.select(cfg, key)} must be >= 1")
+    if cfg.train.regressor not in REGRESSOR_CHOICES:
+        problems.append(f"train.regressor={cfg.train.regressor!r} is unknown; choose one of {REGRESSOR_CHOICES}")
     if not 0 < cfg.data.min_scale <= cfg.data.max_scale <= 1:
         problems.append(
             f"data.min_scale={cfg.data.min_scale}, data.max_scale={cfg.data.max_scale}: need 0 < min <= max <= 1"

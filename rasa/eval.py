@@ -45,11 +45,16 @@ PLOT_FILE = "rasa_position_maps.png"
 
 
 @torch.no_grad()
-def patch_tokens(backbone: torch.nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``x_norm_patchtokens`` [B, N, D] in fp32 on CPU (bf16 autocast on CUDA)."""
+def device_patch_tokens(backbone: torch.nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x_norm_patchtokens`` [B, N, D] in fp32 on ``device`` (bf16 autocast on CUDA)."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         out = backbone.forward_features(images.to(device, non_blocking=True))["x_norm_patchtokens"]
-    return out.float().cpu()
+    return out.float()
+
+
+def patch_tokens(backbone: torch.nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x_norm_patchtokens`` [B, N, D] in fp32 on CPU, to be gathered over a dataset."""
+    return device_patch_tokens(backbone, images, device).cpu()
 
 
 def extract_patch_tokens(

@@ -1,9 +1,16 @@
 """Train a RASA head on a frozen backbone, one rank-2 regressor per round (reference §8.2).
 
-Round i has i frozen pre-layers (the regressors of rounds 0 … i−1, in order) and a fresh ``pos_pred`` (PyTorch's
-default Linear init). Its step: patch tokens ``x_norm_patchtokens`` of the augmented crops (no grad; bf16 autocast on
-CUDA) → remove the planes of the pre-layers → ``sigmoid(x · pos_predᵀ)`` → MSE against the (row, col)/(n−1) grid
-positions. AdamW, lr cosine-annealed per step to ``optim.final_lr`` within each round.
+Round i has i frozen pre-layers (the regressors of rounds 0 … i−1, in order) and a fresh ``pos_pred``. Each round
+reads the patch tokens ``x_norm_patchtokens`` of the augmented crops (no grad; bf16 autocast on CUDA) with the planes
+of the pre-layers removed, and sets ``pos_pred`` by ``train.regressor``:
+
+- ``trained`` (the original): PyTorch's default Linear init, then ``sigmoid(x · pos_predᵀ)`` → MSE against the
+  (row, col)/(n−1) grid positions, AdamW with lr cosine-annealed per step to ``optim.final_lr``.
+- ``cross_covariance`` (new): the rows are the unit directions of Cov(x, row) and Cov(x, col) over the round's crops,
+  accumulated in float64. Removing that plane leaves the tokens uncorrelated with (row, col), so no linear read-out
+  predicts position on those crops any more (R² = 0): the least-squares concept-erasure result (Belrose et al. 2023,
+  LEACE) for orthogonal projections. A fitted regressor's plane (the AdamW one, or least squares) is not the erasing
+  one, and leaves part of the linear position information (docs/rasa.md).
 
 Outputs in ``--output-dir D``: ``D/config.yaml``; after each round ``D/rounds/round_{i}.pth`` (the head so far: i
 pre-layers + ``pos_pred``, original keys) and ``D/rounds/state.json``; per-epoch and per-round metrics in
@@ -42,9 +49,9 @@ from rasa.data import (
     square_grid_side,
 )
 from rasa.eval import (
+    device_patch_tokens,
     extract_patch_tokens,
     head_prediction_mse,
-    patch_tokens,
     position_readout,
     remove_first_planes,
     split_images,
@@ -97,10 +104,8 @@ def _lr_at(step: int, total: int, lr: float, final_lr: float) -> float:
     return final_lr + 0.5 * (lr - final_lr) * (1 + math.cos(math.pi * step / total))
 
 
-def train_round(
-    backbone: nn.Module, head: RASAHead, images, cfg: DictConfig, round_index: int, device: torch.device
-) -> list[dict]:
-    """Trains ``head.pos_pred`` for one round; returns one metrics record per epoch."""
+def _round_loader(images, cfg: DictConfig, round_index: int, device: torch.device) -> DataLoader:
+    """The round's augmented crops, in the (epoch, index) batches of ``round_batches``."""
     batches = round_batches(len(images), cfg.train.batch_size, cfg.train.epochs_per_round, cfg.train.seed, round_index)
     augmented = SeededAugmentedImages(
         images,
@@ -108,45 +113,107 @@ def train_round(
         cfg.train.seed,
         round_index,
     )
-    loader = DataLoader(
+    return DataLoader(
         augmented, batch_sampler=batches, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda"
     )
+
+
+def _reduced_tokens(backbone: nn.Module, crops: torch.Tensor, removal: torch.Tensor) -> torch.Tensor:
+    """Patch tokens [B, N, D] (fp32, on the backbone's device) with the pre-layers' planes removed."""
+    return device_patch_tokens(backbone, crops, removal.device) @ removal
+
+
+def train_round(
+    backbone: nn.Module, head: RASAHead, images, cfg: DictConfig, round_index: int, device: torch.device
+) -> list[dict]:
+    """Trains ``head.pos_pred`` for one round (``train.regressor=trained``); one metrics record per epoch.
+
+    The loss stays on the device: it is read (a host sync) once per epoch and at the progress lines only.
+    """
+    loader = _round_loader(images, cfg, round_index, device)
     head = head.to(device)
     with torch.no_grad():
         removal = head.folded_matrix(use_pos_pred=False).T.contiguous()
     optimizer = torch.optim.AdamW(head.pos_pred.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    steps_per_epoch = len(batches) // cfg.train.epochs_per_round
-    progress = Progress(f"RASA round {round_index}", len(batches))
-    records, epoch_losses, last_log = [], [], time.perf_counter()
+    total_steps = len(loader)
+    steps_per_epoch = total_steps // cfg.train.epochs_per_round
+    progress = Progress(f"RASA round {round_index}", total_steps)
+    records, epoch_loss, last_log = [], torch.zeros((), device=device), time.perf_counter()
     targets = None
     for step, crops in enumerate(loader):
-        tokens = patch_tokens(backbone, crops, device).to(device)
+        tokens = _reduced_tokens(backbone, crops, removal)
         if targets is None:
             side = square_grid_side(tokens.shape[1])
             targets = grid_positions(side, side).to(device)
-        lr = _lr_at(step, len(batches), cfg.optim.lr, cfg.optim.final_lr)
+        lr = _lr_at(step, total_steps, cfg.optim.lr, cfg.optim.final_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        prediction = torch.sigmoid(head.pos_pred(tokens @ removal))
+        prediction = torch.sigmoid(head.pos_pred(tokens))
         loss = nn.functional.mse_loss(prediction, targets.expand_as(prediction))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"RASA round {round_index} step {step}: loss is {loss.item()}; lower optim.lr (now {cfg.optim.lr})"
-            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.clip_grad > 0:
             nn.utils.clip_grad_norm_(head.pos_pred.parameters(), cfg.optim.clip_grad)
         optimizer.step()
-        epoch_losses.append(loss.item())
+        epoch_loss += loss.detach()
+        log_now = time.perf_counter() - last_log > cfg.train.log_every_s or step + 1 == total_steps
         if (step + 1) % steps_per_epoch == 0:
-            epoch = (step + 1) // steps_per_epoch - 1
-            records.append({"round": round_index, "epoch": epoch, "train_mse": sum(epoch_losses) / len(epoch_losses)})
-            epoch_losses = []
-        if time.perf_counter() - last_log > cfg.train.log_every_s or step + 1 == len(batches):
-            progress.print(step + 1, f"mse {loss.item():.5f} lr {lr:.2e}")
+            mean_loss = _finite_loss(epoch_loss / steps_per_epoch, round_index, step, cfg)
+            records.append({"round": round_index, "epoch": step // steps_per_epoch, "train_mse": mean_loss})
+            epoch_loss.zero_()
+        if log_now:
+            progress.print(step + 1, f"mse {_finite_loss(loss, round_index, step, cfg):.5f} lr {lr:.2e}")
             last_log = time.perf_counter()
     return records
+
+
+def _finite_loss(loss: torch.Tensor, round_index: int, step: int, cfg: DictConfig) -> float:
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"RASA round {round_index} step {step}: loss is {value}; lower optim.lr (now {cfg.optim.lr})"
+        )
+    return value
+
+
+@torch.no_grad()
+def cross_covariance_round(
+    backbone: nn.Module, head: RASAHead, images, cfg: DictConfig, round_index: int, device: torch.device
+) -> list[dict]:
+    """Sets ``head.pos_pred`` to the unit directions of Cov(x, row) and Cov(x, col) (``train.regressor=
+    cross_covariance``); one record with the norm of that covariance (the linear position signal this round removes).
+
+    As the targets are the same for every image, Cov(x, y) = mean over grid positions p of (m_p − m̄)(y_p − ȳ)ᵀ with
+    m_p the mean token at position p: one float64 sum [N, D] over the round's crops is all it needs.
+    """
+    loader = _round_loader(images, cfg, round_index, device)
+    head = head.to(device)
+    removal = head.folded_matrix(use_pos_pred=False).T.contiguous()
+    progress = Progress(f"RASA round {round_index} (cross-covariance)", len(loader))
+    position_sums, count, last_log = None, 0, time.perf_counter()
+    for step, crops in enumerate(loader):
+        tokens = _reduced_tokens(backbone, crops, removal).double()
+        position_sums = tokens.sum(0) if position_sums is None else position_sums + tokens.sum(0)
+        count += len(tokens)
+        if time.perf_counter() - last_log > cfg.train.log_every_s or step + 1 == len(loader):
+            progress.print(step + 1)
+            last_log = time.perf_counter()
+    side = square_grid_side(position_sums.shape[0])
+    position_means = position_sums / count
+    targets = grid_positions(side, side).to(device, torch.float64)
+    covariance = (targets - targets.mean(0)).T @ (position_means - position_means.mean(0)) / len(targets)
+    norms = covariance.norm(dim=1, keepdim=True)
+    if not bool((norms > 0).all()):
+        raise ValueError(
+            f"RASA round {round_index}: the tokens carry no linear (row, col) signal to remove (covariance norms "
+            f"{norms.flatten().tolist()}); the head is complete, lower train.end_round to {round_index}"
+        )
+    head.pos_pred.weight.copy_((covariance / norms).to(head.pos_pred.weight.dtype))
+    norm = float(covariance.norm())
+    return [{"round": round_index, "epoch": cfg.train.epochs_per_round - 1, "position_covariance_norm": norm}]
+
+
+REGRESSORS = {"trained": train_round, "cross_covariance": cross_covariance_round}
 
 
 def validate_round(backbone: nn.Module, head: RASAHead, cfg: DictConfig, device: torch.device) -> dict:
@@ -161,7 +228,10 @@ def validate_round(backbone: nn.Module, head: RASAHead, cfg: DictConfig, device:
     fit, held_out = split_images(len(tokens), 0.5, cfg.train.seed)
     debiased = remove_first_planes(tokens, head.weights(use_pos_pred=True))
     readout = position_readout(debiased[fit], debiased[held_out])
-    return {"val_mse": head_prediction_mse(head, tokens), "val_r2_after_removal": readout["position_r2"]}
+    record = {"val_r2_after_removal": readout["position_r2"]}
+    if cfg.train.regressor == "trained":  # a cross-covariance pos_pred holds directions, not a calibrated regressor
+        record["val_mse"] = head_prediction_mse(head, tokens)
+    return record
 
 
 def head_state(head: RASAHead) -> dict[str, torch.Tensor]:
@@ -271,15 +341,12 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike, resume: bool = True) -
     for round_index in range(first_round, cfg.train.end_round):
         started = time.perf_counter()
         head = head_for_round(head, round_index, backbone.embed_dim, cfg.train.seed)
-        records = train_round(backbone, head, images, cfg, round_index, device)
+        records = REGRESSORS[cfg.train.regressor](backbone, head, images, cfg, round_index, device)
         for record in records:
             write_metrics(record)
-        summary = {
-            "round": round_index,
-            "pre_layers": round_index,
-            "train_mse": records[-1]["train_mse"],
-            "time_s": time.perf_counter() - started,
-        }
+        summary = {"round": round_index, "pre_layers": round_index, "regressor": cfg.train.regressor}
+        summary.update({k: v for k, v in records[-1].items() if k not in ("round", "epoch")})
+        summary["time_s"] = time.perf_counter() - started
         if cfg.val.dataset:
             summary.update(validate_round(backbone, head.cpu(), cfg, device))
         write_metrics(summary)

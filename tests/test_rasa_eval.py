@@ -83,8 +83,9 @@ def tiny_backbone(tmp_path_factory):
 
 
 def test_eval_command_on_voc(tmp_path, tiny_backbone):
+    from test_voc_coco import make_voc
+
     from rasa.eval import PLOT_FILE, RESULTS_FILE, main
-    from tests.test_voc_coco import make_voc
 
     make_voc(tmp_path / "voc")
     head = RASAHead(192, n_pos_layers=1)

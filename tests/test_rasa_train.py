@@ -99,6 +99,36 @@ def run(output_dir, weights, images_dir, *overrides):
 
 
 @pytest.fixture(scope="module")
+def random_vit(tmp_path_factory):
+    """A random-init tiny ViT: its random position embedding makes position linearly readable from the tokens."""
+    torch.manual_seed(0)
+    model = build_vit("vit_tiny", depth=2, patch_size=8, img_size=SIDE).eval()
+    path = tmp_path_factory.mktemp("random_vit") / "vit.pth"
+    torch.save(model.state_dict(), path)
+    return path, model
+
+
+def test_cross_covariance_rounds_erase_position_of_a_random_vit(random_vit, photos, tmp_path):
+    """The issue's check: held-out position R² > 0.5 from the raw tokens, < 0.1 after 2 rounds; hub-loadable file."""
+    from franca.hub import load_backbone
+
+    weights, model = random_vit
+    out = run(tmp_path, weights, photos[0], "train.regressor=cross_covariance", "train.epochs_per_round=8")
+    final = torch.load(out, weights_only=True)
+    assert sorted(final) == ["pos_pred.weight", "pre_pos_layers.0.weight"]
+    debiasing = load_backbone(weights, rasa_weights=out).eval()
+    crops = dihedral_crops(photos[1], 48, seed=9)
+    with torch.no_grad():
+        raw = model.forward_features(crops)["x_norm_patchtokens"].double().numpy()
+        debiased = debiasing.forward_features(crops, use_rasa_head=True)["patch_token_rasa"].double().numpy()
+    assert least_squares_r2(raw[:24], raw[24:]) > 0.5
+    assert least_squares_r2(debiased[:24], debiased[24:]) < 0.1
+    summaries = [json.loads(line) for line in (tmp_path / "rasa_metrics.json").read_text().splitlines()]
+    norms = [r["position_covariance_norm"] for r in summaries if "time_s" in r]
+    assert len(norms) == 2 and norms[1] < norms[0]  # the second round finds less linear position signal
+
+
+@pytest.fixture(scope="module")
 def trained(position_coded_vit, photos, tmp_path_factory):
     out = tmp_path_factory.mktemp("rasa")
     run(out, position_coded_vit[0], photos[0], "train.epochs_per_round=10", "optim.lr=0.1")
@@ -183,3 +213,37 @@ def test_bad_inputs_give_clear_errors(position_coded_vit, photos, tmp_path):
             "train.start_round=1",
             f"model.init_head={tmp_path}/head192.pth",
         )
+
+
+class PatchPixels(torch.nn.Module):
+    """A stand-in backbone whose patch tokens are the 8×8×3 pixels of each patch (D = 192)."""
+
+    def forward_features(self, images):
+        return {"x_norm_patchtokens": torch.nn.functional.unfold(images, 8, stride=8).transpose(1, 2)}
+
+
+def test_cross_covariance_round_matches_the_covariance_of_all_tokens(photos):
+    """pos_pred = unit rows of Cov(x, row) and Cov(x, col) over every token of the round (numpy float64 np.cov)."""
+    from franca.data.loaders import make_dataset
+    from rasa.config import load_rasa_config
+    from rasa.head import RASAHead
+    from rasa.train import _round_loader, cross_covariance_round
+
+    cfg = load_rasa_config(TINY, ["model.weights=x", f"data.dataset=ImageFolder:root={photos[0]}"])
+    images, head, cpu = make_dataset(cfg.data.dataset), RASAHead(DIM, n_pos_layers=0), torch.device("cpu")
+    record = cross_covariance_round(PatchPixels(), head, images, cfg, 0, cpu)
+    tokens = torch.cat(
+        [PatchPixels().forward_features(c)["x_norm_patchtokens"] for c in _round_loader(images, cfg, 0, cpu)]
+    )
+    rows, cols = np.meshgrid(np.arange(GRID) / (GRID - 1), np.arange(GRID) / (GRID - 1), indexing="ij")
+    targets = np.tile(np.stack([rows.ravel(), cols.ravel()]), (1, len(tokens)))
+    joint = np.cov(np.concatenate([tokens.reshape(-1, DIM).double().numpy().T, targets]), bias=True)
+    covariance = joint[DIM:, :DIM]
+    expected = covariance / np.linalg.norm(covariance, axis=1, keepdims=True)
+    np.testing.assert_allclose(head.pos_pred.weight.detach().double().numpy(), expected, atol=1e-5)
+    assert record[0]["position_covariance_norm"] == pytest.approx(np.linalg.norm(covariance), rel=1e-5)
+
+
+def test_unknown_regressor_is_refused(photos, position_coded_vit, tmp_path):
+    with pytest.raises(ConfigError, match="train.regressor='lstsq' is unknown"):
+        run(tmp_path, position_coded_vit[0], photos[0], "train.regressor=lstsq")
