@@ -13,7 +13,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from functools import cache
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -74,69 +74,141 @@ class _Field:
         return _TYPE_NAMES[self.kind]
 
 
-def _field_for(key: str, default: Any) -> _Field:
-    choices = next((allowed for pattern, allowed in CHOICES.items() if fnmatchcase(key, pattern)), ())
-    if isinstance(default, list):
-        item_kind = _LIST_ITEM_TYPES.get(key) or type(default[0])
-        return _Field(key, default, list, item_kind, 2 if key in _PAIRS else None)
-    return _Field(key, default, type(default), choices=choices)
+class ConfigSchema:
+    """A defaults YAML file that doubles as the schema of its keys, and the loader that validates against it.
 
+    ``choices`` maps fnmatch patterns of dotted keys to their allowed values; ``list_item_types`` gives the element
+    type of the lists whose default is empty; ``pairs`` are the lists of exactly two numbers. ``label`` names the
+    config in messages (``"RASA config"``) and ``example`` is a valid override shown when one is malformed.
+    """
 
-@cache
-def _schema() -> tuple[dict[str, _Field], frozenset[str]]:
-    """Leaf fields and section paths of the default config."""
-    fields: dict[str, _Field] = {}
-    sections: set[str] = set()
+    def __init__(
+        self,
+        defaults_file: Path,
+        choices: dict[str, tuple[str, ...]] | None = None,
+        list_item_types: dict[str, type] | None = None,
+        pairs: tuple[str, ...] = (),
+        label: str = "config",
+        example: str = "optim.epochs=100",
+    ):
+        self.defaults_file = Path(defaults_file)
+        self.choices = dict(choices or {})
+        self.list_item_types = dict(list_item_types or {})
+        self.pairs = pairs
+        self.label = label
+        self.example = example
 
-    def visit(node: dict, prefix: str) -> None:
+    def _field_for(self, key: str, default: Any) -> _Field:
+        choices = next((allowed for pattern, allowed in self.choices.items() if fnmatchcase(key, pattern)), ())
+        if isinstance(default, list):
+            item_kind = self.list_item_types.get(key) or type(default[0])
+            return _Field(key, default, list, item_kind, 2 if key in self.pairs else None)
+        return _Field(key, default, type(default), choices=choices)
+
+    @cached_property
+    def _schema(self) -> tuple[dict[str, _Field], frozenset[str]]:
+        """Leaf fields and section paths of the defaults file."""
+        fields: dict[str, _Field] = {}
+        sections: set[str] = set()
+
+        def visit(node: dict, prefix: str) -> None:
+            for name, value in node.items():
+                key = prefix + name
+                if isinstance(value, dict):
+                    sections.add(key)
+                    visit(value, key + ".")
+                else:
+                    fields[key] = self._field_for(key, value)
+
+        visit(OmegaConf.to_container(OmegaConf.load(self.defaults_file)), "")
+        return fields, frozenset(sections)
+
+    @property
+    def fields(self) -> dict[str, _Field]:
+        return self._schema[0]
+
+    def _suggestion(self, key: str) -> str:
+        """Up to three valid keys closest to ``key`` (whole dotted key first, else the last name alone)."""
+        fields, sections = self._schema
+        known = sorted(fields) + sorted(sections)
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        if not close:
+            leaf = key.rsplit(".", 1)[-1]
+            close_leaves = difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in known], n=3, cutoff=0.6)
+            close = [k for k in known if k.rsplit(".", 1)[-1] in close_leaves][:3]
+        if not close:
+            return f"the valid keys are those of {self.defaults_file}"
+        quoted = [repr(k) for k in close]
+        return "did you mean " + (quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]) + "?"
+
+    def _check_keys(self, node: dict, prefix: str, source: str) -> None:
+        """Reject keys that the defaults do not have, and sections set to values or values set to sections."""
+        fields, sections = self._schema
         for name, value in node.items():
-            key = prefix + name
-            if isinstance(value, dict):
-                sections.add(key)
-                visit(value, key + ".")
+            key = f"{prefix}{name}"
+            if key in sections:
+                if not isinstance(value, dict):
+                    raise ConfigError(
+                        f"{key} is a section of the {self.label}, but {source} sets it to {value!r}; "
+                        f"set its keys instead, e.g. {key}.<name>=<value>"
+                    )
+                self._check_keys(value, key + ".", source)
+            elif key in fields:
+                if isinstance(value, dict):
+                    raise ConfigError(
+                        f"{self.label} key {key} expects {fields[key].describe()}, but {source} sets it to the "
+                        f"mapping {value!r}; give a single value, e.g. {key}={fields[key].default!r}"
+                    )
             else:
-                fields[key] = _field_for(key, value)
+                full_key = _first_leaf(key, value)
+                raise ConfigError(f"unknown {self.label} key {full_key!r} in {source}; {self._suggestion(full_key)}")
 
-    visit(OmegaConf.to_container(OmegaConf.load(DEFAULT_CONFIG_FILE)), "")
-    return fields, frozenset(sections)
+    def _load_file(self, config_file: str | os.PathLike) -> DictConfig:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(
+                f"{self.label} file {str(path)!r} does not exist (or is not a file); pass an existing YAML file"
+            )
+        try:
+            cfg = OmegaConf.load(path)
+        except Exception as error:
+            raise ConfigError(f"{self.label} file {str(path)!r} is not valid YAML: {error}") from error
+        if not isinstance(cfg, DictConfig):
+            raise ConfigError(
+                f"{self.label} file {str(path)!r} must hold a mapping of sections (e.g. `optim:`), not a list"
+            )
+        self._check_keys(OmegaConf.to_container(cfg), "", f"{self.label} file {str(path)!r}")
+        return cfg
 
+    def _parse_override(self, item: str) -> DictConfig:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} has no '='; write it as key=value, e.g. {self.example}")
+        try:
+            cfg = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"override {item!r} cannot be parsed: {error}; write it as key=value") from error
+        self._check_keys(OmegaConf.to_container(cfg), "", f"override {item!r}")
+        return cfg
 
-def _suggestion(key: str) -> str:
-    """Up to three valid keys closest to ``key`` (whole dotted key first, else the last name alone)."""
-    fields, sections = _schema()
-    known = sorted(fields) + sorted(sections)
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-    if not close:
-        leaf = key.rsplit(".", 1)[-1]
-        close_leaves = difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in known], n=3, cutoff=0.6)
-        close = [k for k in known if k.rsplit(".", 1)[-1] in close_leaves][:3]
-    if not close:
-        return f"the valid keys are those of {DEFAULT_CONFIG_FILE}"
-    quoted = [repr(k) for k in close]
-    return "did you mean " + (quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]) + "?"
+    def load(self, config_file: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> DictConfig:
+        """Defaults ← ``config_file`` ← ``overrides`` (``key=value`` strings), type-checked; in struct mode.
 
-
-def _check_keys(node: dict, prefix: str, source: str) -> None:
-    """Reject keys that the defaults do not have, and sections set to values or values set to sections."""
-    fields, sections = _schema()
-    for name, value in node.items():
-        key = f"{prefix}{name}"
-        if key in sections:
-            if not isinstance(value, dict):
-                raise ConfigError(
-                    f"{key} is a section of the config, but {source} sets it to {value!r}; "
-                    f"set its keys instead, e.g. {key}.<name>=<value>"
-                )
-            _check_keys(value, key + ".", source)
-        elif key in fields:
-            if isinstance(value, dict):
-                raise ConfigError(
-                    f"config key {key} expects {fields[key].describe()}, but {source} sets it to the mapping "
-                    f"{value!r}; give a single value, e.g. {key}={fields[key].default!r}"
-                )
-        else:
-            full_key = _first_leaf(key, value)
-            raise ConfigError(f"unknown config key {full_key!r} in {source}; {_suggestion(full_key)}")
+        Struct mode makes setting a key that the schema lacks an error, so a typo in code fails as loudly as one in a
+        file.
+        """
+        layers = [OmegaConf.load(self.defaults_file)]
+        if config_file is not None:
+            layers.append(self._load_file(config_file))
+        layers.extend(self._parse_override(item) for item in overrides)
+        try:
+            merged = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=True)
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"{self.label} cannot be merged or resolved: {error}") from error
+        for key, field in self.fields.items():
+            _set(merged, key, _coerce(field, _get(merged, key)))
+        cfg = OmegaConf.create(merged)
+        OmegaConf.set_struct(cfg, True)
+        return cfg
 
 
 def _first_leaf(key: str, value: Any) -> str:
@@ -181,31 +253,6 @@ def _coerce(field: _Field, value: Any) -> Any:
     return value
 
 
-def _load_file(config_file: str | os.PathLike) -> DictConfig:
-    path = Path(config_file)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist (or is not a file); pass an existing YAML file")
-    try:
-        cfg = OmegaConf.load(path)
-    except Exception as error:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
-    if not isinstance(cfg, DictConfig):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (e.g. `optim:`), not a list")
-    _check_keys(OmegaConf.to_container(cfg), "", f"config file {str(path)!r}")
-    return cfg
-
-
-def _parse_override(item: str) -> DictConfig:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} has no '='; write it as key=value, e.g. optim.epochs=100")
-    try:
-        cfg = OmegaConf.from_dotlist([item])
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"override {item!r} cannot be parsed: {error}; write it as key=value") from error
-    _check_keys(OmegaConf.to_container(cfg), "", f"override {item!r}")
-    return cfg
-
-
 def _get(container: dict, key: str) -> Any:
     for name in key.split("."):
         container = container[name]
@@ -219,27 +266,15 @@ def _set(container: dict, key: str, value: Any) -> None:
     container[leaf] = value
 
 
-def load_config(config_file: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> DictConfig:
-    """Defaults ← ``config_file`` ← ``overrides`` (``key=value`` strings), validated; returned in struct mode.
+TRAINING_SCHEMA = ConfigSchema(DEFAULT_CONFIG_FILE, CHOICES, _LIST_ITEM_TYPES, _PAIRS)
 
-    Struct mode makes setting a key that the schema lacks an error, so a typo in code fails as loudly as one in a file.
-    """
-    layers = [OmegaConf.load(DEFAULT_CONFIG_FILE)]
-    if config_file is not None:
-        layers.append(_load_file(config_file))
-    layers.extend(_parse_override(item) for item in overrides)
-    try:
-        merged = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=True)
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"config cannot be merged or resolved: {error}") from error
-    fields, _ = _schema()
-    for key, field in fields.items():
-        _set(merged, key, _coerce(field, _get(merged, key)))
+
+def load_config(config_file: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> DictConfig:
+    """Training config: defaults ← ``config_file`` ← ``overrides`` (``key=value`` strings), validated, struct mode."""
+    cfg = TRAINING_SCHEMA.load(config_file, overrides)
     for key, reason in _IGNORED_WHEN_TRUE.items():
-        if _get(merged, key):
+        if OmegaConf.select(cfg, key):
             warnings.warn(f"config key {key}=true is ignored: {reason}", UserWarning, stacklevel=2)
-    cfg = OmegaConf.create(merged)
-    OmegaConf.set_struct(cfg, True)
     return cfg
 
 

@@ -245,5 +245,5 @@ def test_cross_covariance_round_matches_the_covariance_of_all_tokens(photos):
 
 
 def test_unknown_regressor_is_refused(photos, position_coded_vit, tmp_path):
-    with pytest.raises(ConfigError, match="train.regressor='lstsq' is unknown"):
+    with pytest.raises(ConfigError, match="train.regressor has value 'lstsq'.*one of 'trained', 'cross_covariance'"):
         run(tmp_path, position_coded_vit[0], photos[0], "train.regressor=lstsq")
