@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU measurements still pending (issues #7 and #8), in stages that each fit one 10-minute device call:
+#   bash scripts/gpu_session.sh check      # cuda tests: chunked vs plain step, no host sync, bf16/compile parity
+#   bash scripts/gpu_session.sh step-b     # ViT-B/14 full Franca step, batch 32/64, compiled, plain vs chunked losses
+#   bash scripts/gpu_session.sh step-l     # the same for ViT-L/14 (the 60 GiB goal at batch 64)
+#   bash scripts/gpu_session.sh fidelity   # the Fashion-MNIST fidelity headline (configs/fidelity/gpu.yaml)
+# Results go to ${OUT:-runs/gpu_session}/<stage>/ (JSON, logs); copy the tables into benchmarks/RESULTS.md with the
+# device, versions and date. Packages the device image lacks (omegaconf) are installed from ./.whl when it exists
+# (carry .whl, and .fmnist for the fidelity stage: the four Fashion-MNIST idx files).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:?usage: bash scripts/gpu_session.sh check|step-b|step-l|fidelity}
+out=${OUT:-runs/gpu_session}/$stage
+mkdir -p "$out"
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+if ! $py -c "import omegaconf" 2>/dev/null; then
+    [ -d .whl ] || { echo "omegaconf is missing and there is no ./.whl folder of wheels to install it from" >&2; exit 1; }
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
+step() {  # step CONFIG: compiled, batch 32 and 64, both loss paths, with the phase breakdown
+    $py benchmarks/train_step.py --config "$1" --batch-sizes 32 64 --compile --breakdown \
+        --chunked-losses false true --steps 10 --warmup 3 --out "$out" 2>&1 | tee "$out/train_step.log"
+}
+case $stage in
+    check) $py -m pytest -m cuda -q -p no:cacheprovider tests 2>&1 | tee "$out/pytest_cuda.log" ;;
+    step-b) step configs/train/IN21K/vitb14.yaml ;;
+    step-l) step configs/train/IN21K/vitl14.yaml ;;
+    fidelity)
+        [ -d .fmnist ] || { echo "carry .fmnist (the four Fashion-MNIST idx .gz files) for the fidelity stage" >&2; exit 1; }
+        $py benchmarks/fidelity.py --budget gpu --data-root "$PWD/.fmnist" --out "$out" 2>&1 | tail -n 200 > "$out/fidelity.log"
+        cat "$out/fidelity.md" ;;
+    *) echo "unknown stage '$stage': use check, step-b, step-l or fidelity" >&2; exit 2 ;;
+esac
