@@ -61,7 +61,7 @@ from franca.train import train as trainer
 from franca.train.ssl_meta_arch import build_backbone
 from franca.utils.logging import read_metrics
 from rasa import train as rasa_train
-from rasa.config import load_rasa_config
+from rasa.config import REGRESSOR_CHOICES, load_rasa_config
 from rasa.data import make_rasa_eval_transform
 from rasa.eval import evaluate_removal, extract_patch_tokens, split_images
 
@@ -194,6 +194,17 @@ class Runner:
         self.recipe.parent.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.budget.pretrain, self.recipe)
         self.train_cfgs = {name: load_config(self.recipe, overrides) for name, overrides in self.overrides.items()}
+        regressors = self.budget.rasa_eval.regressors
+        if not (
+            OmegaConf.is_list(regressors)
+            and regressors
+            and len(set(regressors)) == len(regressors)
+            and set(regressors) <= set(REGRESSOR_CHOICES)
+        ):
+            raise FidelitySetupError(
+                f"rasa_eval.regressors={regressors!r} must be a non-empty list of distinct regressors from "
+                f"{REGRESSOR_CHOICES}, the first judged by the goals, e.g. [cross_covariance, trained]"
+            )
         self.rasa_cfgs = {
             regressor: load_rasa_config(None, [*self._rasa_overrides(), f"train.regressor={regressor}"])
             for regressor in self.budget.rasa_eval.regressors
@@ -259,16 +270,17 @@ class Runner:
         ev, re = self.budget.evaluation, self.budget.rasa_eval
         backbone = load_backbone(franca_teacher).to(self.device).eval()
         before = self.knn(self.features(MeanPatchToken(backbone), "mean patch token"))
+        image_size = next(iter(self.rasa_cfgs.values())).data.image_size  # the budget's, the same for every regressor
+        position_set = make_dataset(self.datasets["test"], transform=make_rasa_eval_transform(image_size))
+        position_set = Subset(position_set, range(min(re.position_images, len(position_set))))
+        tokens, _, _ = extract_patch_tokens(
+            backbone, position_set, ev.batch_size, ev.num_workers, self.device, name="patch tokens for position R²"
+        )
+        fit, held_out = split_images(len(tokens), 0.5, self.seed)
         results = {}
         for regressor, cfg in self.rasa_cfgs.items():
             head_file = rasa_train.train(cfg, self.out / "rasa" / regressor, resume=not self.args.fresh)
             head = load_rasa_head(head_file, embed_dim=backbone.embed_dim)
-            position_set = make_dataset(self.datasets["test"], transform=make_rasa_eval_transform(cfg.data.image_size))
-            position_set = Subset(position_set, range(min(re.position_images, len(position_set))))
-            tokens, _, _ = extract_patch_tokens(
-                backbone, position_set, ev.batch_size, ev.num_workers, self.device, name="patch tokens for position R²"
-            )
-            fit, held_out = split_images(len(tokens), 0.5, self.seed)
             stages, _ = evaluate_removal(head, tokens, None, fit, held_out, with_miou=False)
             backbone.attach_rasa_head(copy.deepcopy(head).to(self.device))
             debiased = FeatureModel(backbone, use_rasa_head=True)

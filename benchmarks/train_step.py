@@ -74,7 +74,7 @@ from franca.data.samplers import SampleKey
 from franca.loss import koleo_loss
 from franca.train.param_groups import apply_optim_schedule
 from franca.train.schedules import build_schedules
-from franca.train.ssl_meta_arch import SSLMetaArch, resolve_autocast_dtype
+from franca.train.ssl_meta_arch import SSLMetaArch, resolve_autocast_dtype, resolve_loss_chunk_size
 from franca.train.train import build_data, build_optimizer, move_batch
 
 PHASES = (
@@ -489,6 +489,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{config_file} batch {batch_size}: out of memory ({first_line})", flush=True)
             key = (config_file, batch_size, args.compile, args.dtype, args.data, chunked)
             record = dict(zip(RESULT_KEY, key, strict=True))
+            precision = build_config(config_file, batch_size, args, chunked).compute_precision
+            record["loss_chunk_size"] = resolve_loss_chunk_size(chunked, precision.loss_chunk_size, device)
             record["error"] = "out of memory"
         record.update(common_fields)
         payload["runs"] = merge_records(payload["runs"], record)

@@ -6,11 +6,11 @@ of the pre-layers removed, and sets ``pos_pred`` by ``train.regressor``:
 
 - ``trained`` (the original): PyTorch's default Linear init, then ``sigmoid(x · pos_predᵀ)`` → MSE against the
   (row, col)/(n−1) grid positions, AdamW with lr cosine-annealed per step to ``optim.final_lr``.
-- ``cross_covariance`` (new): the rows are the unit directions of Cov(x, row) and Cov(x, col) over the round's crops,
-  accumulated in float64. Removing that plane leaves the tokens uncorrelated with (row, col), so no linear read-out
-  predicts position on those crops any more (R² = 0): the least-squares concept-erasure result (Belrose et al. 2023,
-  LEACE) for orthogonal projections. A fitted regressor's plane (the AdamW one, or least squares) is not the erasing
-  one, and leaves part of the linear position information (docs/rasa.md).
+- ``cross_covariance`` (new): the rows are an orthonormal basis of the plane of Cov(x, row) and Cov(x, col) over the
+  round's crops, accumulated in float64. Removing that plane leaves the tokens uncorrelated with (row, col), so no
+  linear read-out predicts position on those crops any more (R² = 0): the least-squares concept-erasure result
+  (Belrose et al. 2023, LEACE) for orthogonal projections. A fitted regressor's plane (the AdamW one, or least
+  squares) is not the erasing one, and leaves part of the linear position information (docs/rasa.md).
 
 Outputs in ``--output-dir D``: ``D/config.yaml``; after each round ``D/rounds/round_{i}.pth`` (the head so far: i
 pre-layers + ``pos_pred``, original keys) and ``D/rounds/state.json``; per-epoch and per-round metrics in
@@ -39,7 +39,7 @@ from franca.config import ConfigError, save_config
 from franca.data.datasets import seeded_global_rngs
 from franca.eval.features import default_device
 from franca.utils.logging import Progress
-from rasa.config import load_rasa_config
+from rasa.config import DEFAULTS_FILE, load_rasa_config
 from rasa.data import (
     SeededAugmentedImages,
     grid_positions,
@@ -128,7 +128,8 @@ def train_round(
 ) -> list[dict]:
     """Trains ``head.pos_pred`` for one round (``train.regressor=trained``); one metrics record per epoch.
 
-    The loss stays on the device: it is read (a host sync) once per epoch and at the progress lines only.
+    The loss and a finiteness flag stay on the device: they are read (a host sync) once per epoch and at the progress
+    lines only, so a non-finite loss is reported by its epoch, and the round's head is then not saved.
     """
     loader = _round_loader(images, cfg, round_index, device)
     head = head.to(device)
@@ -138,7 +139,8 @@ def train_round(
     total_steps = len(loader)
     steps_per_epoch = total_steps // cfg.train.epochs_per_round
     progress = Progress(f"RASA round {round_index}", total_steps)
-    records, epoch_loss, last_log = [], torch.zeros((), device=device), time.perf_counter()
+    records, last_log = [], time.perf_counter()
+    epoch_loss, epoch_finite = torch.zeros((), device=device), torch.ones((), dtype=torch.bool, device=device)
     targets = None
     for step, crops in enumerate(loader):
         tokens = _reduced_tokens(backbone, crops, removal)
@@ -150,37 +152,38 @@ def train_round(
             group["lr"] = lr
         prediction = torch.sigmoid(head.pos_pred(tokens))
         loss = nn.functional.mse_loss(prediction, targets.expand_as(prediction))
+        epoch_finite &= torch.isfinite(loss.detach())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.clip_grad > 0:
             nn.utils.clip_grad_norm_(head.pos_pred.parameters(), cfg.optim.clip_grad)
         optimizer.step()
         epoch_loss += loss.detach()
-        log_now = time.perf_counter() - last_log > cfg.train.log_every_s or step + 1 == total_steps
+        epoch = step // steps_per_epoch
         if (step + 1) % steps_per_epoch == 0:
-            mean_loss = _finite_loss(epoch_loss / steps_per_epoch, round_index, step, cfg)
-            records.append({"round": round_index, "epoch": step // steps_per_epoch, "train_mse": mean_loss})
+            _check_finite(epoch_finite, round_index, epoch, cfg)
+            records.append({"round": round_index, "epoch": epoch, "train_mse": (epoch_loss / steps_per_epoch).item()})
             epoch_loss.zero_()
-        if log_now:
-            progress.print(step + 1, f"mse {_finite_loss(loss, round_index, step, cfg):.5f} lr {lr:.2e}")
+        if time.perf_counter() - last_log > cfg.train.log_every_s or step + 1 == total_steps:
+            _check_finite(epoch_finite, round_index, epoch, cfg)
+            progress.print(step + 1, f"mse {loss.item():.5f} lr {lr:.2e}")
             last_log = time.perf_counter()
     return records
 
 
-def _finite_loss(loss: torch.Tensor, round_index: int, step: int, cfg: DictConfig) -> float:
-    value = loss.item()
-    if not math.isfinite(value):
+def _check_finite(finite: torch.Tensor, round_index: int, epoch: int, cfg: DictConfig) -> None:
+    """Raise when a step of this epoch had a non-finite loss (read here, once per epoch or log line: one sync)."""
+    if not bool(finite):
         raise FloatingPointError(
-            f"RASA round {round_index} step {step}: loss is {value}; lower optim.lr (now {cfg.optim.lr})"
+            f"RASA round {round_index} epoch {epoch}: a step's loss is not finite; lower optim.lr (now {cfg.optim.lr})"
         )
-    return value
 
 
 @torch.no_grad()
 def cross_covariance_round(
     backbone: nn.Module, head: RASAHead, images, cfg: DictConfig, round_index: int, device: torch.device
 ) -> list[dict]:
-    """Sets ``head.pos_pred`` to the unit directions of Cov(x, row) and Cov(x, col) (``train.regressor=
+    """Sets ``head.pos_pred`` to orthonormal rows spanning Cov(x, row) and Cov(x, col) (``train.regressor=
     cross_covariance``); one record with the norm of that covariance (the linear position signal this round removes).
 
     As the targets are the same for every image, Cov(x, y) = mean over grid positions p of (m_p − m̄)(y_p − ȳ)ᵀ with
@@ -202,15 +205,26 @@ def cross_covariance_round(
     position_means = position_sums / count
     targets = grid_positions(side, side).to(device, torch.float64)
     covariance = (targets - targets.mean(0)).T @ (position_means - position_means.mean(0)) / len(targets)
-    norms = covariance.norm(dim=1, keepdim=True)
-    if not bool((norms > 0).all()):
-        raise ValueError(
-            f"RASA round {round_index}: the tokens carry no linear (row, col) signal to remove (covariance norms "
-            f"{norms.flatten().tolist()}); the head is complete, lower train.end_round to {round_index}"
-        )
-    head.pos_pred.weight.copy_((covariance / norms).to(head.pos_pred.weight.dtype))
+    head.pos_pred.weight.copy_(orthonormal_rows(covariance, round_index).to(head.pos_pred.weight.dtype))
     norm = float(covariance.norm())
     return [{"round": round_index, "epoch": cfg.train.epochs_per_round - 1, "position_covariance_norm": norm}]
+
+
+def orthonormal_rows(covariance: torch.Tensor, round_index: int, tolerance: float = 1e-6) -> torch.Tensor:
+    """The plane of the two covariance rows [2, D] as orthonormal rows (Gram–Schmidt in ``plane_basis``'s order).
+
+    Rows that span less than a plane (no signal, or the row and column signals along one direction) cannot be stored
+    as a RASA plane: a clear error instead of a NaN head.
+    """
+    first = covariance[0] / covariance[0].norm()
+    second = covariance[1] - (covariance[1] @ first) * first
+    if not (covariance[0].norm() > 0 and second.norm() > tolerance * covariance[1].norm() > 0):
+        raise ValueError(
+            f"RASA round {round_index}: Cov(tokens, row) and Cov(tokens, col) (norms "
+            f"{covariance.norm(dim=1).tolist()}) do not span a plane: the tokens carry no linear position signal "
+            f"left, or carry row and column along one direction; stop before this round (train.end_round={round_index})"
+        )
+    return torch.stack((first, second / second.norm()))
 
 
 REGRESSORS = {"trained": train_round, "cross_covariance": cross_covariance_round}
@@ -266,8 +280,12 @@ def _flatten(node: dict, prefix: str = "") -> dict:
 
 
 def check_resumable(saved: dict, cfg: DictConfig, output_dir: Path) -> None:
-    """Refuse to resume when a key that shapes the trained head differs from the finished rounds' config."""
-    old, new = _flatten(saved), _flatten(OmegaConf.to_container(cfg))
+    """Refuse to resume when a key that shapes the trained head differs from the finished rounds' config.
+
+    Keys the saved config lacks (added to the defaults since it was written) count as their defaults.
+    """
+    old = _flatten({**_flatten(OmegaConf.to_container(OmegaConf.load(DEFAULTS_FILE))), **_flatten(saved)})
+    new = _flatten(OmegaConf.to_container(cfg))
     changed = [
         f"{key}: {old.get(key)!r} → {new.get(key)!r}"
         for key in sorted(set(old) | set(new))

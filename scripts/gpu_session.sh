@@ -15,10 +15,12 @@ mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 if ! $py -c "import omegaconf" 2>/dev/null; then
-    [ -d .whl ] || { echo "omegaconf is missing and there is no ./.whl folder of wheels to install it from" >&2; exit 1; }
+    compgen -G '.whl/*.whl' >/dev/null || {
+        echo "omegaconf is missing and ./.whl holds no wheels (omegaconf, antlr4-python3-runtime 4.9.x)" >&2; exit 1; }
     $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
+$py -c "import omegaconf, yaml, antlr4, pytest, torch; assert torch.cuda.is_available(), 'no CUDA device'"
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
 step() {  # step CONFIG: compiled, batch 32 and 64, both loss paths, with the phase breakdown
@@ -31,7 +33,7 @@ case $stage in
     step-l) step configs/train/IN21K/vitl14.yaml ;;
     fidelity)
         [ -d .fmnist ] || { echo "carry .fmnist (the four Fashion-MNIST idx .gz files) for the fidelity stage" >&2; exit 1; }
-        $py benchmarks/fidelity.py --budget gpu --data-root "$PWD/.fmnist" --out "$out" 2>&1 | tail -n 200 > "$out/fidelity.log"
+        $py benchmarks/fidelity.py --budget gpu --data-root "$PWD/.fmnist" --out "$out" 2>&1 | tee "$out/fidelity.log"
         cat "$out/fidelity.md" ;;
     *) echo "unknown stage '$stage': use check, step-b, step-l or fidelity" >&2; exit 2 ;;
 esac

@@ -37,7 +37,8 @@ def value_and_grad(loss_fn, student):
 @pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    "n_student_crops, n_teacher_crops, skip_same_view", [(2, 2, True), (4, 2, False), (3, 2, True), (1, 2, False)]
+    "n_student_crops, n_teacher_crops, skip_same_view",
+    [(2, 2, True), (4, 2, False), (3, 2, True), (1, 2, False), (2, 1, True), (1, 1, True)],
 )
 def test_chunked_dino_equals_plain_in_value_and_gradient(
     n_student_crops, n_teacher_crops, skip_same_view, dtype, chunk_size

@@ -223,7 +223,7 @@ class PatchPixels(torch.nn.Module):
 
 
 def test_cross_covariance_round_matches_the_covariance_of_all_tokens(photos):
-    """pos_pred = unit rows of Cov(x, row) and Cov(x, col) over every token of the round (numpy float64 np.cov)."""
+    """pos_pred = orthonormal rows spanning Cov(x, row), Cov(x, col) over every token of the round (numpy np.cov)."""
     from franca.data.loaders import make_dataset
     from rasa.config import load_rasa_config
     from rasa.head import RASAHead
@@ -239,11 +239,37 @@ def test_cross_covariance_round_matches_the_covariance_of_all_tokens(photos):
     targets = np.tile(np.stack([rows.ravel(), cols.ravel()]), (1, len(tokens)))
     joint = np.cov(np.concatenate([tokens.reshape(-1, DIM).double().numpy().T, targets]), bias=True)
     covariance = joint[DIM:, :DIM]
-    expected = covariance / np.linalg.norm(covariance, axis=1, keepdims=True)
-    np.testing.assert_allclose(head.pos_pred.weight.detach().double().numpy(), expected, atol=1e-5)
+    rows = head.pos_pred.weight.detach().double().numpy()
+    basis, _ = np.linalg.qr(covariance.T)  # the plane of the two covariance rows
+    np.testing.assert_allclose(rows.T @ rows, basis @ basis.T, atol=1e-5)
+    np.testing.assert_allclose(rows[0], covariance[0] / np.linalg.norm(covariance[0]), atol=1e-5)
     assert record[0]["position_covariance_norm"] == pytest.approx(np.linalg.norm(covariance), rel=1e-5)
 
 
 def test_unknown_regressor_is_refused(photos, position_coded_vit, tmp_path):
     with pytest.raises(ConfigError, match="train.regressor has value 'lstsq'.*one of 'trained', 'cross_covariance'"):
         run(tmp_path, position_coded_vit[0], photos[0], "train.regressor=lstsq")
+
+
+def test_cross_covariance_rows_that_span_no_plane_are_refused():
+    from rasa.train import orthonormal_rows
+
+    direction = torch.randn(DIM, dtype=torch.float64)
+    rows = orthonormal_rows(torch.stack([direction, torch.randn(DIM, dtype=torch.float64)]), 0)
+    torch.testing.assert_close(rows @ rows.T, torch.eye(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="do not span a plane.*train.end_round=3"):
+        orthonormal_rows(torch.stack([direction, -2 * direction]), 3)
+    with pytest.raises(ValueError, match="do not span a plane"):
+        orthonormal_rows(torch.zeros(2, DIM, dtype=torch.float64), 1)
+
+
+def test_a_state_file_without_newer_keys_still_resumes(position_coded_vit, photos, tmp_path):
+    """A state.json written before train.regressor existed counts the missing key as its default."""
+    weights, images = position_coded_vit[0], photos[0]
+    run(tmp_path, weights, images, "train.epochs_per_round=1", "train.end_round=1")
+    state_path = tmp_path / "rounds" / "state.json"
+    state = json.loads(state_path.read_text())
+    del state["config"]["train"]["regressor"]
+    state_path.write_text(json.dumps(state))
+    run(tmp_path, weights, images, "train.epochs_per_round=1")
+    assert json.loads(state_path.read_text())["last_finished_round"] == 1

@@ -85,7 +85,10 @@ def chunked_dino_cross_entropy(
             row_scale = teacher[0].new_full((stop - start, 1), 1.0 / batch_size)
             all_views = _sum(teacher) if n_student_crops > n_shared else None
             for s in range(n_student_crops):
-                weights = _sum(teacher[:s] + teacher[s + 1 :]) if s < n_shared else all_views
+                other_views = teacher[:s] + teacher[s + 1 :] if s < n_shared else None
+                if other_views == []:
+                    continue  # its only teacher crop is its own view: no pair, as in the plain loss
+                weights = _sum(other_views) if other_views else all_views
                 yield slice(s * batch_size + start, s * batch_size + stop), weights, row_scale
 
     return soft_cross_entropy(student_logits, student_temp, plan)
