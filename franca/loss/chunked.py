@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 # One chunk of a loss: the student rows it covers, their summed targets w [n, K] (fp32) and row weights a [n, 1].
 Chunk = tuple[slice, torch.Tensor, torch.Tensor]
@@ -78,6 +79,7 @@ class SoftCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_total: torch.Tensor):
         (student_logits,) = ctx.saved_tensors
         student_temp = ctx.student_temp
