@@ -18,8 +18,11 @@ iBOT heads, Sinkhorn-Knopp, KoLeo), per-submodule gradient clipping, AdamW (buil
   with device marks after teacher backbone, teacher heads + targets, student backbones, student heads + losses,
   backward and clip + AdamW + EMA, averaged over ``--steps`` steps; and the counted FLOPs of each phase (one eager
   instrumented step under ``FlopCounterMode``; they sum to the FLOPs per step).
-- ``--compile``: ``torch.compile`` on every transformer block of both backbones (``block.compile(dynamic=False)``:
+- ``--compile``: ``torch.compile`` on every transformer block of both backbones (``franca.parallel.apply_compile``:
   one graph per crop resolution and batch size).
+- The override ``compute_precision.activation_checkpointing=true`` checkpoints the student's blocks as the trainer
+  does (after the FLOP count, so MFU keeps counting model FLOPs, not the recomputation). Records are keyed by the
+  overrides too, so such a run sits beside the plain one.
 - ``--chunked-losses true false``: run each config with the chunked Sinkhorn-Knopp targets and DINO / iBOT
   cross-entropies (``compute_precision.chunked_losses``) and with the plain ones; ``auto`` (default) = the trainer's
   choice (chunked on CUDA). The chunk size is ``compute_precision.loss_chunk_size`` (an override like any other).
@@ -72,6 +75,7 @@ from franca.data.collate import MaskingCollator
 from franca.data.masking import build_mask_generator
 from franca.data.samplers import SampleKey
 from franca.loss import koleo_loss
+from franca.parallel import apply_activation_checkpointing, apply_compile
 from franca.train.param_groups import apply_optim_schedule
 from franca.train.schedules import build_schedules
 from franca.train.ssl_meta_arch import SSLMetaArch, resolve_autocast_dtype, resolve_loss_chunk_size
@@ -105,7 +109,7 @@ CPU_ATTENTION_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
 }
 N_DISTINCT_MASK_SETS = 8
-RESULT_KEY = ("config", "batch_size", "compile", "dtype", "data", "chunked_losses")
+RESULT_KEY = ("config", "batch_size", "compile", "dtype", "data", "chunked_losses", "overrides")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -195,12 +199,6 @@ def batch_stream(cfg: DictConfig, data: str, device: torch.device) -> Iterator[d
         return itertools.cycle(synthetic_batches(cfg, device))
     _, loader = build_data(cfg, 0)
     return (move_batch(batch, device) for batch in loader)
-
-
-def compile_backbone_blocks(model: SSLMetaArch) -> None:
-    for models in (model.student, model.teacher):
-        for block in models["backbone"].blocks:
-            block.compile(dynamic=False)
 
 
 class TrainStep:
@@ -384,8 +382,12 @@ def benchmark(
     record["n_masked_patches_flop_step"] = int(first["n_masked_patches"].sum())
     flops = count_step_flops(step, first, 0)
     phase_flops = count_phase_flops(step, first, 1) if args.breakdown else None
+    # After the FLOP count: MFU counts the model's FLOPs, not the recomputation of activation checkpointing.
+    if cfg.compute_precision.activation_checkpointing:
+        apply_activation_checkpointing(step.model.student["backbone"].blocks)
     if args.compile:
-        compile_backbone_blocks(step.model)
+        for models in (step.model.student, step.model.teacher):
+            apply_compile(models["backbone"].blocks)
     label = f"{record['model']} batch {batch_size} chunked_losses={chunked_losses}"
     print(f"{label}: {args.warmup} warm-up steps", flush=True)
     run_steps(step, batches, 2, args.warmup)
@@ -437,6 +439,7 @@ def results_table(records: list[dict]) -> str:
     for r in records:
         mode = ("compiled" if r["compile"] else "eager") + f" {r.get('autocast_dtype', r['dtype'])}"
         mode += " chunked" if r.get("loss_chunk_size") else ""
+        mode += "".join(f" {o}" for o in r.get("overrides", []))
         if "error" in r:
             rows.append([r.get("model", r["config"]), r["batch_size"], mode, r["data"], r["error"]] + [None] * 11)
             continue
@@ -487,7 +490,7 @@ def main(argv: list[str] | None = None) -> dict:
         except torch.OutOfMemoryError as error:
             first_line = str(error).splitlines()[0]
             print(f"{config_file} batch {batch_size}: out of memory ({first_line})", flush=True)
-            key = (config_file, batch_size, args.compile, args.dtype, args.data, chunked)
+            key = (config_file, batch_size, args.compile, args.dtype, args.data, chunked, list(args.opts))
             record = dict(zip(RESULT_KEY, key, strict=True))
             precision = build_config(config_file, batch_size, args, chunked).compute_precision
             record["loss_chunk_size"] = resolve_loss_chunk_size(chunked, precision.loss_chunk_size, device)

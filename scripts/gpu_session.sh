@@ -2,7 +2,7 @@
 # The GPU measurements still pending (issues #7 and #8), in stages that each fit one 10-minute device call:
 #   bash scripts/gpu_session.sh check      # cuda tests: chunked vs plain step, no host sync, bf16/compile parity
 #   bash scripts/gpu_session.sh step-b     # ViT-B/14 full Franca step, batch 32/64, compiled, plain vs chunked losses
-#   bash scripts/gpu_session.sh step-l     # the same for ViT-L/14 (the 60 GiB goal at batch 64)
+#   bash scripts/gpu_session.sh step-l     # ViT-L/14 at batch 64 (the 60 GiB goal), also with activation checkpointing
 #   bash scripts/gpu_session.sh fidelity   # the Fashion-MNIST fidelity headline (configs/fidelity/gpu.yaml)
 # Results go to ${OUT:-runs/gpu_session}/<stage>/ (JSON, logs); copy the tables into benchmarks/RESULTS.md with the
 # device, versions and date. Packages the device image lacks (omegaconf) are installed from ./.whl when it exists
@@ -23,14 +23,19 @@ fi
 $py -c "import omegaconf, yaml, antlr4, pytest, torch; assert torch.cuda.is_available(), 'no CUDA device'"
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
-step() {  # step CONFIG: compiled, batch 32 and 64, both loss paths, with the phase breakdown
-    $py benchmarks/train_step.py --config "$1" --batch-sizes 32 64 --compile --breakdown \
-        --chunked-losses false true --steps 10 --warmup 3 --out "$out" 2>&1 | tee "$out/train_step.log"
+step() {  # step CONFIG "BATCH_SIZES" [OVERRIDES...]: compiled, both loss paths, with the phase breakdown
+    local config=$1 batch_sizes=$2
+    shift 2
+    # shellcheck disable=SC2086  # the batch sizes are separate words
+    $py benchmarks/train_step.py --batch-sizes $batch_sizes --compile --breakdown --chunked-losses false true \
+        --steps 10 --warmup 3 --out "$out" --config "$config" "$@" 2>&1 | tee -a "$out/train_step.log"
 }
 case $stage in
     check) $py -m pytest -m cuda -q -p no:cacheprovider tests 2>&1 | tee "$out/pytest_cuda.log" ;;
-    step-b) step configs/train/IN21K/vitb14.yaml ;;
-    step-l) step configs/train/IN21K/vitl14.yaml ;;
+    step-b) step configs/train/IN21K/vitb14.yaml "32 64" ;;
+    step-l)  # batch 64 (the 60 GiB goal), then the same with activation checkpointing
+        step configs/train/IN21K/vitl14.yaml 64
+        step configs/train/IN21K/vitl14.yaml 64 compute_precision.activation_checkpointing=true ;;
     fidelity)
         [ -d .fmnist ] || { echo "carry .fmnist (the four Fashion-MNIST idx .gz files) for the fidelity stage" >&2; exit 1; }
         $py benchmarks/fidelity.py --budget gpu --data-root "$PWD/.fmnist" --out "$out" 2>&1 | tee "$out/fidelity.log"

@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from franca.parallel import apply_activation_checkpointing
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
@@ -173,8 +175,10 @@ def test_merge_records_replaces_a_rerun():
     old = [{"config": "a", "batch_size": 32, "compile": False, "dtype": "auto", "data": "synthetic", "img_per_s": 1}]
     rerun = dict(old[0], img_per_s=2)
     other = dict(old[0], compile=True, img_per_s=3)
+    checkpointed = dict(old[0], overrides=["compute_precision.activation_checkpointing=true"], img_per_s=4)
     assert train_step.merge_records(old, rerun) == [rerun]
     assert train_step.merge_records(old, other) == [old[0], other]
+    assert train_step.merge_records(old, checkpointed) == [old[0], checkpointed]
 
 
 # ------------------------------------------------------------------------------------------------ data pipeline
@@ -254,3 +258,22 @@ def test_batched_multicrop_gives_the_collated_crop_batches():
         high = (1 - min(data_pipeline.IMAGENET_MEAN)) / min(data_pipeline.IMAGENET_STD)
         assert torch.isfinite(batch).all() and low - 1e-4 <= batch.min() and batch.max() <= high + 1e-4
         assert batch.flatten(1).std(dim=1).min() > 0  # every crop has content
+
+
+def test_train_step_with_activation_checkpointing_counts_model_flops(train_step_run, tmp_path, monkeypatch):
+    """The override reaches the student's blocks; the FLOP count (MFU) excludes the recomputation."""
+    (plain,) = train_step_run[0]["runs"]
+    checkpointed = []
+
+    def record(blocks):
+        checkpointed.append(len(blocks))
+        apply_activation_checkpointing(blocks)
+
+    monkeypatch.setattr(train_step, "apply_activation_checkpointing", record)
+    argv = ["--config", CONFIG, "--batch-sizes", str(BATCH), "--steps", "1", "--warmup", "0", "--device", "cpu"]
+    override = "compute_precision.activation_checkpointing=true"
+    payload = train_step.main([*argv, "--peak-size", "64", "--out", str(tmp_path), *TINY, override])
+    (run,) = payload["runs"]
+    assert checkpointed == [DEPTH]
+    assert run["overrides"][-1] == override and run["flops_per_step"] == plain["flops_per_step"]
+    assert override in train_step.results_table([run])
