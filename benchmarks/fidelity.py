@@ -48,6 +48,7 @@ from torch.utils.data import Subset
 from franca.checkpoint import teacher_export_path
 from franca.config import apply_scaling_rules, load_config
 from franca.data.augmentations import make_classification_eval_transform
+from franca.data.datasets import seeded_global_rngs
 from franca.data.loaders import make_dataset, parse_dataset_string
 from franca.eval.common import write_bytes_atomic
 from franca.eval.features import default_device, extract_features
@@ -62,7 +63,7 @@ from franca.train.ssl_meta_arch import build_backbone
 from franca.utils.logging import read_metrics
 from rasa import train as rasa_train
 from rasa.config import REGRESSOR_CHOICES, load_rasa_config
-from rasa.data import make_rasa_eval_transform
+from rasa.data import make_rasa_eval_transform, make_rasa_train_transform
 from rasa.eval import evaluate_removal, extract_patch_tokens, split_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,18 +197,19 @@ class Runner:
         self.train_cfgs = {name: load_config(self.recipe, overrides) for name, overrides in self.overrides.items()}
         regressors = self.budget.rasa_eval.regressors
         if not (
-            OmegaConf.is_list(regressors)
+            OmegaConf.is_dict(regressors)
             and regressors
-            and len(set(regressors)) == len(regressors)
             and set(regressors) <= set(REGRESSOR_CHOICES)
+            and all(OmegaConf.is_list(overrides) for overrides in regressors.values())
         ):
             raise FidelitySetupError(
-                f"rasa_eval.regressors={regressors!r} must be a non-empty list of distinct regressors from "
-                f"{REGRESSOR_CHOICES}, the first judged by the goals, e.g. [cross_covariance, trained]"
+                f"rasa_eval.regressors={regressors!r} must map regressors from {REGRESSOR_CHOICES} to lists of "
+                "rasa.train overrides, the first judged by the goals, e.g. {cross_covariance: [train.end_round=1], "
+                "trained: []}"
             )
         self.rasa_cfgs = {
-            regressor: load_rasa_config(None, [*self._rasa_overrides(), f"train.regressor={regressor}"])
-            for regressor in self.budget.rasa_eval.regressors
+            regressor: load_rasa_config(None, [*self._rasa_overrides(), f"train.regressor={regressor}", *overrides])
+            for regressor, overrides in regressors.items()
         }
 
     def _rasa_overrides(self) -> list[str]:
@@ -267,35 +269,48 @@ class Runner:
     def rasa(self, franca_teacher: Path) -> dict:
         """For each of ``rasa_eval.regressors``: train a RASA head on the Franca teacher, then measure the position R²
         and the mean-patch k-NN before and after its removal; ``{regressor: results}``."""
-        ev, re = self.budget.evaluation, self.budget.rasa_eval
         backbone = load_backbone(franca_teacher).to(self.device).eval()
         before = self.knn(self.features(MeanPatchToken(backbone), "mean patch token"))
-        image_size = next(iter(self.rasa_cfgs.values())).data.image_size  # the budget's, the same for every regressor
-        position_set = make_dataset(self.datasets["test"], transform=make_rasa_eval_transform(image_size))
-        position_set = Subset(position_set, range(min(re.position_images, len(position_set))))
-        tokens, _, _ = extract_patch_tokens(
-            backbone, position_set, ev.batch_size, ev.num_workers, self.device, name="patch tokens for position R²"
+        data = next(iter(self.rasa_cfgs.values())).data  # the budget's crops, the same for every regressor
+        plain = self.position_tokens(backbone, make_rasa_eval_transform(data.image_size), "plain test images")
+        augmented = self.position_tokens(
+            backbone, make_rasa_train_transform(data.image_size, (data.min_scale, data.max_scale)), "augmented crops"
         )
-        fit, held_out = split_images(len(tokens), 0.5, self.seed)
+        fit, held_out = split_images(len(plain), 0.5, self.seed)
         results = {}
         for regressor, cfg in self.rasa_cfgs.items():
             head_file = rasa_train.train(cfg, self.out / "rasa" / regressor, resume=not self.args.fresh)
             head = load_rasa_head(head_file, embed_dim=backbone.embed_dim)
-            stages, _ = evaluate_removal(head, tokens, None, fit, held_out, with_miou=False)
+            stages, _ = evaluate_removal(head, plain, None, fit, held_out, with_miou=False)
+            augmented_stages, _ = evaluate_removal(head, augmented, None, fit, held_out, with_miou=False)
             backbone.attach_rasa_head(copy.deepcopy(head).to(self.device))
             debiased = FeatureModel(backbone, use_rasa_head=True)
             after = self.knn(self.features(debiased, f"mean RASA patch token ({regressor})"))
             results[regressor] = {
                 "head": str(head_file),
                 "planes_removed": len(stages) - 1,
-                "position_images": len(tokens),
+                "position_images": len(plain),
                 "position_r2_before": stages[0]["position_r2"],
                 "position_r2_after": stages[-1]["position_r2"],
+                "augmented_position_r2_before": augmented_stages[0]["position_r2"],
+                "augmented_position_r2_after": augmented_stages[-1]["position_r2"],
                 "stages": stages,
                 "knn_mean_patch_before": before,
                 "knn_mean_patch_after": after,
             }
         return results
+
+    def position_tokens(self, backbone: nn.Module, transform, name: str) -> torch.Tensor:
+        """Patch tokens of the first ``rasa_eval.position_images`` test images under ``transform`` (random
+        augmentations drawn from ``--seed``)."""
+        ev = self.budget.evaluation
+        dataset = make_dataset(self.datasets["test"], transform=transform)
+        dataset = Subset(dataset, range(min(self.budget.rasa_eval.position_images, len(dataset))))
+        with seeded_global_rngs([self.seed, 1]):
+            tokens, _, _ = extract_patch_tokens(
+                backbone, dataset, ev.batch_size, ev.num_workers, self.device, name=f"patch tokens of {name}"
+            )
+        return tokens
 
     # ---------------------------------------------------------------- the whole run
     def run(self) -> dict:
@@ -413,8 +428,11 @@ def markdown(result: dict) -> str:
         "",
         "| Franca + RASA | before | " + " | ".join(f"after ({name})" for name in rasa) + " |",
         "|---|---|" + "---|" * len(rasa),
-        f"| position R² of patch tokens (linear read-out) | {first['position_r2_before']:.3f} | "
+        f"| position R² of patch tokens (linear read-out), plain test images | {first['position_r2_before']:.3f} | "
         + " | ".join(f"{r['position_r2_after']:.3f}" for r in rasa.values())
+        + " |",
+        f"| position R² of patch tokens, RASA-augmented crops | {first['augmented_position_r2_before']:.3f} | "
+        + " | ".join(f"{r['augmented_position_r2_after']:.3f}" for r in rasa.values())
         + " |",
         f"| k-NN top-1 on the mean patch token | {first['knn_mean_patch_before'][k]['top1']:.2f} | "
         + " | ".join(f"{r['knn_mean_patch_after'][k]['top1']:.2f}" for r in rasa.values())

@@ -184,30 +184,52 @@ def cross_covariance_round(
     backbone: nn.Module, head: RASAHead, images, cfg: DictConfig, round_index: int, device: torch.device
 ) -> list[dict]:
     """Sets ``head.pos_pred`` to orthonormal rows spanning Cov(x, row) and Cov(x, col) (``train.regressor=
-    cross_covariance``); one record with the norm of that covariance (the linear position signal this round removes).
+    cross_covariance``); one record with that covariance's norm, the correlation of the tokens' projection on each
+    covariance direction with its coordinate, and the share of the token variance in the plane.
 
+    One round leaves the round's crops with no covariance with (row, col). A later round estimates what is left,
+    mostly sampling noise, which points along the directions of largest variance: a low correlation with a large
+    variance share says its plane would take content rather than position (docs/rasa.md).
     As the targets are the same for every image, Cov(x, y) = mean over grid positions p of (m_p − m̄)(y_p − ȳ)ᵀ with
-    m_p the mean token at position p: one float64 sum [N, D] over the round's crops is all it needs.
+    m_p the mean token at position p; the token covariance Σ comes from a float64 Gram matrix of the same pass.
     """
     loader = _round_loader(images, cfg, round_index, device)
     head = head.to(device)
     removal = head.folded_matrix(use_pos_pred=False).T.contiguous()
     progress = Progress(f"RASA round {round_index} (cross-covariance)", len(loader))
-    position_sums, count, last_log = None, 0, time.perf_counter()
+    position_sums = gram = centred_targets = None
+    count, last_log = 0, time.perf_counter()
     for step, crops in enumerate(loader):
         tokens = _reduced_tokens(backbone, crops, removal).double()
+        if centred_targets is None:
+            side = square_grid_side(tokens.shape[1])
+            targets = grid_positions(side, side).to(device, torch.float64)
+            centred_targets = targets - targets.mean(0)
+        flat = tokens.flatten(0, 1)
         position_sums = tokens.sum(0) if position_sums is None else position_sums + tokens.sum(0)
+        gram = flat.T @ flat if gram is None else gram.addmm_(flat.T, flat)
         count += len(tokens)
         if time.perf_counter() - last_log > cfg.train.log_every_s or step + 1 == len(loader):
             progress.print(step + 1)
             last_log = time.perf_counter()
-    side = square_grid_side(position_sums.shape[0])
     position_means = position_sums / count
-    targets = grid_positions(side, side).to(device, torch.float64)
-    covariance = (targets - targets.mean(0)).T @ (position_means - position_means.mean(0)) / len(targets)
-    head.pos_pred.weight.copy_(orthonormal_rows(covariance, round_index).to(head.pos_pred.weight.dtype))
-    norm = float(covariance.norm())
-    return [{"round": round_index, "epoch": cfg.train.epochs_per_round - 1, "position_covariance_norm": norm}]
+    covariance = centred_targets.T @ (position_means - position_means.mean(0)) / len(centred_targets)
+    token_mean = position_means.mean(0)
+    token_covariance = gram / (count * len(targets)) - torch.outer(token_mean, token_mean)
+    directions = covariance / covariance.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    direction_variance = ((directions @ token_covariance) * directions).sum(1)
+    target_variance = (centred_targets**2).mean(0)
+    correlation = covariance.norm(dim=1) / (direction_variance * target_variance).sqrt()
+    rows = orthonormal_rows(covariance, round_index)
+    head.pos_pred.weight.copy_(rows.to(head.pos_pred.weight.dtype))
+    record = {
+        "round": round_index,
+        "epoch": cfg.train.epochs_per_round - 1,
+        "position_covariance_norm": float(covariance.norm()),
+        "position_correlation": [float(c) for c in correlation],
+        "plane_variance_share": float((rows @ token_covariance @ rows.T).trace() / token_covariance.trace()),
+    }
+    return [record]
 
 
 def orthonormal_rows(covariance: torch.Tensor, round_index: int, tolerance: float = 1e-6) -> torch.Tensor:

@@ -244,6 +244,14 @@ def test_cross_covariance_round_matches_the_covariance_of_all_tokens(photos):
     np.testing.assert_allclose(rows.T @ rows, basis @ basis.T, atol=1e-5)
     np.testing.assert_allclose(rows[0], covariance[0] / np.linalg.norm(covariance[0]), atol=1e-5)
     assert record[0]["position_covariance_norm"] == pytest.approx(np.linalg.norm(covariance), rel=1e-5)
+    token_covariance, target_variance = joint[:DIM, :DIM], np.diag(joint)[DIM:]
+    units = covariance / np.linalg.norm(covariance, axis=1, keepdims=True)
+    correlation = [
+        np.linalg.norm(c) / np.sqrt(u @ token_covariance @ u * v) for c, u, v in zip(covariance, units, target_variance)
+    ]
+    np.testing.assert_allclose(record[0]["position_correlation"], correlation, rtol=1e-5)
+    share = np.trace(basis.T @ token_covariance @ basis) / np.trace(token_covariance)
+    assert record[0]["plane_variance_share"] == pytest.approx(share, rel=1e-5)
 
 
 def test_unknown_regressor_is_refused(photos, position_coded_vit, tmp_path):
