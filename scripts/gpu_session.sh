@@ -24,7 +24,7 @@ if ! $py -c "import omegaconf" 2>/dev/null; then
     $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
-$py -c "import omegaconf, yaml, antlr4, pytest, torch; assert torch.cuda.is_available(), 'no CUDA device'"
+$py -c "import omegaconf, yaml, pytest, torch; assert torch.cuda.is_available(), 'no CUDA device'"
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
 step() {  # step CONFIG "BATCH_SIZES" [OVERRIDES...]: compiled, both loss paths, with the phase breakdown
