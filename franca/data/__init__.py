@@ -6,6 +6,7 @@ from franca.data.augmentations import (
     make_classification_eval_transform,
     make_classification_train_transform,
 )
+from franca.data.batched_augmentations import SplitDataAugmentationDINO, apply_photometric, apply_photometric_to_batch
 from franca.data.collate import MaskingCollator, collate_data_and_cast
 from franca.data.datasets import (
     FashionMNIST,
@@ -32,8 +33,11 @@ __all__ = [
     "InverseBlockMask",
     "MaskingCollator",
     "SampleKey",
+    "SplitDataAugmentationDINO",
     "TooManyUnreadableImagesError",
     "UnreadableImageWarning",
+    "apply_photometric",
+    "apply_photometric_to_batch",
     "build_mask_generator",
     "collate_data_and_cast",
     "make_classification_eval_transform",

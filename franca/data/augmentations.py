@@ -11,6 +11,15 @@ from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The photometric settings of reference §4.4, shared by the per-image transform and the batched one
+# (franca.data.batched_augmentations), which must draw and apply the same parameters.
+COLOUR_JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1}
+COLOUR_JITTER_PROBABILITY = 0.8
+GRAYSCALE_PROBABILITY = 0.2
+BLUR_KERNEL_SIZE = 9
+BLUR_SIGMA = (0.1, 2.0)
+SOLARIZE_THRESHOLD = 128
+SOLARIZE_PROBABILITY = 0.2
 
 
 def make_normalize_transform() -> v2.Compose:
@@ -32,8 +41,7 @@ class SizeCappedGaussianBlur:
         self.sigma = sigma
 
     def __call__(self, image: Any) -> Any:
-        shortest_side = min(v2.functional.get_size(image))
-        kernel = min(self.kernel_size, 2 * shortest_side - 1)
+        kernel = capped_blur_kernel(self.kernel_size, min(v2.functional.get_size(image)))
         sigma = torch.empty(1).uniform_(self.sigma[0], self.sigma[1]).item()
         return v2.functional.gaussian_blur(image, kernel_size=[kernel, kernel], sigma=[sigma, sigma])
 
@@ -41,34 +49,40 @@ class SizeCappedGaussianBlur:
         return f"{type(self).__name__}(kernel_size={self.kernel_size}, sigma={self.sigma})"
 
 
+def capped_blur_kernel(kernel_size: int, shortest_side: int) -> int:
+    """The blur kernel for an image whose shortest side is ``shortest_side``: at most 2·side − 1, so that the reflect
+    padding (kernel // 2) stays below the side."""
+    return min(kernel_size, 2 * shortest_side - 1)
+
+
 def _colour_jitter() -> list[Any]:
     return [
-        v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.ColorJitter(**COLOUR_JITTER)], p=COLOUR_JITTER_PROBABILITY),
+        v2.RandomGrayscale(p=GRAYSCALE_PROBABILITY),
     ]
 
 
 def _blur(probability: float) -> v2.RandomApply:
-    return v2.RandomApply([SizeCappedGaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=probability)
+    return v2.RandomApply([SizeCappedGaussianBlur(kernel_size=BLUR_KERNEL_SIZE, sigma=BLUR_SIGMA)], p=probability)
 
 
-def _crop(size: int, scale: Sequence[float]) -> list[Any]:
+def crop_transforms(size: int, scale: Sequence[float]) -> list[Any]:
+    """Bicubic antialiased RandomResizedCrop to ``size``² with area fraction in ``scale``, then a horizontal flip
+    (p 0.5): the geometry of every multi-crop crop (reference §4.4)."""
     return [
         v2.RandomResizedCrop(size, scale=tuple(scale), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(p=0.5),
     ]
 
 
-class DataAugmentationDINO:
-    """Two global and ``local_crops_number`` local crops of one image (reference §4.4).
+class MultiCropSettings:
+    """The checked settings of a multi-crop transform (reference §4.4), shared by the per-image
+    :class:`DataAugmentationDINO` and the split :class:`~franca.data.batched_augmentations.SplitDataAugmentationDINO`.
 
-    Each crop: bicubic RandomResizedCrop + horizontal flip, colour jitter (p 0.8), grayscale (p 0.2), Gaussian blur
-    (kernel 9, σ ∈ [0.1, 2]) and, on the second global crop, solarisation (threshold 128, p 0.2); then ImageNet
-    normalisation. Blur probabilities: with ``blur_quirk=True`` those the original actually uses (global-1 0.0,
-    global-2 0.9, local 0.5; DINOv2's inverted ``RandomApply(p=1-p)``, reference §10 item 7), otherwise the intended
-    1.0 / 0.1 / 0.5.
-
-    Returns ``{"global_crops": [g1, g2], "global_crops_teacher": [g1, g2], "local_crops": [...], "offsets": ()}``.
+    Two global crops of ``global_crops_size``² with area fraction in ``global_crops_scale`` and
+    ``local_crops_number`` local crops of ``local_crops_size``² in ``local_crops_scale``. Blur probabilities: with
+    ``blur_quirk=True`` those the original actually uses (global-1 0.0, global-2 0.9, local 0.5; DINOv2's inverted
+    ``RandomApply(p=1-p)``, reference §10 item 7), otherwise the intended 1.0 / 0.1 / 0.5.
     """
 
     def __init__(
@@ -85,24 +99,46 @@ class DataAugmentationDINO:
                 raise ValueError(f"{name}={tuple(scale)} must be (min, max) with 0 < min <= max <= 1")
         if local_crops_number < 0:
             raise ValueError(f"local_crops_number={local_crops_number} must be >= 0")
+        self.global_crops_scale, self.local_crops_scale = tuple(global_crops_scale), tuple(local_crops_scale)
+        self.global_crops_size, self.local_crops_size = global_crops_size, local_crops_size
         self.local_crops_number = local_crops_number
-        blur_global_1, blur_global_2, blur_local = (0.0, 0.9, 0.5) if blur_quirk else (1.0, 0.1, 0.5)
+        self.blur_global_1, self.blur_global_2, self.blur_local = (0.0, 0.9, 0.5) if blur_quirk else (1.0, 0.1, 0.5)
+
+    def global_crop(self) -> list[Any]:
+        """The geometry of a global crop (:func:`crop_transforms`)."""
+        return crop_transforms(self.global_crops_size, self.global_crops_scale)
+
+    def local_crop(self) -> list[Any]:
+        """The geometry of a local crop (:func:`crop_transforms`)."""
+        return crop_transforms(self.local_crops_size, self.local_crops_scale)
+
+
+class DataAugmentationDINO(MultiCropSettings):
+    """Two global and ``local_crops_number`` local crops of one image, augmented per image (reference §4.4).
+
+    Each crop: bicubic RandomResizedCrop + horizontal flip, colour jitter (p 0.8), grayscale (p 0.2), Gaussian blur
+    (kernel 9, σ ∈ [0.1, 2], probabilities as :class:`MultiCropSettings`) and, on the second global crop,
+    solarisation (threshold 128, p 0.2); then ImageNet normalisation. Arguments: :class:`MultiCropSettings`.
+
+    Returns ``{"global_crops": [g1, g2], "global_crops_teacher": [g1, g2], "local_crops": [...], "offsets": ()}``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
         normalize = make_normalize_transform()
         self.global_transform_1 = v2.Compose(
-            [*_crop(global_crops_size, global_crops_scale), *_colour_jitter(), _blur(blur_global_1), normalize]
+            [*self.global_crop(), *_colour_jitter(), _blur(self.blur_global_1), normalize]
         )
         self.global_transform_2 = v2.Compose(
             [
-                *_crop(global_crops_size, global_crops_scale),
+                *self.global_crop(),
                 *_colour_jitter(),
-                _blur(blur_global_2),
-                v2.RandomSolarize(threshold=128, p=0.2),
+                _blur(self.blur_global_2),
+                v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=SOLARIZE_PROBABILITY),
                 normalize,
             ]
         )
-        self.local_transform = v2.Compose(
-            [*_crop(local_crops_size, local_crops_scale), *_colour_jitter(), _blur(blur_local), normalize]
-        )
+        self.local_transform = v2.Compose([*self.local_crop(), *_colour_jitter(), _blur(self.blur_local), normalize])
 
     def __call__(self, image: Any) -> dict[str, Any]:
         global_crops = [self.global_transform_1(image), self.global_transform_2(image)]

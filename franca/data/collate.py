@@ -1,7 +1,9 @@
 """Batching of multi-crop samples with iBOT masks (reference §4.5).
 
 A sample is a tuple ``(crops, target, ...)`` where ``crops`` is the dict from
-:class:`franca.data.augmentations.DataAugmentationDINO`; samples from the training loader carry a third element, a
+:class:`franca.data.augmentations.DataAugmentationDINO` or, on the split path, from
+:class:`franca.data.batched_augmentations.SplitDataAugmentationDINO` (uint8 crops and their photometric parameters,
+finished on the training device); samples from the training loader carry a third element, a
 :class:`franca.data.samplers.SampleKey`, that :class:`MaskingCollator` uses to seed the batch's masks.
 """
 
@@ -14,8 +16,9 @@ import torch
 from franca.data.masking import BlockMask
 
 
-def _stack_crop_major(samples: Sequence[Sequence[Any]], key: str) -> torch.Tensor:
-    """[crop 0 of every sample, crop 1 of every sample, ...] → [n_crops·B, C, H, W]; empty [0] without crops."""
+def stack_crop_major(samples: Sequence[Sequence[Any]], key: str) -> torch.Tensor:
+    """[crop 0 of every sample, crop 1 of every sample, ...] → [n_crops·B, ...] (crops or their parameter vectors
+    under ``key``); empty [0] without crops."""
     n_crops = len(samples[0][0][key])
     crops = [sample[0][key][crop] for crop in range(n_crops) for sample in samples]
     return torch.stack(crops) if crops else torch.empty(0)
@@ -71,6 +74,10 @@ def collate_data_and_cast(
     rank·B … rank·B + B − 1) and this rank keeps its rows, so the masks of an iteration do not depend on the world
     size: a run resumed on another number of processes continues with the same masks.
 
+    Samples of the split path (crops with ``global_params``) keep their crops' dtype (uint8) and add
+    ``photometric_params`` = {"global": [G·B, P], "local": [L·B, P]}, in the crops' order, for
+    :func:`franca.data.batched_augmentations.apply_photometric_to_batch` on the device.
+
     Returns ``collated_global_crops`` [G·B, 3, S, S], ``collated_local_crops`` [L·B, 3, s, s], ``collated_masks``
     [G·B, N] bool, ``mask_indices_list`` (flat indices into G·B·N), ``masks_weight`` (1 / #masked of the token's
     image, one per masked token), ``upperbound`` (int ≥ number of masked tokens), ``n_masked_patches`` (long [1]) and
@@ -88,8 +95,8 @@ def collate_data_and_cast(
         raise ValueError(f"mask_ratio_tuple={tuple(mask_ratio_tuple)} must satisfy 0 <= min <= max <= 1")
     if not 0.0 <= mask_probability <= 1.0:
         raise ValueError(f"mask_probability={mask_probability} must be in [0, 1]")
-    global_crops = _stack_crop_major(samples, "global_crops")
-    local_crops = _stack_crop_major(samples, "local_crops")
+    global_crops = stack_crop_major(samples, "global_crops")
+    local_crops = stack_crop_major(samples, "local_crops")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     n_global_crops = len(global_crops) // len(samples)
@@ -101,9 +108,10 @@ def collate_data_and_cast(
     mask_indices = masks.flatten().nonzero().flatten()
     masked_per_image = masks.sum(dim=-1, keepdim=True).clamp(min=1).to(torch.float32)
     masks_weight = (1.0 / masked_per_image).expand_as(masks)[masks]
-    return {
-        "collated_global_crops": global_crops.to(dtype),
-        "collated_local_crops": local_crops.to(dtype),
+    split = "global_params" in samples[0][0]
+    batch = {
+        "collated_global_crops": global_crops if split else global_crops.to(dtype),
+        "collated_local_crops": local_crops if split else local_crops.to(dtype),
         "collated_masks": masks,
         "mask_indices_list": mask_indices,
         "masks_weight": masks_weight,
@@ -111,6 +119,11 @@ def collate_data_and_cast(
         "n_masked_patches": torch.tensor([mask_indices.numel()], dtype=torch.long),
         "targets": torch.tensor([int(sample[1]) for sample in samples], dtype=torch.long),
     }
+    if split:
+        batch["photometric_params"] = {
+            kind: stack_crop_major(samples, f"{kind}_params") for kind in ("global", "local")
+        }
+    return batch
 
 
 @dataclass
