@@ -35,6 +35,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "compute_precision.compile": ("auto", "true", "false"),
     "compute_precision.chunked_losses": ("auto", "true", "false"),
     "compute_precision.distributed": ("auto", "fsdp", "ddp", "none"),
+    "crops.batched_photometric": ("auto", "true", "false"),
     "student.arch": tuple(ARCHITECTURES),
     "student.ffn_layer": tuple(FFN_LAYERS),
     "optim.scaling_rule": ("sqrt_wrt_1024",),

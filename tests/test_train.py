@@ -1,6 +1,7 @@
 """End-to-end tests of the single-process trainer on real Fashion-MNIST photos (the shipped subset)."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from franca.config import ConfigError
+from franca.data.batched_augmentations import apply_photometric_to_batch
 from franca.hub import load_backbone
 from franca.train import train as trainer
 
@@ -50,13 +52,15 @@ def test_tiny_run_writes_metrics_checkpoints_and_a_loadable_teacher(tiny_config,
     assert all(torch.equal(model.state_dict()[k], v) for k, v in teacher.items())
 
 
-def test_resume_after_sigkill_equals_uninterrupted_run(tiny_config, tmp_path):
+@pytest.mark.parametrize("overrides", [[], ["crops.batched_photometric=true"]], ids=["per_image", "batched"])
+def test_resume_after_sigkill_equals_uninterrupted_run(tiny_config, tmp_path, overrides):
     full = tmp_path / "full"
-    trainer.main(["--config-file", str(tiny_config), "--output-dir", str(full)])
+    trainer.main(["--config-file", str(tiny_config), "--output-dir", str(full), *overrides])
     reference = {r["iteration"]: r for r in read_metrics(full)}
 
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "franca.train", "--config-file", str(tiny_config), "--output-dir", str(killed)]
+    command += overrides
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first_checkpoint = killed / "checkpoints" / "model_0000003.pth"
@@ -96,6 +100,32 @@ def test_sigterm_checkpoints_and_stops(tiny_config, tmp_path):
         out / "checkpoints" / f"model_{read_metrics(out)[-1]['iteration'] + 1:07d}.pth", weights_only=True
     )
     assert saved["iteration"] == read_metrics(out)[-1]["iteration"] + 1
+
+
+def test_batched_photometric_runs_on_the_device_side_with_finite_losses(tiny_config, tmp_path, monkeypatch):
+    """crops.batched_photometric=true on CPU: the loader yields uint8 crops with parameters, every step finishes them
+    with the batched ops, and training gives finite losses."""
+    finished = []
+
+    def spy(batch):
+        assert batch["collated_global_crops"].dtype == torch.uint8
+        finished.append(batch["iteration"])
+        return apply_photometric_to_batch(batch)
+
+    monkeypatch.setattr(trainer, "apply_photometric_to_batch", spy)
+    out = tmp_path / "batched"
+    trainer.main(["--config-file", str(tiny_config), "--output-dir", str(out), "crops.batched_photometric=true"])
+    records = read_metrics(out)
+    assert finished == list(range(9)) and [r["iteration"] for r in records] == finished
+    assert all(math.isfinite(r[k]) for r in records for k in ("total_loss", "ibot_loss", "koleo_loss"))
+
+
+def test_batched_photometric_setting_resolves_per_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not trainer.resolve_batched_photometric("auto", cpu) and trainer.resolve_batched_photometric("auto", cuda)
+    assert trainer.resolve_batched_photometric("true", cpu) and not trainer.resolve_batched_photometric("false", cuda)
+    with pytest.raises(ValueError, match="crops.batched_photometric='on'; use auto, true or false"):
+        trainer.resolve_batched_photometric("on", cpu)
 
 
 def test_dinov2_baseline_and_softmax_centering_train(tiny_config, tmp_path):
@@ -200,7 +230,8 @@ def test_quickstart_runs_end_to_end_in_short_form(tmp_path, capsys):
     assert "k-NN (k=20)" in capsys.readouterr().out
 
 
-def test_training_on_webdataset_shards(tiny_config, tmp_path):
+@pytest.mark.parametrize("batched", ["false", "true"])
+def test_training_on_webdataset_shards(tiny_config, tmp_path, batched):
     import io
     import tarfile
 
@@ -222,5 +253,6 @@ def test_training_on_webdataset_shards(tiny_config, tmp_path):
                 tar.addfile(info, buffer)
     dataset = f"train.dataset_path=WebDataset:urls={tmp_path}/shard-{{00..01}}.tar"
     out = tmp_path / "wds"
-    record = trainer.main(["--config-file", str(tiny_config), "--output-dir", str(out), dataset, "optim.epochs=1"])
+    overrides = [dataset, "optim.epochs=1", f"crops.batched_photometric={batched}"]
+    record = trainer.main(["--config-file", str(tiny_config), "--output-dir", str(out), *overrides])
     assert record["iteration"] == 2 and torch.isfinite(torch.tensor(record["total_loss"]))

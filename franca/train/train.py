@@ -29,6 +29,7 @@ from franca.checkpoint import TrainingCheckpointer, latest_checkpoint, restore_r
 from franca.checkpoint.release import teacher_export_path
 from franca.config import apply_scaling_rules, load_config, save_config
 from franca.data.augmentations import DataAugmentationDINO
+from franca.data.batched_augmentations import SplitDataAugmentationDINO, apply_photometric_to_batch
 from franca.data.collate import MaskingCollator
 from franca.data.datasets import WebDatasetShards, make_webdataset_train_loader
 from franca.data.loaders import make_dataset, make_train_data_loader
@@ -93,8 +94,18 @@ def build_optimizer(cfg: DictConfig, model: SSLMetaArch, device: torch.device) -
     return torch.optim.AdamW(fuse_params_groups(groups), betas=betas, **fast)
 
 
-def build_data(cfg: DictConfig, start_iteration: int, rank: int = 0, world_size: int = 1):
-    transform = DataAugmentationDINO(
+def resolve_batched_photometric(setting: str, device: torch.device) -> bool:
+    """``crops.batched_photometric``: auto = on CUDA, off elsewhere; true / false force it."""
+    if setting not in ("auto", "true", "false"):
+        raise ValueError(f"crops.batched_photometric={setting!r}; use auto, true or false")
+    return device.type == "cuda" if setting == "auto" else setting == "true"
+
+
+def build_transform(cfg: DictConfig, batched_photometric: bool):
+    """The multi-crop transform of the loader workers: all of it per image, or its split worker half (reference
+    §4.4; the photometric half then runs in :func:`prepare_batch`)."""
+    augmentation = SplitDataAugmentationDINO if batched_photometric else DataAugmentationDINO
+    return augmentation(
         cfg.crops.global_crops_scale,
         cfg.crops.local_crops_scale,
         cfg.crops.local_crops_number,
@@ -102,6 +113,14 @@ def build_data(cfg: DictConfig, start_iteration: int, rank: int = 0, world_size:
         local_crops_size=cfg.crops.local_crops_size,
         blur_quirk=cfg.crops.blur_quirk,
     )
+
+
+def build_data(
+    cfg: DictConfig, start_iteration: int, rank: int = 0, world_size: int = 1, batched_photometric: bool = False
+):
+    """The dataset and the training loader (map-style or shards) with the multi-crop transform and masking collate;
+    ``batched_photometric`` gives the split transform, whose batches :func:`prepare_batch` finishes."""
+    transform = build_transform(cfg, batched_photometric)
     dataset = make_dataset(cfg.train.dataset_path)
     grid = cfg.crops.global_crops_size // cfg.student.patch_size
     collate = MaskingCollator(
@@ -137,6 +156,14 @@ def _describe_size(dataset) -> str:
 
 def move_batch(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def prepare_batch(batch: dict, device: torch.device, batched_photometric: bool) -> dict:
+    """A loader batch on ``device``, ready for the step: with ``batched_photometric`` its uint8 crops get their drawn
+    colour jitter, grayscale, blur, solarisation and normalisation there (the parameters stay on the CPU, which picks
+    the rows without a device sync)."""
+    batch = move_batch(batch, device)
+    return apply_photometric_to_batch(batch) if batched_photometric else batch
 
 
 def load_pretrained(cfg: DictConfig, model: SSLMetaArch) -> None:
@@ -263,7 +290,8 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
     def save(iteration: int) -> None:
         checkpointer.save(iteration, model, optimizer, scaler, OmegaConf.to_yaml(cfg))
 
-    dataset, loader = build_data(cfg, start, rank, world_size)
+    batched_photometric = resolve_batched_photometric(cfg.crops.batched_photometric, device)
+    dataset, loader = build_data(cfg, start, rank, world_size, batched_photometric)
     if loaded is not None and loaded.rng is not None:
         restore_rng_state(loaded.rng)
     elif loaded is not None:
@@ -282,7 +310,8 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
     print(
         f"training {cfg.student.arch}/{cfg.student.patch_size} on {cfg.train.dataset_path} ({_describe_size(dataset)}) "
         f"for {max_iter} iterations, batch {cfg.train.batch_size_per_gpu} x {world_size} process(es), "
-        f"lr {cfg.optim.lr:.3g}, device {device}, dtype {autocast_dtype or torch.float32}",
+        f"lr {cfg.optim.lr:.3g}, device {device}, dtype {autocast_dtype or torch.float32}, photometric augmentation "
+        f"{'batched on the device' if batched_photometric else 'per image in the loader'}",
         flush=True,
     )
 
@@ -292,7 +321,7 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
     data_iter = iter(loader)
     for iteration in range(start, max_iter):
         t_data = time.perf_counter()
-        batch = move_batch(next(data_iter), device)
+        batch = prepare_batch(next(data_iter), device, batched_photometric)
         data_time = time.perf_counter() - t_data
         lr, wd = schedules["lr"][iteration], schedules["wd"][iteration]
         mom, teacher_temp = schedules["momentum"][iteration], schedules["teacher_temp"][iteration]
