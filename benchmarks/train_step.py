@@ -8,7 +8,8 @@ iBOT heads, Sinkhorn-Knopp, KoLeo), per-submodule gradient clipping, AdamW (buil
 - Data: ``synthetic`` batches have the collated format of the trainer (``collated_global_crops`` [2B,3,224,224],
   ``collated_local_crops`` [8B,3,98,98], masks drawn by the real ``MaskingCollator``, so the masked-token count is
   realistic; a new mask set each step, cycling over 8); ``loader`` runs the trainer's data loader on ``--dataset``
-  with ``--num-workers`` (the step time then includes waiting for data).
+  with ``--num-workers`` (the step time then includes waiting for data, and, with ``crops.batched_photometric``
+  resolved true, the photometric ops on the device, as in the trainer).
 - FLOPs per step: ``torch.utils.flop_counter.FlopCounterMode`` on one real eager step (forward + backward). It counts
   matmul, convolution and scaled-dot-product-attention FLOPs only (elementwise, norms, softmax, Sinkhorn and the
   optimizer are not counted); the CPU attention kernel is added to its table so CPU counts include attention.
@@ -79,7 +80,13 @@ from franca.parallel import apply_activation_checkpointing, apply_compile
 from franca.train.param_groups import apply_optim_schedule
 from franca.train.schedules import build_schedules
 from franca.train.ssl_meta_arch import SSLMetaArch, resolve_autocast_dtype, resolve_loss_chunk_size
-from franca.train.train import build_data, build_optimizer, move_batch
+from franca.train.train import (
+    build_data,
+    build_optimizer,
+    move_batch,
+    prepare_batch,
+    resolve_batched_photometric,
+)
 
 PHASES = (
     "teacher_backbone",
@@ -197,8 +204,9 @@ def synthetic_batches(cfg: DictConfig, device: torch.device, n_mask_sets: int = 
 def batch_stream(cfg: DictConfig, data: str, device: torch.device) -> Iterator[dict]:
     if data == "synthetic":
         return itertools.cycle(synthetic_batches(cfg, device))
-    _, loader = build_data(cfg, 0)
-    return (move_batch(batch, device) for batch in loader)
+    batched_photometric = resolve_batched_photometric(cfg.crops.batched_photometric, device)
+    _, loader = build_data(cfg, 0, batched_photometric=batched_photometric)
+    return (prepare_batch(batch, device, batched_photometric) for batch in loader)
 
 
 class TrainStep:
