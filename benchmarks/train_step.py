@@ -72,8 +72,6 @@ from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from franca.config import apply_scaling_rules, load_config
-from franca.data.collate import MaskingCollator
-from franca.data.masking import build_mask_generator
 from franca.data.samplers import SampleKey
 from franca.loss import koleo_loss
 from franca.parallel import apply_activation_checkpointing, apply_compile
@@ -81,6 +79,7 @@ from franca.train.param_groups import apply_optim_schedule
 from franca.train.schedules import build_schedules
 from franca.train.ssl_meta_arch import SSLMetaArch, resolve_autocast_dtype, resolve_loss_chunk_size
 from franca.train.train import (
+    build_collator,
     build_data,
     build_optimizer,
     move_batch,
@@ -162,20 +161,6 @@ def build_config(
     return apply_scaling_rules(cfg, world_size=1)
 
 
-def make_collator(cfg: DictConfig) -> MaskingCollator:
-    """The trainer's ``MaskingCollator`` (CyclicMask etc. from the config), as ``franca.train.train.build_data``."""
-    grid = cfg.crops.global_crops_size // cfg.student.patch_size
-    return MaskingCollator(
-        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
-        mask_probability=cfg.ibot.mask_sample_probability,
-        n_tokens=grid * grid,
-        mask_generator=build_mask_generator(
-            (grid, grid), cfg.train.use_block_masking, cfg.train.use_inverse_block, cfg.train.roll
-        ),
-        seed=cfg.train.seed,
-    )
-
-
 def synthetic_batches(cfg: DictConfig, device: torch.device, n_mask_sets: int = N_DISTINCT_MASK_SETS) -> list[dict]:
     """Collated batches with random crops and the collator's masks of iterations 0..n−1 (crops shared).
 
@@ -187,7 +172,7 @@ def synthetic_batches(cfg: DictConfig, device: torch.device, n_mask_sets: int = 
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
     global_crops = torch.randn(2 * batch_size, 3, g, g, generator=generator, device=device)
     local_crops = torch.randn(n_local * batch_size, 3, s, s, generator=generator, device=device)
-    collator = make_collator(cfg)
+    collator = build_collator(cfg)
     placeholder = torch.empty(0)
     batches = []
     for iteration in range(n_mask_sets):

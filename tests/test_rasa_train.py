@@ -281,3 +281,13 @@ def test_a_state_file_without_newer_keys_still_resumes(position_coded_vit, photo
     state_path.write_text(json.dumps(state))
     run(tmp_path, weights, images, "train.epochs_per_round=1")
     assert json.loads(state_path.read_text())["last_finished_round"] == 1
+
+
+def test_a_non_finite_loss_is_reported_by_its_epoch(random_vit, photos, tmp_path):
+    """A round whose loss is not finite (here: NaN tokens) stops naming the round and epoch, and saves no head."""
+    state = torch.load(random_vit[0], weights_only=True)
+    state["pos_embed"][0, 1] = float("nan")
+    torch.save(state, tmp_path / "nan_vit.pth")
+    with pytest.raises(FloatingPointError, match="RASA round 0 epoch 0: a step's loss is not finite; lower optim.lr"):
+        run(tmp_path / "out", tmp_path / "nan_vit.pth", photos[0], "train.epochs_per_round=1")
+    assert not (tmp_path / "out" / "rounds" / "round_0.pth").exists()

@@ -115,15 +115,10 @@ def build_transform(cfg: DictConfig, batched_photometric: bool):
     )
 
 
-def build_data(
-    cfg: DictConfig, start_iteration: int, rank: int = 0, world_size: int = 1, batched_photometric: bool = False
-):
-    """The dataset and the training loader (map-style or shards) with the multi-crop transform and masking collate;
-    ``batched_photometric`` gives the split transform, whose batches :func:`prepare_batch` finishes."""
-    transform = build_transform(cfg, batched_photometric)
-    dataset = make_dataset(cfg.train.dataset_path)
+def build_collator(cfg: DictConfig, rank: int = 0, world_size: int = 1) -> MaskingCollator:
+    """The masking collate of the config: iBOT masks (block / inverse block / CyclicMask roll) for the global grid."""
     grid = cfg.crops.global_crops_size // cfg.student.patch_size
-    collate = MaskingCollator(
+    return MaskingCollator(
         mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
         mask_probability=cfg.ibot.mask_sample_probability,
         n_tokens=grid * grid,
@@ -134,6 +129,16 @@ def build_data(
         rank=rank,
         world_size=world_size,
     )
+
+
+def build_data(
+    cfg: DictConfig, start_iteration: int, rank: int = 0, world_size: int = 1, batched_photometric: bool = False
+):
+    """The dataset and the training loader (map-style or shards) with the multi-crop transform and masking collate;
+    ``batched_photometric`` gives the split transform, whose batches :func:`prepare_batch` finishes."""
+    transform = build_transform(cfg, batched_photometric)
+    dataset = make_dataset(cfg.train.dataset_path)
+    collate = build_collator(cfg, rank, world_size)
     make_loader = make_webdataset_train_loader if isinstance(dataset, WebDatasetShards) else make_train_data_loader
     loader = make_loader(
         dataset,
