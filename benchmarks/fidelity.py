@@ -59,6 +59,7 @@ from franca.eval.matryoshka import matryoshka_dims, matryoshka_knn
 from franca.eval.models import FeatureModel
 from franca.hub import load_backbone, load_rasa_head
 from franca.train import train as trainer
+from franca.train.health import level_values
 from franca.train.ssl_meta_arch import build_backbone
 from franca.utils.logging import read_metrics
 from rasa import train as rasa_train
@@ -352,6 +353,14 @@ class Runner:
         self.timer.seconds["total"] = round(time.perf_counter() - started, 1)
         return self.record(teachers, knn, linear, slices, rasa)
 
+    def final_target_entropies(self) -> dict:
+        """Per model and head, each level's last logged teacher-target entropy / log K (franca.train.health)."""
+        result = {}
+        for name, run_dir in self.run_dirs.items():
+            last = read_metrics(run_dir / "training_metrics.json")[-1]
+            result[name] = {head: level_values(last, head, "target_entropy") for head in ("dino", "ibot")}
+        return result
+
     def record(self, teachers: dict, knn: dict, linear: dict, slices: dict, rasa: dict) -> dict:
         k = str(self.budget.evaluation.k)
         dim = max(slices[FRANCA])
@@ -374,6 +383,7 @@ class Runner:
                 "top1": {name: {str(d): acc for d, acc in s.items()} for name, s in slices.items()},
                 "retention_d16": {name: s[dim >> 4] / s[dim] for name, s in slices.items()},
             },
+            "target_entropy": self.final_target_entropies(),
             "rasa": {"regressor": next(iter(rasa)), **next(iter(rasa.values()))},
             "rasa_regressors": rasa,
         }
@@ -404,6 +414,9 @@ def goals(result: dict) -> list[dict]:
         ),
         ("mean-patch k-NN within 0.5 points after RASA", f"{shift:+.2f} points", abs(shift) <= 0.5),
     ]
+    if "target_entropy" in result:
+        worst = max(max(levels) for levels in result["target_entropy"][FRANCA].values() if levels)
+        rows.append(("every Franca level's final target entropy ≤ 0.8 log K", f"max {worst:.3f}", worst <= 0.8))
     return [{"goal": g, "measured": m, "met": bool(ok)} for g, m, ok in rows]
 
 
@@ -438,11 +451,22 @@ def markdown(result: dict) -> str:
         + " | ".join(f"{r['knn_mean_patch_after'][k]['top1']:.2f}" for r in rasa.values())
         + " |",
         "",
+        "| final teacher-target entropy / log K, levels D/16 … D | DINO | iBOT |",
+        "|---|---|---|",
+        *(
+            f"| {name} | {_levels(e['dino'])} | {_levels(e['ibot'])} |"
+            for name, e in result.get("target_entropy", {}).items()
+        ),
+        "",
         "| goal | measured | met |",
         "|---|---|---|",
     ]
     lines += [f"| {g['goal']} | {g['measured']} | {'yes' if g['met'] else 'no'} |" for g in result["goals"]]
     return "\n".join(lines) + "\n"
+
+
+def _levels(values: list[float]) -> str:
+    return " / ".join(f"{v:.2f}" for v in values) if values else "–"
 
 
 def _save_figure(fig, path: Path) -> None:

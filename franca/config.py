@@ -20,6 +20,7 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from franca.layers.heads import HEAD_INITS
 from franca.models.vision_transformer import ARCHITECTURES, FFN_LAYERS
 
 DEFAULT_CONFIG_FILE = Path(__file__).parent / "configs" / "ssl_default_config.yaml"
@@ -31,6 +32,7 @@ _SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD
 CHOICES: dict[str, tuple[str, ...]] = {
     "train.centering": ("sinkhorn_knopp", "centering"),
     "dino.mrl_input": ("slice", "project"),
+    "dino.head_init": HEAD_INITS,
     "compute_precision.dtype": ("auto", "bf16", "fp16", "fp32"),
     "compute_precision.compile": ("auto", "true", "false"),
     "compute_precision.chunked_losses": ("auto", "true", "false"),

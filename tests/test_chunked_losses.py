@@ -167,9 +167,11 @@ def test_meta_arch_chunked_path_equals_plain_on_cpu(centering):
     for key, value in plain_losses.items():
         torch.testing.assert_close(losses[key], value, rtol=1e-5, atol=0, msg=key)
     assert grads.keys() == plain_grads.keys()
-    # fp32 rounding of the loss gradients reaches the backbone through 2 blocks: ~1e-6 relative, 1e-5 at most.
+    # fp32 rounding of the loss gradients reaches the backbone through 2 blocks: ~1e-6 relative, 3.3e-5 at most (the
+    # first block's small, cancelling norm bias gradients, with the default fan-in head init); a wrong chunk or target
+    # row would be off by O(1).
     for name, grad in plain_grads.items():
-        assert relative_error(grads[name], grad) < 3e-5, name
+        assert relative_error(grads[name], grad) < 1e-4, name
 
 
 @pytest.mark.cuda

@@ -53,15 +53,21 @@ def test_project_mode_reads_the_full_feature():
     assert [tuple(p.weight.shape) for p in head.matryoshka_projections] == [(d, 64) for d in head.level_dims]
 
 
-def test_initialisation():
-    head = tiny_matryoshka(hidden_dim=256)
+@pytest.mark.parametrize("init", ["trunc_normal", "fan_in"])
+def test_initialisation(init):
+    head = tiny_matryoshka(hidden_dim=256, init=init)
     for last_layer in head.last_layers:
         assert torch.equal(last_layer.weight_g, torch.ones_like(last_layer.weight_g))
     linear_layers = [m for m in head.modules() if isinstance(m, nn.Linear)]
     assert len(linear_layers) == 5 * 4
     assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in linear_layers)
     hidden_weight = head.mlps[4][2].weight
-    assert 0.018 < hidden_weight.std().item() < 0.022 and hidden_weight.abs().max() <= 2.0
+    if init == "trunc_normal":  # DINOv2: std .02 whatever the width
+        assert 0.018 < hidden_weight.std().item() < 0.022 and hidden_weight.abs().max() <= 2.0
+    else:  # std 1/sqrt(256), truncated at 2 std: the std of such a truncated normal is 0.880 of the parameter
+        assert 0.85 / 16 < hidden_weight.std().item() < 0.91 / 16 and hidden_weight.abs().max() <= 2 / 16
+        first = head.mlps[0][0].weight  # fan-in 4: the level-0 slice
+        assert 0.85 / 2 < first.std().item() < 0.91 / 2
     # weight_v keeps nn.Linear's default uniform init, bound 1/sqrt(fan_in) = 1/4, not the trunc-normal .02.
     v = head.last_layers[4].weight_v
     assert v.abs().max() <= 0.25 and v.std().item() > 0.1
@@ -215,3 +221,27 @@ def test_l2_normalised_matryoshka_levels_are_dinov2_heads():
         weight = last.weight_g * last.weight_v / last.weight_v.norm(dim=1, keepdim=True)
         assert torch.allclose(outputs[level], h @ weight.T, atol=1e-12)
     assert len(head.mlps[0]) == 5
+
+
+def test_fan_in_init_keeps_a_narrow_heads_bottleneck_at_unit_scale():
+    """The stall's cause (docs/training_dynamics.md): with std .02 a narrow head's bottleneck starts ~1e-4, so the
+    biases that AdamW moves by ~lr per step soon decide its direction; std 1/sqrt(fan_in) keeps it near unit scale."""
+    torch.manual_seed(0)
+    features = F.layer_norm(torch.randn(64, 128), (128,))
+    norms = {}
+    for init in ("trunc_normal", "fan_in"):
+        head = MatryoshkaHead(
+            128, 512, hidden_dim=256, bottleneck_dim=64, nesting_list=[8, 128], l2_norm=True, init=init
+        )
+        with torch.no_grad():
+            norms[init] = [
+                mlp(proj(features[:, :d])).norm(dim=1).mean().item()
+                for d, proj, mlp in zip(head.level_dims, head.matryoshka_projections, head.mlps, strict=True)
+            ]
+    assert max(norms["trunc_normal"]) < 0.02
+    assert min(norms["fan_in"]) > 0.2
+
+
+def test_unknown_head_init_is_refused():
+    with pytest.raises(ValueError, match="head init='xavier'.*fan_in"):
+        tiny_matryoshka(init="xavier")

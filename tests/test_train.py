@@ -18,6 +18,7 @@ from franca.hub import load_backbone
 from franca.train import train as trainer
 
 REPO = Path(__file__).resolve().parents[1]
+HEALTH_KINDS = ("target_entropy", "student_entropy", "prototypes_used")
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -33,6 +34,8 @@ def test_tiny_run_writes_metrics_checkpoints_and_a_loadable_teacher(tiny_config,
     for r in records:
         assert abs(r["total_loss"] - sum(r[k] for k in terms)) < 1e-4
         assert {"lr", "wd", "mom", "teacher_temp", "iter_time"} <= set(r)
+        health = [f"{h}_{kind}_l{level}" for h in ("dino", "ibot") for kind in HEALTH_KINDS for level in range(5)]
+        assert all(0.0 <= r[k] <= 1.0 + 1e-5 for k in [*health, "teacher_cls_spread"])
     assert records[0]["lr"] == 0.0 and records[0]["teacher_temp"] == pytest.approx(0.04)
     assert (out / "config.yaml").is_file() and (out / "loss_curves.png").is_file()
     checkpoints = sorted(p.name for p in (out / "checkpoints").glob("model_*.pth"))
@@ -167,8 +170,8 @@ def test_nonfinite_loss_stops_with_the_term_name(tiny_config, tmp_path, monkeypa
 
     original = SSLMetaArch.compute_losses
 
-    def poisoned(self, batch, teacher_temp):
-        losses = original(self, batch, teacher_temp)
+    def poisoned(self, batch, teacher_temp, stats=None):
+        losses = original(self, batch, teacher_temp, stats)
         losses["koleo_loss"] = losses["koleo_loss"] * float("nan")
         return losses
 
@@ -182,8 +185,8 @@ def test_nonfinite_loss_between_log_steps_is_caught_before_the_next_checkpoint(t
 
     original, calls = SSLMetaArch.compute_losses, []
 
-    def poisoned_once(self, batch, teacher_temp):
-        losses = original(self, batch, teacher_temp)
+    def poisoned_once(self, batch, teacher_temp, stats=None):
+        losses = original(self, batch, teacher_temp, stats)
         calls.append(1)
         if len(calls) == 5:  # iteration 4: between the log steps 0 and 5 (log_period=5), before checkpoint 6
             losses["ibot_loss"] = losses["ibot_loss"] * float("inf")

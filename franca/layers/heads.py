@@ -59,11 +59,29 @@ def build_mlp(in_dim: int, hidden_dim: int, bottleneck_dim: int, nlayers: int, g
     return nn.Sequential(*layers)
 
 
-def init_linear_layers(module: nn.Module) -> None:
-    """Truncated-normal (std .02) weights and zero biases for every nn.Linear below ``module`` (DINOv2 init)."""
+HEAD_INITS = ("fan_in", "trunc_normal")
+
+
+def init_linear_layers(module: nn.Module, init: str = "fan_in") -> None:
+    """Truncated-normal weights and zero biases for every nn.Linear below ``module``.
+
+    ``trunc_normal``: std 0.02 for every layer (DINOv2 ``DINOHead._init_weights``, kept by the original Franca head).
+    ``fan_in``: std 1/sqrt(fan_in), which keeps the activations' scale through the MLP whatever its width; it is 0.022
+    for DINOv2's 2048-wide hidden layers, so the large heads start almost as the original. In narrow heads (a 128-d
+    model's 8-d Matryoshka slice, a 256-wide MLP) std 0.02 shrinks the bottleneck to ~1e-4 at initialisation: AdamW
+    moves the zero-initialised biases by ~lr per step whatever that scale, so within tens of steps the biases set the
+    L2-normalised bottleneck's direction, every image gets the same prediction and the clustering stalls at uniform
+    targets (docs/training_dynamics.md).
+    """
+    if init not in HEAD_INITS:
+        raise ValueError(f"head init={init!r} is unknown; choose one of {HEAD_INITS} (dino.head_init)")
     for layer in module.modules():
         if isinstance(layer, nn.Linear):
-            nn.init.trunc_normal_(layer.weight, std=0.02)
+            if init == "trunc_normal":
+                nn.init.trunc_normal_(layer.weight, std=0.02)  # DINOv2's call: bounds ±2 absolute, i.e. ~100 std
+            else:
+                std = layer.in_features**-0.5
+                nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
 
@@ -71,16 +89,25 @@ def init_linear_layers(module: nn.Module) -> None:
 class DINOHead(nn.Module):
     """DINOv2's head: MLP → L2-normalised bottleneck → weight-normed prototypes (one level, ``last_layer``)."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, nlayers: int = 3):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        nlayers: int = 3,
+        init: str = "fan_in",
+    ):
         super().__init__()
         self.level_dims = [in_dim]
         self.out_dims = [out_dim]
+        self.init = init
         self.mlp = build_mlp(in_dim, hidden_dim, bottleneck_dim, nlayers, gelu_after_bottleneck=False)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        init_linear_layers(self.mlp)
+        init_linear_layers(self.mlp, self.init)
         self.last_layer.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -127,6 +154,7 @@ class MatryoshkaHead(nn.Module):
         nesting_list: list[int] | None = None,
         input_mode: str = "slice",
         l2_norm: bool = False,
+        init: str = "fan_in",
     ):
         super().__init__()
         if input_mode not in INPUT_MODES:
@@ -142,6 +170,7 @@ class MatryoshkaHead(nn.Module):
         self.in_dim = in_dim
         self.input_mode = input_mode
         self.l2_norm = l2_norm
+        self.init = init
         self.level_dims = nesting_list
         self.out_dims = out_dims
         projection_in = {"slice": nesting_list, "project": [in_dim] * len(nesting_list)}[input_mode]
@@ -155,8 +184,8 @@ class MatryoshkaHead(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        init_linear_layers(self.matryoshka_projections)
-        init_linear_layers(self.mlps)
+        init_linear_layers(self.matryoshka_projections, self.init)
+        init_linear_layers(self.mlps, self.init)
         for last_layer in self.last_layers:
             last_layer.reset_parameters()
 
@@ -181,12 +210,15 @@ def build_head(
     nesting_list: list[int] | None = None,
     input_mode: str = "slice",
     l2_norm: bool = False,
+    init: str = "fan_in",
 ) -> DINOHead | MatryoshkaHead:
     """Build a ``"dino"`` (DINOv2 baseline) or ``"matryoshka"`` (Franca) head from config values."""
     if kind == "dino":
         if nesting_list is not None:
             raise ValueError(f"nesting_list={nesting_list} applies to matryoshka heads only; set it to null for dino")
-        return DINOHead(in_dim, out_dim, hidden_dim, bottleneck_dim, nlayers)
+        return DINOHead(in_dim, out_dim, hidden_dim, bottleneck_dim, nlayers, init)
     if kind == "matryoshka":
-        return MatryoshkaHead(in_dim, out_dim, hidden_dim, bottleneck_dim, nlayers, nesting_list, input_mode, l2_norm)
+        return MatryoshkaHead(
+            in_dim, out_dim, hidden_dim, bottleneck_dim, nlayers, nesting_list, input_mode, l2_norm, init
+        )
     raise ValueError(f"head kind={kind!r} is unknown; choose one of {HEAD_KINDS}")

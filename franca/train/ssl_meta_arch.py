@@ -30,6 +30,7 @@ from franca.loss import (
 )
 from franca.models import build_vit
 from franca.models.vision_transformer import resize_pos_embed
+from franca.train import health
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -68,6 +69,7 @@ def _build_head(cfg: DictConfig, head_cfg: DictConfig, embed_dim: int) -> nn.Mod
         nesting_list=nesting,
         input_mode=cfg.dino.mrl_input,
         l2_norm=cfg.dino.mrl_l2_norm,
+        init=cfg.dino.head_init,
     )
 
 
@@ -193,10 +195,14 @@ class SSLMetaArch(nn.Module):
         if patch_logits is not None:
             ibot_center = self.ibot_center if use_center else None
             ibot_targets = self._teacher_targets(patch_logits, teacher_temp, ibot_center, chunk_size)
-        return dino_targets, ibot_targets
+        return dino_targets, ibot_targets, out["x_norm_clstoken"]
 
-    def compute_losses(self, batch: dict, teacher_temp: float) -> dict[str, torch.Tensor]:
-        """All loss terms for one collated batch (reference §3.4); their sum is the training objective."""
+    def compute_losses(self, batch: dict, teacher_temp: float, stats: dict | None = None) -> dict[str, torch.Tensor]:
+        """All loss terms for one collated batch (reference §3.4); their sum is the training objective.
+
+        Given a dict, ``stats`` is filled with the training-health statistics of this step (``franca.train.health``):
+        detached device tensors, computed from the targets and logits already made, read by the trainer at log lines.
+        """
         cfg = self.cfg
         global_crops = batch["collated_global_crops"]
         local_crops = batch["collated_local_crops"]
@@ -206,7 +212,9 @@ class SSLMetaArch(nn.Module):
         n_local = self.n_local_crops
 
         chunk_size = self.loss_chunk_size(global_crops.device)
-        dino_targets, ibot_targets = self._teacher_output(global_crops, mask_indices, teacher_temp, chunk_size)
+        dino_targets, ibot_targets, teacher_cls = self._teacher_output(
+            global_crops, mask_indices, teacher_temp, chunk_size
+        )
 
         backbone = self.student["backbone"]
         s_global = backbone(global_crops, masks=masks, is_training=True)
@@ -234,15 +242,27 @@ class SSLMetaArch(nn.Module):
             patch_logits = self._ibot_head("student")(patches)
             ibot = self.ibot_loss(patch_logits, ibot_targets, batch["masks_weight"], n_global_images)
             losses["ibot_loss"] = cfg.ibot.loss_weight * ibot
+        if stats is not None:
+            stats.update(health.head_stats("dino", dino_targets, head_out, self.dino_loss.student_temp))
+            if ibot_targets is not None:
+                stats.update(health.head_stats("ibot", ibot_targets, patch_logits, self.ibot_loss.student_temp))
+            stats["teacher_cls_spread"] = health.feature_spread(teacher_cls)
         return losses
 
     def forward_backward(
-        self, batch: dict, teacher_temp: float, autocast_dtype: torch.dtype | None = None, scaler=None
+        self,
+        batch: dict,
+        teacher_temp: float,
+        autocast_dtype: torch.dtype | None = None,
+        scaler=None,
+        stats: dict | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Compute the losses under autocast and backpropagate their sum; returns the detached loss terms."""
+        """Compute the losses under autocast and backpropagate their sum; returns the detached loss terms.
+
+        ``stats``: a dict to fill with the training-health statistics (see ``compute_losses``)."""
         device_type = batch["collated_global_crops"].device.type
         with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            losses = self.compute_losses(batch, teacher_temp)
+            losses = self.compute_losses(batch, teacher_temp, stats)
         total = sum(losses.values())
         (scaler.scale(total) if scaler is not None else total).backward()
         return {k: v.detach() for k, v in losses.items()}

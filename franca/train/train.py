@@ -44,6 +44,7 @@ from franca.distributed import (
     setup_rank_output,
 )
 from franca.parallel import parallelize
+from franca.train.health import HealthMonitor, format_health
 from franca.train.param_groups import apply_optim_schedule, fuse_params_groups, get_params_groups
 from franca.train.schedules import build_schedules
 from franca.train.ssl_meta_arch import SSLMetaArch, resolve_autocast_dtype
@@ -322,6 +323,9 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
 
     last_record: dict = {}
     nonfinite = NonFiniteTracker()
+    monitor = HealthMonitor(
+        cfg.train.health_entropy_threshold, cfg.train.health_min_cls_spread, cfg.train.health_patience
+    )
     window_start, window_iters = time.perf_counter(), 0
     data_iter = iter(loader)
     for iteration in range(start, max_iter):
@@ -332,8 +336,11 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
         mom, teacher_temp = schedules["momentum"][iteration], schedules["teacher_temp"][iteration]
         apply_optim_schedule(optimizer, lr=lr, wd=wd, last_layer_lr=schedules["last_layer_lr"][iteration])
 
+        done = iteration + 1
+        log_now = done % cfg.train.log_period == 0 or done == max_iter or done == start + 1
         optimizer.zero_grad(set_to_none=True)
-        losses = model.forward_backward(batch, teacher_temp, autocast_dtype, scaler)
+        step_stats: dict | None = {} if log_now else None
+        losses = model.forward_backward(batch, teacher_temp, autocast_dtype, scaler, stats=step_stats)
         if scaler is not None:
             scaler.unscale_(optimizer)
         if cfg.optim.clip_grad:
@@ -346,10 +353,8 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
         model.update_teacher(mom)
         nonfinite.update(losses, iteration)
         window_iters += 1
-        done = iteration + 1
 
         stopping = any_rank(stop.signal is not None) if world_size > 1 else stop.signal is not None
-        log_now = done % cfg.train.log_period == 0 or done == max_iter or done == start + 1
         save_now = done % ckpt_period == 0 or done == max_iter or stopping
         if log_now or save_now:
             values = all_reduce_mean({k: float(v) for k, v in losses.items()})
@@ -370,7 +375,11 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
                 "iter_time": iter_time,
                 "data_time": data_time,
             }
+            health_values = all_reduce_mean({k: float(v) for k, v in step_stats.items()})
+            record.update(health_values)
             last_record = record
+            for warning in monitor.update(health_values, iteration):
+                print(f"WARNING: {warning}", flush=True)
             if main_process:
                 metrics.write(record)
                 if tb is not None:
@@ -380,7 +389,7 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
                 progress.print(
                     done,
                     f"loss {record['total_loss']:.4f} ({_format_losses(values)}) lr {lr:.2e} "
-                    f"{images_per_iteration / iter_time:.1f} img/s{mem}",
+                    f"{images_per_iteration / iter_time:.1f} img/s{mem} | {format_health(health_values)}",
                 )
             window_start, window_iters = time.perf_counter(), 0
         if eval_period and done % eval_period == 0 and done != max_iter:

@@ -19,16 +19,38 @@ def plot_loss_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLik
         raise ImportError("the loss-curve PNG needs matplotlib: pip install 'franca[log]'") from err
     records = read_metrics(metrics_path)
     keys = [k for k in LOSS_KEYS if any(k in r for r in records)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+    heads = [h for h in ("dino", "ibot") if any(f"{h}_target_entropy_l0" in r for r in records)]
+    n_panels = len(keys) + len(heads)
+    fig, axes = plt.subplots(1, n_panels, figsize=(3.2 * n_panels, 2.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
         points = [(r["iteration"], r[key]) for r in records if key in r]
         ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.2)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("iteration", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
+        _style(ax, key)
+    for ax, head in zip(axes[0][len(keys) :], heads):
+        _plot_target_entropies(ax, records, head)
     fig.tight_layout()
     out_path = Path(out_path)
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
+
+
+def _style(ax, title: str) -> None:
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("iteration", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+
+
+def _plot_target_entropies(ax, records: list[dict], head: str) -> None:
+    """The teacher-target entropy of each level as a fraction of log K (franca.train.health); 1 = uniform targets."""
+    level = 0
+    while any(f"{head}_target_entropy_l{level}" in r for r in records):
+        key = f"{head}_target_entropy_l{level}"
+        points = [(r["iteration"], r[key]) for r in records if key in r]
+        ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.0, label=f"level {level}")
+        level += 1
+    ax.axhline(1.0, color="black", ls="--", lw=0.8)
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=6, loc="lower left")
+    _style(ax, f"{head} target entropy / log K")
