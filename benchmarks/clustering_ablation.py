@@ -1,7 +1,7 @@
 """Does the clustering learn? Train named variants of a recipe and compare their teacher targets and k-NN.
 
 ``python benchmarks/clustering_ablation.py [--config-file configs/train/quickstart.yaml] [--variants a b ...]
-[--set key=value ...] [--iterations N] [--output-dir runs/clustering_ablation]``
+[--set key=value ...] [--output-dir runs/clustering_ablation]`` (``--set optim.epochs=2`` for 100 iterations)
 
 Every variant trains the same recipe, data and seed with its own config overrides (:data:`VARIANTS`; ``--set``
 applies to all), then reads from its ``training_metrics.json`` the last logged per-level teacher-target and student
@@ -44,7 +44,8 @@ VARIANTS: dict[str, list[str]] = {
     "softmax_centering": ["train.centering=centering"],
     "no_ibot": ["ibot.mask_sample_probability=0"],
     "prototypes_64": ["dino.head_n_prototypes=64", "ibot.head_n_prototypes=64"],
-    "original_head": ["dino.mrl_l2_norm=false"],
+    "original_head_init": ["dino.head_init=trunc_normal"],
+    "original_head_form": ["dino.mrl_l2_norm=false"],
     "freeze_last_layer": ["optim.freeze_last_layer_epochs=1"],
     "dinov2_baseline": ["dino.MRL=false", "train.use_inverse_block=false", "train.roll=false"],
 }

@@ -414,8 +414,9 @@ def goals(result: dict) -> list[dict]:
         ),
         ("mean-patch k-NN within 0.5 points after RASA", f"{shift:+.2f} points", abs(shift) <= 0.5),
     ]
-    if "target_entropy" in result:
-        worst = max(max(levels) for levels in result["target_entropy"][FRANCA].values() if levels)
+    levels = [v for head in result.get("target_entropy", {}).get(FRANCA, {}).values() for v in head]
+    if levels:  # absent for pretrainings logged before the training-health statistics existed
+        worst = max(levels)
         rows.append(("every Franca level's final target entropy ≤ 0.8 log K", f"max {worst:.3f}", worst <= 0.8))
     return [{"goal": g, "measured": m, "met": bool(ok)} for g, m, ok in rows]
 

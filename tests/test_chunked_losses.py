@@ -22,6 +22,7 @@ from franca.loss import (
     sinkhorn_knopp,
     sinkhorn_knopp_streaming,
 )
+from franca.train.health import reduce_stats
 from franca.train.ssl_meta_arch import SSLMetaArch, resolve_loss_chunk_size
 
 CHUNK_SIZES = [1, 2, 3, 64]  # 5 images and 11 tokens below: 2 and 3 do not divide them, 64 exceeds them
@@ -149,8 +150,9 @@ def plain_and_chunked_steps(overrides: list[str], device: torch.device, autocast
     batch = {k: v.to(device) for k, v in batch.items()}
     results = []
     for model in (plain, chunked):
-        losses = model.forward_backward(batch, teacher_temp=0.05, autocast_dtype=autocast_dtype)
-        results.append((losses, student_gradients(model)))
+        stats = {}
+        losses = model.forward_backward(batch, teacher_temp=0.05, autocast_dtype=autocast_dtype, stats=stats)
+        results.append((losses, student_gradients(model), reduce_stats(stats)))
     return results
 
 
@@ -160,9 +162,10 @@ MODEL_OVERRIDES = ["dino.mrl_l2_norm=true", "dino.koleo_loss_weight=0.1", "compu
 
 @pytest.mark.parametrize("centering", ["sinkhorn_knopp", "centering"])
 def test_meta_arch_chunked_path_equals_plain_on_cpu(centering):
-    (plain_losses, plain_grads), (losses, grads) = plain_and_chunked_steps(
+    (plain_losses, plain_grads, plain_stats), (losses, grads, stats) = plain_and_chunked_steps(
         MODEL_OVERRIDES + [f"train.centering={centering}"], torch.device("cpu")
     )
+    assert stats == pytest.approx(plain_stats, rel=1e-5) and "ibot_target_entropy_l4" in stats
     assert losses.keys() == plain_losses.keys() and "ibot_loss" in losses
     for key, value in plain_losses.items():
         torch.testing.assert_close(losses[key], value, rtol=1e-5, atol=0, msg=key)
@@ -177,7 +180,7 @@ def test_meta_arch_chunked_path_equals_plain_on_cpu(centering):
 @pytest.mark.cuda
 @pytest.mark.parametrize("autocast_dtype, tolerance", [(None, 1e-5), (torch.bfloat16, 2e-2)])
 def test_meta_arch_chunked_path_equals_plain_on_cuda(autocast_dtype, tolerance):
-    (plain_losses, plain_grads), (losses, grads) = plain_and_chunked_steps(
+    (plain_losses, plain_grads, _), (losses, grads, _) = plain_and_chunked_steps(
         MODEL_OVERRIDES, torch.device("cuda"), autocast_dtype
     )
     for key, value in plain_losses.items():

@@ -66,12 +66,13 @@ def init_linear_layers(module: nn.Module, init: str = "fan_in") -> None:
     """Truncated-normal weights and zero biases for every nn.Linear below ``module``.
 
     ``trunc_normal``: std 0.02 for every layer (DINOv2 ``DINOHead._init_weights``, kept by the original Franca head).
-    ``fan_in``: std 1/sqrt(fan_in), which keeps the activations' scale through the MLP whatever its width; it is 0.022
-    for DINOv2's 2048-wide hidden layers, so the large heads start almost as the original. In narrow heads (a 128-d
-    model's 8-d Matryoshka slice, a 256-wide MLP) std 0.02 shrinks the bottleneck to ~1e-4 at initialisation: AdamW
-    moves the zero-initialised biases by ~lr per step whatever that scale, so within tens of steps the biases set the
-    L2-normalised bottleneck's direction, every image gets the same prediction and the clustering stalls at uniform
-    targets (docs/training_dynamics.md).
+    ``fan_in``: std 1/sqrt(fan_in), truncated at ±2 std, which keeps the activations' scale through the MLP whatever
+    its width: 0.022 in DINOv2's 2048-wide hidden layers, but 0.14 in the first layers of ViT-B's 48-d Matryoshka
+    slice (the large recipes keep ``trunc_normal``: ``fan_in`` is measured at small scale only). In narrow heads
+    (a 128-d model's 8-d Matryoshka slice, a 256-wide MLP) std 0.02 shrinks the bottleneck to ~1e-4 at
+    initialisation: AdamW moves the zero-initialised biases by ~lr per step whatever that scale, so within tens of
+    steps the biases set the L2-normalised bottleneck's direction, every image gets the same prediction and the
+    clustering stalls at uniform targets (docs/training_dynamics.md).
     """
     if init not in HEAD_INITS:
         raise ValueError(f"head init={init!r} is unknown; choose one of {HEAD_INITS} (dino.head_init)")

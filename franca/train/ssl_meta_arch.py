@@ -200,8 +200,9 @@ class SSLMetaArch(nn.Module):
     def compute_losses(self, batch: dict, teacher_temp: float, stats: dict | None = None) -> dict[str, torch.Tensor]:
         """All loss terms for one collated batch (reference §3.4); their sum is the training objective.
 
-        Given a dict, ``stats`` is filled with the training-health statistics of this step (``franca.train.health``):
-        detached device tensors, computed from the targets and logits already made, read by the trainer at log lines.
+        Given a dict, ``stats`` is filled with this rank's raw training-health statistics (``franca.train.health``):
+        device tensors computed from the targets and logits already made, reduced over ranks by
+        ``health.reduce_stats`` when the trainer writes a log line.
         """
         cfg = self.cfg
         global_crops = batch["collated_global_crops"]
@@ -243,10 +244,11 @@ class SSLMetaArch(nn.Module):
             ibot = self.ibot_loss(patch_logits, ibot_targets, batch["masks_weight"], n_global_images)
             losses["ibot_loss"] = cfg.ibot.loss_weight * ibot
         if stats is not None:
-            stats.update(health.head_stats("dino", dino_targets, head_out, self.dino_loss.student_temp))
+            rows = chunk_size or health.DEFAULT_CHUNK_ROWS
+            stats.update(health.head_stats("dino", dino_targets, head_out, self.dino_loss.student_temp, rows))
             if ibot_targets is not None:
-                stats.update(health.head_stats("ibot", ibot_targets, patch_logits, self.ibot_loss.student_temp))
-            stats["teacher_cls_spread"] = health.feature_spread(teacher_cls)
+                stats.update(health.head_stats("ibot", ibot_targets, patch_logits, self.ibot_loss.student_temp, rows))
+            stats["teacher_cls_spread"] = health.spread_stats(teacher_cls)
         return losses
 
     def forward_backward(

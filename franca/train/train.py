@@ -44,7 +44,7 @@ from franca.distributed import (
     setup_rank_output,
 )
 from franca.parallel import parallelize
-from franca.train.health import HealthMonitor, format_health
+from franca.train.health import HealthMonitor, format_health, reduce_stats
 from franca.train.param_groups import apply_optim_schedule, fuse_params_groups, get_params_groups
 from franca.train.schedules import build_schedules
 from franca.train.ssl_meta_arch import SSLMetaArch, resolve_autocast_dtype
@@ -375,7 +375,7 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
                 "iter_time": iter_time,
                 "data_time": data_time,
             }
-            health_values = all_reduce_mean({k: float(v) for k, v in step_stats.items()})
+            health_values = reduce_stats(step_stats)
             record.update(health_values)
             last_record = record
             for warning in monitor.update(health_values, iteration):
