@@ -249,3 +249,37 @@ def test_train_step_with_activation_checkpointing_counts_model_flops(train_step_
     assert checkpointed == [DEPTH]
     assert run["overrides"][-1] == override and run["flops_per_step"] == plain["flops_per_step"]
     assert override in train_step.results_table([run])
+
+
+def test_clustering_ablation_trains_each_variant_once_and_scores_it(tiny_config, tmp_path, monkeypatch):
+    import clustering_ablation
+
+    out = tmp_path / "ablation"
+    argv = [
+        "--config-file",
+        str(tiny_config),
+        "--variants",
+        "recipe",
+        "koleo_only",
+        "--output-dir",
+        str(out),
+        "--test-dataset",
+        "FashionMNIST:root=bundled:split=test",
+        "--knn-train-samples",
+        "200",
+        "--knn-test-samples",
+        "100",
+    ]
+    results = clustering_ablation.main(argv)
+    recipe, koleo = results["variants"]["recipe"], results["variants"]["koleo_only"]
+    assert len(recipe["dino_target_entropy"]) == 5 and len(recipe["ibot_target_entropy"]) == 5
+    assert recipe["losses"]["dino_local_crops_loss"] > 0 and koleo["losses"]["dino_local_crops_loss"] == 0
+    assert all(0 <= r["knn_top1"] <= 100 for r in (recipe, koleo)) and 0 <= results["random_init_knn"] <= 100
+    assert "| koleo_only |" in (out / "results.md").read_text()
+
+    def no_training(argv):
+        raise AssertionError(f"finished variants are reused, not retrained: {argv}")
+
+    monkeypatch.setattr(clustering_ablation.trainer, "main", no_training)
+    again = clustering_ablation.main(argv)
+    assert again["variants"]["recipe"]["knn_top1"] == recipe["knn_top1"]

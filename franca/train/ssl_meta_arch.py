@@ -198,7 +198,7 @@ class SSLMetaArch(nn.Module):
         return dino_targets, ibot_targets, out["x_norm_clstoken"]
 
     def compute_losses(self, batch: dict, teacher_temp: float, stats: dict | None = None) -> dict[str, torch.Tensor]:
-        """All loss terms for one collated batch (reference §3.4); their sum is the training objective.
+        """All loss terms for one collated batch (paper arXiv 2507.14137, Sec. 3); their sum is the training objective.
 
         Given a dict, ``stats`` is filled with this rank's raw training-health statistics (``franca.train.health``):
         device tensors computed from the targets and logits already made, reduced over ranks by

@@ -378,8 +378,10 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
             health_values = reduce_stats(step_stats)
             record.update(health_values)
             last_record = record
-            for warning in monitor.update(health_values, iteration):
-                print(f"WARNING: {warning}", flush=True)
+            warnings = monitor.update(health_values, iteration)
+            if main_process:  # the statistics are global: one warning for the run, not one per rank
+                for warning in warnings:
+                    print(f"WARNING: {warning}", flush=True)
             if main_process:
                 metrics.write(record)
                 if tb is not None:
