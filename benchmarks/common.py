@@ -9,12 +9,13 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+from franca.utils.atomic import atomic_write
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -106,18 +107,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
     """Write ``payload`` as indented JSON via a temporary file in the same folder and a rename; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(payload, stream, indent=2)
-            stream.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, json.dumps(payload, indent=2) + "\n")
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -142,12 +132,4 @@ def append_results_section(path: str | os.PathLike, title: str, env: dict, comma
         f"Device: {env['device']} · torch {env['torch']} (CUDA {env['cuda']}) · {env['cpu_count']} CPUs\n\n"
         f"```\n{command}\n```\n\n{table}\n"
     )
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(previous.rstrip("\n") + "\n" + section)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, previous.rstrip("\n") + "\n" + section)

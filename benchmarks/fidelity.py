@@ -50,7 +50,6 @@ from franca.config import apply_scaling_rules, load_config
 from franca.data.augmentations import make_classification_eval_transform
 from franca.data.datasets import seeded_global_rngs
 from franca.data.loaders import make_dataset, parse_dataset_string
-from franca.eval.common import write_bytes_atomic
 from franca.eval.features import default_device, extract_features
 from franca.eval.knn import knn_accuracies
 from franca.eval.log_regression import c_grid, log_regression_eval
@@ -61,6 +60,7 @@ from franca.hub import load_backbone, load_rasa_head
 from franca.train import train as trainer
 from franca.train.health import level_values
 from franca.train.ssl_meta_arch import build_backbone
+from franca.utils.atomic import atomic_write
 from franca.utils.logging import read_metrics
 from rasa import train as rasa_train
 from rasa.config import REGRESSOR_CHOICES, load_rasa_config
@@ -476,7 +476,7 @@ def _save_figure(fig, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
 
 
 def plot_matryoshka_comparison(path: Path, result: dict) -> None:
@@ -568,7 +568,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = runner.run()
     out = runner.out
     write_json_atomic(out / "fidelity.json", result)
-    write_bytes_atomic(out / "fidelity.md", markdown(result).encode())
+    atomic_write(out / "fidelity.md", markdown(result).encode())
     plot_matryoshka_comparison(out / "matryoshka_fidelity.png", result)
     plot_loss_comparison(out / "loss_curves.png", {n: d / "training_metrics.json" for n, d in runner.run_dirs.items()})
     print_summary(result)

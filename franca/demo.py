@@ -1,10 +1,12 @@
 """Feature extraction in a few lines: load a backbone through the hub, run it on a photo, print the feature shapes
 and write a PCA picture of the patch features.
 
-``python -m franca.demo [--weights franca_vitb14 | /path/ckpt.pth] [--image photo.jpg] [--size 448] [--out pca.png]``
+``python -m franca.demo [--weights franca_vitb14 | /path/ckpt.pth] [--image photo.jpg] [--size 448] [--out pca.png]
+[--alpha-background white]``
 
 Without ``--weights`` the ViT-B/14 is randomly initialised (no download); without ``--image`` scikit-image's
-astronaut photo is used (``pip install scikit-image``).
+astronaut photo is used (``pip install scikit-image``). A transparent image is composited onto
+``--alpha-background`` (white, black, '#RRGGBB' or R,G,B), as the datasets do (:mod:`franca.data.image_decoding`).
 """
 
 import argparse
@@ -15,12 +17,14 @@ import torch
 from PIL import Image
 
 from franca.data.augmentations import make_normalize_transform
+from franca.data.datasets import decode_image
+from franca.data.image_decoding import DEFAULT_DECODING, ImageDecoding, parse_background
 from franca.eval.pca import pca_rgb, upsample_rgb
 
 
-def load_photo(path: str | None) -> Image.Image:
+def load_photo(path: str | None, decoding: ImageDecoding = DEFAULT_DECODING) -> Image.Image:
     if path is not None:
-        return Image.open(path).convert("RGB")
+        return decode_image(path, decoding)
     try:
         from skimage import data
     except ImportError as err:
@@ -35,7 +39,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--image", default=None)
     p.add_argument("--size", type=int, default=448, help="square input size, a multiple of the patch size")
     p.add_argument("--out", default="franca_pca.png")
+    p.add_argument(
+        "--alpha-background", default="white", help="colour under transparent pixels: white, black, '#RRGGBB', R,G,B"
+    )
     args = p.parse_args(argv)
+    try:
+        decoding = ImageDecoding(parse_background(args.alpha_background))
+    except ValueError as error:
+        p.error(f"--alpha-background: {error}")
 
     from franca.hub import franca_vitb14, load_backbone
 
@@ -46,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.eval()
     if args.size % model.patch_size:
         raise SystemExit(f"--size {args.size} is not a multiple of the patch size {model.patch_size}")
-    photo = load_photo(args.image).resize((args.size, args.size), Image.BICUBIC)
+    photo = load_photo(args.image, decoding).resize((args.size, args.size), Image.BICUBIC)
     x = make_normalize_transform()(photo).unsqueeze(0)
     with torch.no_grad():
         out = model.forward_features(x, use_rasa_head=args.rasa_weights is not None)

@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from franca.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
 from franca.eval.features import default_device
+from franca.utils.atomic import atomic_write
 from franca.utils.logging import Progress
 from rasa.data import collate_images_and_masks, grid_positions, square_grid_side
 from rasa.head import RASAHead, remove_plane
@@ -233,17 +233,13 @@ def plot_position_maps(images: torch.Tensor, before: torch.Tensor, after: torch.
             if row == 0:
                 ax.set_title(titles[col], fontsize=8)
     fig.tight_layout()
-    temporary = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    fig.savefig(temporary, dpi=100, format="png")
+    atomic_write(path, lambda stream: fig.savefig(stream, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(temporary, path)
     return path
 
 
 def write_json_atomic(record: dict, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    temporary.write_text(json.dumps(record, indent=2))
-    os.replace(temporary, path)
+    atomic_write(path, json.dumps(record, indent=2))
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -38,7 +38,8 @@ from franca.checkpoint.resumable import atomic_torch_save
 from franca.config import ConfigError, save_config
 from franca.data.datasets import seeded_global_rngs
 from franca.eval.features import default_device
-from franca.utils.logging import Progress
+from franca.utils.atomic import atomic_write
+from franca.utils.logging import MetricsWriter, Progress
 from rasa.config import DEFAULTS_FILE, load_rasa_config
 from rasa.data import (
     SeededAugmentedImages,
@@ -289,9 +290,7 @@ class RoundState:
     def write(self, finished_round: int, cfg: DictConfig) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         record = {"last_finished_round": finished_round, "config": OmegaConf.to_container(cfg)}
-        temporary = self.path.with_name(f".{self.path.name}.tmp.{os.getpid()}")
-        temporary.write_text(json.dumps(record, indent=2))
-        os.replace(temporary, self.path)
+        atomic_write(self.path, json.dumps(record, indent=2))
 
 
 def _flatten(node: dict, prefix: str = "") -> dict:
@@ -322,20 +321,7 @@ def check_resumable(saved: dict, cfg: DictConfig, output_dir: Path) -> None:
 
 def _metrics_writer(output_dir: Path, first_round: int):
     """Keeps the metric lines of rounds before ``first_round`` (a resumption rewrites the rest) and appends."""
-    path = output_dir / METRICS_FILE
-    kept = []
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in kept if json.loads(line)["round"] < first_round]
-    temporary = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    temporary.write_text("".join(line + "\n" for line in kept))
-    os.replace(temporary, path)
-
-    def write(record: dict) -> None:
-        with open(path, "a") as stream:
-            stream.write(json.dumps(record) + "\n")
-
-    return write
+    return MetricsWriter(output_dir / METRICS_FILE, resume_iteration=first_round, key="round").write
 
 
 def _starting_head(cfg: DictConfig, output_dir: Path, resume: bool, embed_dim: int) -> tuple[RASAHead | None, int]:

@@ -135,6 +135,8 @@ def largest_relative_change(old: list[dict], new: list[dict]) -> float:
 def regenerate(reason: str, output: Path) -> Path:
     import torch
 
+    from franca.utils.atomic import atomic_write
+
     records = replay(GOLDEN_OVERRIDES)
     golden = {
         "description": "per-iteration losses of the pinned tiny quickstart run; replayed by tests/test_golden.py",
@@ -146,10 +148,7 @@ def regenerate(reason: str, output: Path) -> Path:
         "records": records,
     }
     previous = json.loads(output.read_text())["records"] if output.is_file() else None
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(f".{output.name}.tmp.{os.getpid()}")
-    temporary.write_text(json.dumps(golden, indent=1) + "\n")
-    os.replace(temporary, output)
+    atomic_write(output, json.dumps(golden, indent=1) + "\n")
     print(f"wrote {len(records)} iterations to {output}")
     if previous is not None:
         change = largest_relative_change(previous, records)

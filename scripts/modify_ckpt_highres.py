@@ -20,11 +20,11 @@ Only tensors are resized; an optimizer state kept in the checkpoint is not (rest
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from franca.checkpoint.resumable import atomic_torch_save
 from franca.models.vision_transformer import resize_pos_embed as run_time_resize
 
 AUTO = "auto"
@@ -112,20 +112,6 @@ def modify_checkpoint(
     return checkpoint, changes
 
 
-def save_atomically(obj: object, path: str | os.PathLike) -> None:
-    """``torch.save`` into a temporary file next to ``path``, then rename it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(obj, temp)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
-
-
 def load_checkpoint(path: str | os.PathLike) -> object:
     """Read a checkpoint with ``weights_only=True`` (a pickle that would run code is refused)."""
     if not Path(path).is_file():
@@ -169,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (FileNotFoundError, KeyError, ValueError) as err:
         parser.error(str(err.args[0]) if isinstance(err, KeyError) else str(err))
-    save_atomically(checkpoint, args.output_path)
+    atomic_torch_save(checkpoint, args.output_path)
     for path, (old, new) in changes.items():
         note = "unchanged (already this size)" if old == new else f"{list(old)} -> {list(new)}"
         print(f"{path}: {note}")

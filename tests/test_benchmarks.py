@@ -28,6 +28,7 @@ DIM, DEPTH, PATCH, GLOBAL, LOCAL, N_LOCAL, BATCH = 192, 2, 8, 32, 16, 2, 2
 TINY = [
     "student.arch=vit_tiny",
     f"student.depth={DEPTH}",
+    f"student.block_chunks={DEPTH}",  # the recipe's 4 chunks need at least 4 blocks
     f"student.patch_size={PATCH}",
     "student.ffn_layer=mlp",
     "student.drop_path_rate=0.0",  # stochastic depth skips part of the batch: FLOPs would fall below the closed forms

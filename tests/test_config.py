@@ -2,13 +2,16 @@
 
 import math
 import warnings
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from franca.config import ConfigError, apply_scaling_rules, load_config, save_config
+from franca.config import VALUE_RULES, ConfigError, apply_scaling_rules, load_config, save_config
+from franca.layers.patch_embed import PatchEmbed
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_RECIPES = ["IN21K/vitb14", "IN21K/vitl14", "IN21K/vitg14", "LAION/vitl14", "LAION/vitg14"]
@@ -436,3 +439,223 @@ def test_a_user_set_lr_is_replaced_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         apply_scaling_rules(cfg, world_size=4)  # a config saved by a run (lr already computed) stays silent
+
+
+# One out-of-range value per rule of franca.config.VALUE_RULES: (override, the key the message must name).
+OUT_OF_RANGE = [
+    ("compute_precision.loss_chunk_size=0", "compute_precision.loss_chunk_size"),
+    (
+        "compute_precision.teacher.backbone.mixed_precision.buffer_dtype=bf16",
+        "compute_precision.teacher.backbone.mixed_precision.buffer_dtype",
+    ),
+    ("dino.loss_weight=-1", "dino.loss_weight"),
+    ("dino.head_n_prototypes=0", "dino.head_n_prototypes"),
+    ("dino.head_bottleneck_dim=0", "dino.head_bottleneck_dim"),
+    ("dino.head_nlayers=0", "dino.head_nlayers"),
+    ("dino.head_hidden_dim=-1", "dino.head_hidden_dim"),
+    ("dino.koleo_loss_weight=-0.1", "dino.koleo_loss_weight"),
+    ("dino.nesting_list=[0,64]", "dino.nesting_list[0]"),
+    ("dino.level_weights=[1,1,-1,1,1]", "dino.level_weights[2]"),
+    ("ibot.loss_weight=-0.5", "ibot.loss_weight"),
+    ("ibot.mask_sample_probability=1.5", "ibot.mask_sample_probability"),
+    ("ibot.mask_ratio_min_max=[0.5,0.2]", "ibot.mask_ratio_min_max"),
+    ("ibot.mask_ratio_min_max=[-0.1,0.5]", "ibot.mask_ratio_min_max"),
+    ("ibot.head_n_prototypes=-3", "ibot.head_n_prototypes"),
+    ("ibot.head_bottleneck_dim=0", "ibot.head_bottleneck_dim"),
+    ("ibot.head_nlayers=0", "ibot.head_nlayers"),
+    ("ibot.head_hidden_dim=0", "ibot.head_hidden_dim"),
+    ("ibot.level_weights=[1,1,1,1,-2]", "ibot.level_weights[4]"),
+    ("train.batch_size_per_gpu=-4", "train.batch_size_per_gpu"),
+    ("train.dataset_path=", "train.dataset_path"),
+    ("train.saveckp_freq=0", "train.saveckp_freq"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints"),
+    ("train.log_period=0", "train.log_period"),
+    ("train.seed=-1", "train.seed"),
+    ("train.num_workers=-1", "train.num_workers"),
+    ("train.OFFICIAL_EPOCH_LENGTH=0", "train.OFFICIAL_EPOCH_LENGTH"),
+    ("train.use_block_masking=false", "train.use_block_masking"),
+    ("train.health_entropy_threshold=0", "train.health_entropy_threshold"),
+    ("train.health_entropy_threshold=97", "train.health_entropy_threshold"),
+    ("train.health_min_cls_spread=1", "train.health_min_cls_spread"),
+    ("train.health_patience=-5", "train.health_patience"),
+    ("student.embed_dim=-8", "student.embed_dim"),
+    ("student.depth=-1", "student.depth"),
+    ("student.num_heads=-2", "student.num_heads"),
+    ("student.patch_size=0", "student.patch_size"),
+    ("student.drop_path_rate=1.0", "student.drop_path_rate"),
+    ("student.layerscale=-1e-5", "student.layerscale"),
+    ("student.block_chunks=-1", "student.block_chunks"),
+    ("student.num_register_tokens=-4", "student.num_register_tokens"),
+    ("student.interpolate_offset=-0.1", "student.interpolate_offset"),
+    ("teacher.momentum_teacher=1.5", "teacher.momentum_teacher"),
+    ("teacher.final_momentum_teacher=-0.1", "teacher.final_momentum_teacher"),
+    ("teacher.warmup_teacher_temp=0", "teacher.warmup_teacher_temp"),
+    ("teacher.teacher_temp=-0.07", "teacher.teacher_temp"),
+    ("teacher.warmup_teacher_temp_epochs=-1", "teacher.warmup_teacher_temp_epochs"),
+    ("optim.epochs=0", "optim.epochs"),
+    ("optim.weight_decay=-0.04", "optim.weight_decay"),
+    ("optim.weight_decay_end=-1", "optim.weight_decay_end"),
+    ("optim.base_lr=-1", "optim.base_lr"),
+    ("optim.base_lr=0", "optim.base_lr"),
+    ("optim.lr=-0.1", "optim.lr"),
+    ("optim.warmup_epochs=-1", "optim.warmup_epochs"),
+    ("optim.min_lr=-1e-6", "optim.min_lr"),
+    ("optim.clip_grad=-3", "optim.clip_grad"),
+    ("optim.freeze_last_layer_epochs=-1", "optim.freeze_last_layer_epochs"),
+    ("optim.patch_embed_lr_mult=-0.2", "optim.patch_embed_lr_mult"),
+    ("optim.layerwise_decay=0", "optim.layerwise_decay"),
+    ("optim.layerwise_decay=1.1", "optim.layerwise_decay"),
+    ("optim.adamw_beta1=1", "optim.adamw_beta1"),
+    ("optim.adamw_beta2=-0.1", "optim.adamw_beta2"),
+    ("crops.global_crops_scale=[0,1]", "crops.global_crops_scale"),
+    ("crops.global_crops_scale=[0.5,0.3]", "crops.global_crops_scale"),
+    ("crops.local_crops_number=-1", "crops.local_crops_number"),
+    ("crops.local_crops_scale=[0.05,1.5]", "crops.local_crops_scale"),
+    ("crops.global_crops_size=0", "crops.global_crops_size"),
+    ("crops.local_crops_size=-96", "crops.local_crops_size"),
+    ("evaluation.eval_period_iterations=-1", "evaluation.eval_period_iterations"),
+    ("evaluation.knn_k=[10,0]", "evaluation.knn_k[1]"),
+    ("evaluation.knn_temperature=0", "evaluation.knn_temperature"),
+]
+
+
+def _read_yaml(text: str):
+    return OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]
+
+
+def _expected_value(override: str, key: str):
+    """The value an override gives ``key`` (an entry of the list for ``key[i]``), as the config's YAML reads it."""
+    value = _read_yaml(override.partition("=")[2])
+    index = key.partition("[")[2].rstrip("]")
+    return value[int(index)] if index else ("" if value is None else value)
+
+
+@pytest.mark.parametrize(("override", "key"), OUT_OF_RANGE, ids=[case[0] for case in OUT_OF_RANGE])
+def test_out_of_range_value_names_key_value_rule_and_fix(override, key):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    message = str(error.value)
+    shown, rule_and_fix = message.removeprefix(f"{key}=").split(" must be ", 1)
+    assert message.startswith(f"{key}="), message
+    assert _read_yaml(shown) == _expected_value(override, key), message
+    assert "; " in rule_and_fix, message
+
+
+def test_every_value_rule_has_a_bad_value_case_and_matches_a_key():
+    fields = load_config()
+    tested = {key.partition("[")[0] for _, key in OUT_OF_RANGE}
+    for pattern in VALUE_RULES:
+        assert any(fnmatchcase(key, pattern) for key in tested), f"no out-of-range case for {pattern}"
+        assert any(fnmatchcase(key, pattern) for key in _leaf_keys(fields)), f"{pattern} matches no key"
+
+
+def _leaf_keys(cfg, prefix=""):
+    for name, value in cfg.items():
+        if OmegaConf.is_dict(value):
+            yield from _leaf_keys(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["ibot.mask_ratio_min_max=[0,1]", "ibot.mask_sample_probability=0"],
+        ["crops.global_crops_scale=[1,1]", "crops.local_crops_scale=[0.01,0.01]"],
+        ["optim.clip_grad=0", "optim.layerwise_decay=1", "optim.warmup_epochs=0", "optim.freeze_last_layer_epochs=100"],
+        ["teacher.momentum_teacher=0", "teacher.final_momentum_teacher=1", "student.layerscale=0"],
+        ["crops.local_crops_number=0", "crops.local_crops_size=7"],  # no local crops: their size is unused
+        ["train.batch_size_per_gpu=1", "dino.koleo_loss_weight=0", "train.num_workers=0", "train.seed=0"],
+        ["evaluation.eval_period_iterations=0", "evaluation.knn_k=[1]", "train.health_min_cls_spread=0"],
+        ["dino.nesting_list=[64,1024]", "dino.level_weights=[1,2]", "ibot.level_weights=[0,1]"],
+        ["dino.MRL=false", "dino.level_weights=[0.5]"],
+        ["evaluation.knn_train_dataset=ImageFolder:root=/a", "evaluation.knn_val_dataset=ImageFolder:root=/b"],
+    ],
+)
+def test_values_at_the_edges_of_their_ranges_load(overrides):
+    load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (
+            ["crops.global_crops_size=30", "student.patch_size=4"],
+            ["crops.global_crops_size=30", "student.patch_size=4"],
+        ),
+        (["crops.global_crops_size=8", "student.patch_size=14"], ["crops.global_crops_size=8", "e.g. 14"]),
+        (["crops.local_crops_size=100"], ["crops.local_crops_size=100", "student.patch_size=16", "96 or 112"]),
+        (["student.embed_dim=100"], ["student.embed_dim=100", "student.num_heads=0", "16 attention heads"]),
+        (["student.arch=vit_base", "student.num_heads=5"], ["student.num_heads=5", "width 768"]),
+        (["student.depth=4", "student.block_chunks=5"], ["student.block_chunks=5", "depth 4"]),
+        (["train.batch_size_per_gpu=1"], ["train.batch_size_per_gpu=1", "dino.koleo_loss_weight=0.1"]),
+        (["dino.MRL=false", "dino.nesting_list=[8,16]"], ["dino.nesting_list=[8, 16]", "dino.MRL=false"]),
+        (["dino.nesting_list=[64,32]"], ["dino.nesting_list=[64, 32]", "strictly increasing"]),
+        (["dino.nesting_list=[64,2048]"], ["dino.nesting_list=[64, 2048]", "width 1024"]),
+        (["student.arch=vit_tiny", "student.embed_dim=8", "student.num_heads=2"], ["dino.nesting_list", "width 8"]),
+        (["dino.head_n_prototypes=10"], ["dino.head_n_prototypes=10", "at least 16"]),
+        (["ibot.head_n_prototypes=15"], ["ibot.head_n_prototypes=15", "at least 16"]),
+        (["dino.level_weights=[1,1]"], ["dino.level_weights=[1.0, 1.0]", "5 level(s)"]),
+        (["dino.nesting_list=[64,128]", "ibot.level_weights=[1,1,1]"], ["ibot.level_weights", "2 level(s)"]),
+        (["dino.MRL=false", "dino.level_weights=[1,1]"], ["dino.level_weights", "1 level(s)", "dino.MRL=False"]),
+        (["optim.freeze_last_layer_epochs=101"], ["optim.freeze_last_layer_epochs=101", "optim.epochs=100"]),
+        (["evaluation.knn_train_dataset=ImageFolder:root=/a"], ["evaluation.knn_train_dataset", "knn_val_dataset=''"]),
+        (["evaluation.knn_val_dataset=ImageFolder:root=/b"], ["evaluation.knn_train_dataset=''", "knn_val_dataset"]),
+        (
+            [
+                "evaluation.knn_train_dataset=ImageFolder:root=/a",
+                "evaluation.knn_val_dataset=X:root=/b",
+                "evaluation.knn_k=[]",
+            ],
+            ["evaluation.knn_k=[]"],
+        ),
+    ],
+)
+def test_broken_constraint_between_keys_names_them(overrides, named):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    assert all(part in str(error.value) for part in named), str(error.value)
+
+
+def test_the_ibot_prototypes_do_not_matter_without_a_separate_ibot_head():
+    load_config(None, ["ibot.separate_head=false", "ibot.head_n_prototypes=15"])
+
+
+def test_crop_rule_accepts_exactly_the_sizes_the_patch_embedding_accepts():
+    embed = PatchEmbed(patch_size=4, embed_dim=8)
+    for size in range(1, 30):
+        try:
+            embed(torch.zeros(1, 3, size, size))
+            model_accepts = True
+        except ValueError:
+            model_accepts = False
+        try:
+            load_config(None, [f"crops.global_crops_size={size}", "student.patch_size=4"])
+            config_accepts = True
+        except ConfigError:
+            config_accepts = False
+        assert config_accepts == model_accepts, size
+
+
+def test_every_problem_is_listed_in_one_error():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["train.batch_size_per_gpu=0", "optim.epochs=0", "teacher.teacher_temp=0"])
+    message = str(error.value)
+    assert message.startswith("3 config values are invalid")
+    assert all(key in message for key in ("train.batch_size_per_gpu=0", "optim.epochs=0", "teacher.teacher_temp=0.0"))
+
+
+def test_values_from_a_file_are_checked_too(tmp_path):
+    with pytest.raises(ConfigError, match=r"^train\.num_workers=-2 must be >= 0"):
+        load_config(_write(tmp_path, "train:\n  num_workers: -2\n"))
+    with pytest.raises(ConfigError, match=r"^train\.num_workers=-1 must be >= 0"):
+        load_config(_write(tmp_path, "train:\n  num_workers: 4\n"), ["train.num_workers=-1"])
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((REPO / "configs" / "train").rglob("*.yaml")) + sorted((REPO / "configs" / "finetune").glob("*.yaml")),
+    ids=lambda p: f"{p.parent.name}/{p.stem}",
+)
+def test_every_shipped_training_recipe_passes_the_value_rules(path):
+    load_config(path)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from franca.checkpoint import TrainingCheckpointer
-from franca.checkpoint.consolidate import consolidate, find_checkpoint, main
+from franca.checkpoint.consolidate import consolidate, find_checkpoints, main
 from franca.config import load_config, save_config
 from franca.hub import load_backbone
 from franca.train.ssl_meta_arch import SSLMetaArch
@@ -57,10 +57,10 @@ def test_single_file_checkpoint_consolidates_to_the_teacher(run_dir, tmp_path):
 
 def test_checkpoint_selection_and_errors(run_dir, tmp_path, capsys):
     run, _ = run_dir
-    assert find_checkpoint(run).name == "model_0000006.pth"
-    assert find_checkpoint(run, 3).name == "model_0000003.pth"
+    assert [p.name for p in find_checkpoints(run)] == ["model_0000006.pth", "model_0000003.pth"]
+    assert [p.name for p in find_checkpoints(run, 3)] == ["model_0000003.pth"]
     with pytest.raises(FileNotFoundError, match="available: 3, 6"):
-        find_checkpoint(run, 4)
+        find_checkpoints(run, 4)
     with pytest.raises(SystemExit):
         main([str(tmp_path / "nothing"), str(tmp_path / "out")])
     assert "no training checkpoint" in capsys.readouterr().err

@@ -11,6 +11,7 @@ ort = pytest.importorskip("onnxruntime", reason="ONNX export tests need onnxrunt
 onnx = pytest.importorskip("onnx", reason="ONNX export tests need onnx (pip install franca[export])")
 pytest.importorskip("onnxscript", reason="ONNX export tests need onnxscript (pip install franca[export])")
 
+import franca.export.onnx as onnx_export  # noqa: E402
 from franca.export.onnx import export_onnx, main  # noqa: E402
 from franca.export.safetensors import export_safetensors  # noqa: E402
 from franca.export.wrappers import bicubic_resize_matrix  # noqa: E402
@@ -129,6 +130,43 @@ def test_dynamic_size_export_matches_at_several_sizes(tmp_path):
         for g, e in zip(got, expected_outputs(model, images, with_rasa=True), strict=True):
             assert g.shape == e.shape
             assert np.abs(g - e).max() <= ATOL, (height, width)
+
+
+def test_dynamic_size_graph_refuses_sizes_off_the_patch_grid_like_the_model(tmp_path):
+    """30x30 with patch 4: the strided convolution alone would run it on a 7x7 grid; model and graph refuse it."""
+    torch.manual_seed(0)
+    model = DinoVisionTransformer(img_size=32, patch_size=4, embed_dim=DIM, depth=1, num_heads=3).eval()
+    with pytest.raises(ValueError, match="30x30 is not divisible by the patch size 4"):
+        model.forward_features(torch.randn(1, 3, 30, 30))
+
+    path = export_onnx(model, tmp_path / "dynamic.onnx", (32, 32), dynamic_size=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = torch.randn(1, 3, 28, 36)
+    got = session.run(None, {"images": images.numpy()})
+    for g, e in zip(got, expected_outputs(model, images, with_rasa=False), strict=True):
+        assert np.abs(g - e).max() <= ATOL
+    for height, width in [(30, 30), (28, 30), (30, 28), (33, 32)]:
+        with pytest.raises(Exception, match="image height and width must be multiples of the patch size 4"):
+            session.run(None, {"images": np.zeros((1, 3, height, width), dtype=np.float32)})
+
+
+def test_fixed_size_graph_accepts_only_its_size(tmp_path):
+    model = tiny_vit()
+    path = export_onnx(model, tmp_path / "fixed.onnx", (56, 56))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="invalid dimensions"):
+        session.run(None, {"images": np.zeros((1, 3, 57, 56), dtype=np.float32)})
+
+
+def test_cli_dynamic_size_checks_the_refusal(tmp_path, capsys, monkeypatch):
+    folder = export_safetensors(tiny_vit(), tmp_path / "weights")
+    args = ["--weights", str(folder), "--image-size", "56", "42", "--dynamic-size", "--out", str(tmp_path / "d.onnx")]
+    assert main(args) == 0
+    assert "refuses 57x42: not a multiple of the patch size 14" in capsys.readouterr().out
+
+    monkeypatch.setattr(onnx_export, "_refuse_sizes_off_the_patch_grid", lambda graph, patch_size: None)
+    assert main(args) == 1
+    assert "accepts an image size that is not a multiple of 14" in capsys.readouterr().err
 
 
 def test_cli_fixed_size_without_rasa(tmp_path, capsys):

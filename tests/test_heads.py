@@ -55,6 +55,7 @@ def test_project_mode_reads_the_full_feature():
 
 @pytest.mark.parametrize("init", ["trunc_normal", "fan_in"])
 def test_initialisation(init):
+    torch.manual_seed(0)
     head = tiny_matryoshka(hidden_dim=256, init=init)
     for last_layer in head.last_layers:
         assert torch.equal(last_layer.weight_g, torch.ones_like(last_layer.weight_g))
@@ -66,8 +67,8 @@ def test_initialisation(init):
         assert 0.018 < hidden_weight.std().item() < 0.022 and hidden_weight.abs().max() <= 2.0
     else:  # std 1/sqrt(256), truncated at 2 std: the std of such a truncated normal is 0.880 of the parameter
         assert 0.85 / 16 < hidden_weight.std().item() < 0.91 / 16 and hidden_weight.abs().max() <= 2 / 16
-        first = head.mlps[0][0].weight  # fan-in 4: the level-0 slice
-        assert 0.85 / 2 < first.std().item() < 0.91 / 2
+        first = head.mlps[0][0].weight  # fan-in 4: the level-0 slice, 1024 weights (std of the estimate ~2 %)
+        assert 0.80 / 2 < first.std().item() < 0.96 / 2
     # weight_v keeps nn.Linear's default uniform init, bound 1/sqrt(fan_in) = 1/4, not the trunc-normal .02.
     v = head.last_layers[4].weight_v
     assert v.abs().max() <= 0.25 and v.std().item() > 0.1

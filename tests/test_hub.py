@@ -8,6 +8,7 @@ import os
 import shutil
 import tarfile
 import urllib.error
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -478,8 +479,10 @@ def test_sha256_is_verified(hub_cache):
     with pytest.raises(RuntimeError, match=r"SHA-256 mismatch .*check its source"):
         load_checkpoint_file(cache / "small.pth", sha256="f" * 64)
     assert (cache / "small.pth").is_file(), "a local file with a wrong digest is refused, not deleted"
-    with pytest.warns(UserWarning, match=r"no SHA-256 is recorded for https://example.org/small.pth"):
-        load_checkpoint_file(url)
+    assert (cache / "small.pth.sha256").read_text().split()[0] == good
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(load_checkpoint_file(url)["w"], torch.arange(3.0))
 
 
 def test_registry_name_downloads_release_and_rasa(hub_cache, vitb14_checkpoint):

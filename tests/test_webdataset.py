@@ -20,6 +20,7 @@ from franca.data.datasets.webdataset import (
     SAMPLES_PER_SHARD_LIMIT,
     WebDatasetShards,
     WebDatasetTrainStream,
+    count_shard_samples,
     expand_braces,
     make_webdataset_train_loader,
     resolve_shards,
@@ -221,3 +222,121 @@ def test_more_than_one_percent_unreadable_stops_with_the_pattern(tmp_path):
         warnings.simplefilter("ignore", UnreadableImageWarning)
         with pytest.raises(TooManyUnreadableImagesError, match=r"2 of 100 image reads failed .*bad\.tar"):
             list(dataset)
+
+
+TRUNCATED_SHARD_SAMPLES = 6
+
+
+def _labelled_pixels(number: int) -> np.ndarray:
+    return np.full((4, 4, 3), (number * 40 % 256, number * 7, 255 - number), dtype=np.uint8)
+
+
+def _write_labelled_shard(path: Path, first: int, count: int) -> list[tuple[np.ndarray, int]]:
+    """A shard of ``count`` samples (a 4x4 PNG of one colour and a .cls label each); returns (pixels, label)."""
+    numbers = range(first, first + count)
+    with tarfile.open(path, "w") as tar:
+        for number in numbers:
+            _add(tar, f"{number:06d}.png", _encode(Image.fromarray(_labelled_pixels(number)), "PNG"))
+            _add(tar, f"{number:06d}.cls", str(number).encode())
+    return [(_labelled_pixels(number), number) for number in numbers]
+
+
+def _whole_samples_before(layout: list[tarfile.TarInfo], cut: int) -> int:
+    """How many samples of an intact two-member-per-sample shard lie wholly before byte ``cut``: sample k counts when
+    the next sample's first header is complete, the last one when its data is followed by at least one byte of the
+    end-of-archive marker (without it, members of the last sample could be missing)."""
+    first_headers = [member.offset for member in layout[::2]]
+    end_of_members = layout[-1].offset_data + -(-layout[-1].size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    complete = [header + tarfile.BLOCKSIZE for header in first_headers[1:]] + [end_of_members + 1]
+    return sum(1 for needed in complete if cut >= needed)
+
+
+def _cut_points(layout: list[tarfile.TarInfo], size: int) -> dict[str, int]:
+    second_sample, last = layout[2], layout[-1]
+    return {
+        "empty file": 0,
+        "inside the first header": 100,
+        "inside the first image": layout[0].offset_data + 10,
+        "at the second sample's header": second_sample.offset,
+        "inside the second sample's header": second_sample.offset + 200,
+        "just after the second sample's header": second_sample.offset + tarfile.BLOCKSIZE,
+        "inside the last label": last.offset_data + 1,
+        "at the end-of-archive marker": last.offset_data + tarfile.BLOCKSIZE,
+        "one byte into the marker": last.offset_data + tarfile.BLOCKSIZE + 1,
+        "one byte short of the end": size - 1,
+    }
+
+
+@pytest.fixture(scope="module")
+def truncated_shard_layout(tmp_path_factory) -> tuple[Path, list[tarfile.TarInfo]]:
+    path = tmp_path_factory.mktemp("layout") / "intact.tar"
+    _write_labelled_shard(path, 0, TRUNCATED_SHARD_SAMPLES)
+    with tarfile.open(path) as tar:
+        return path, tar.getmembers()
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "empty file",
+        "inside the first header",
+        "inside the first image",
+        "at the second sample's header",
+        "inside the second sample's header",
+        "just after the second sample's header",
+        "inside the last label",
+        "at the end-of-archive marker",
+        "one byte into the marker",
+        "one byte short of the end",
+    ],
+)
+def test_truncated_shard_is_warned_by_name_counted_and_the_rest_still_read(tmp_path, truncated_shard_layout, where):
+    """A cut that leaves part of the end-of-archive marker loses nothing: no warning, every sample read."""
+    intact, layout = truncated_shard_layout
+    cut = _cut_points(layout, intact.stat().st_size)[where]
+    before = _write_labelled_shard(tmp_path / "00000.tar", 100, 3)
+    (tmp_path / "00001.tar").write_bytes(intact.read_bytes()[:cut])
+    after = _write_labelled_shard(tmp_path / "00002.tar", 200, 4)
+    kept = _whole_samples_before(layout, cut)
+    damaged = kept < TRUNCATED_SHARD_SAMPLES
+    expected = before + [(_labelled_pixels(number), number) for number in range(kept)] + after
+
+    dataset = make_dataset(f"WebDataset:urls={tmp_path}/{{00000..00002}}.tar")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = list(dataset)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UnreadableImageWarning)]
+    assert len(messages) == damaged
+    if damaged:
+        assert f"{tmp_path / '00001.tar'} is truncated or damaged after its first {kept} samples" in messages[0]
+    assert dataset.read_failures.failed == damaged
+    assert dataset.read_failures.attempted == len(expected) + damaged
+    assert [target for _, target in got] == [label for _, label in expected]
+    assert all(np.array_equal(np.asarray(image), pixels) for (image, _), (pixels, _) in zip(got, expected))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert count_shard_samples(tmp_path / "00001.tar") == kept
+    assert [("00001.tar is truncated" in str(w.message)) for w in caught] == [True] * damaged
+
+
+def test_intact_shards_raise_no_truncation_warning(truncated_shard_layout):
+    intact, _ = truncated_shard_layout
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert count_shard_samples(intact) == TRUNCATED_SHARD_SAMPLES
+        assert len(list(WebDatasetShards(str(intact)))) == TRUNCATED_SHARD_SAMPLES
+
+
+def test_resume_across_a_truncated_shard_equals_the_uninterrupted_stream(tmp_path, truncated_shard_layout):
+    intact, layout = truncated_shard_layout
+    for shard, first in enumerate((0, 10, 20, 30)):
+        _write_labelled_shard(tmp_path / f"{shard:05d}.tar", first, 5)
+    (tmp_path / "00002.tar").write_bytes(intact.read_bytes()[: layout[4].offset + 100])  # 1 whole sample left
+    urls = f"{tmp_path}/*.tar"
+    full = _take(_train_loader(urls, start=0, num_workers=2), 12)
+    resumed = _take(_train_loader(urls, start=7, num_workers=2), 5)
+    for got, want in zip(resumed, full[7:]):
+        assert torch.equal(got["sample_indices"], want["sample_indices"])
+        assert torch.equal(got["collated_global_crops"], want["collated_global_crops"])
+    truncated_ids = {int(i) for batch in full for i in batch["sample_indices"] if i // SAMPLES_PER_SHARD_LIMIT == 2}
+    assert truncated_ids == {2 * SAMPLES_PER_SHARD_LIMIT}

@@ -6,10 +6,12 @@ Reads the latest (or the given iteration's) checkpoint of ``RUN_DIR/checkpoints`
 number of ranks, or a single-process ``model_*.pth`` — and writes into the folder ``OUT``:
 
 * ``teacher_checkpoint.pth``: the teacher in the release format ``{"teacher": ..., "backbone_config": ...}``
-  (as :func:`franca.checkpoint.release.export_teacher`), loadable by the hub and the original code;
+  (as the trainer's teacher exports), loadable by the hub and the original code;
 * ``backbone/``: the teacher backbone as a safetensors folder (:func:`franca.export.safetensors.export_safetensors`).
 
-Only the teacher's tensors are read from a DCP folder (not the student nor the optimizer).
+Only the teacher's tensors are read from a DCP folder (not the student nor the optimizer). Without ``--iteration``,
+an unreadable newest checkpoint (truncated, empty, refused by the weights-only reader) is reported and the next older
+one is used; nothing in the run folder is changed.
 """
 
 import argparse
@@ -18,56 +20,64 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
 
-from franca.checkpoint.distributed import TRAIN_STATE_FILE, list_checkpoints
+from franca.checkpoint.distributed import (
+    TRAIN_STATE_FILE,
+    UnreadableCheckpointError,
+    list_checkpoints,
+    read_checkpoint_file,
+    read_dcp_tensors,
+)
 from franca.checkpoint.release import save_teacher_release
 
 TEACHER_PREFIX = "teacher."
 
 
-def find_checkpoint(run_dir: str | os.PathLike, iteration: int | None = None) -> Path:
-    """The newest checkpoint of ``run_dir`` (or the one saved to resume at ``iteration``)."""
+def find_checkpoints(run_dir: str | os.PathLike, iteration: int | None = None) -> list[Path]:
+    """The checkpoints of ``run_dir`` to try, newest first (only the one saved to resume at ``iteration`` if given)."""
     found = list_checkpoints(Path(run_dir) / "checkpoints")
     if not found:
         raise FileNotFoundError(f"no training checkpoint under {Path(run_dir) / 'checkpoints'}; is it a run dir?")
     if iteration is None:
-        return found[-1][1]
+        return [path for _, path in reversed(found)]
     matching = [path for it, path in found if it == iteration]
     if not matching:
         raise FileNotFoundError(
             f"no checkpoint for iteration {iteration} in {run_dir}; available: {', '.join(str(it) for it, _ in found)}"
         )
-    return matching[0]
-
-
-def _dcp_teacher_state(path: Path) -> dict[str, torch.Tensor]:
-    metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    prefix = "model." + TEACHER_PREFIX
-    state = {
-        key[len("model.") :]: torch.empty(meta.size, dtype=meta.properties.dtype)
-        for key, meta in metadata.state_dict_metadata.items()
-        if key.startswith(prefix) and hasattr(meta, "size")
-    }
-    if not state:
-        raise ValueError(f"DCP checkpoint {path} holds no {prefix}* tensors; it is not a franca training checkpoint")
-    wrapped = {"model": state}
-    dcp.load(wrapped, checkpoint_id=str(path), no_dist=True)
-    return {key[len(TEACHER_PREFIX) :]: tensor for key, tensor in wrapped["model"].items()}
+    return matching
 
 
 def load_teacher_state(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
     """The teacher ModuleDict state dict of a checkpoint, and the config YAML stored with it (DCP only)."""
     path = Path(checkpoint)
     if path.is_dir():
-        train_state = torch.load(path / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
-        return _dcp_teacher_state(path), train_state.get("config") or None
-    model = torch.load(path, map_location="cpu", weights_only=True)["model"]
-    teacher = {k[len(TEACHER_PREFIX) :]: v for k, v in model.items() if k.startswith(TEACHER_PREFIX)}
+        train_state = read_checkpoint_file(path / TRAIN_STATE_FILE)
+        prefix = "model." + TEACHER_PREFIX
+        teacher = {k[len(prefix) :]: v for k, v in read_dcp_tensors(path, prefix).items()}
+        stored_yaml = train_state.get("config") or None
+    else:
+        model = read_checkpoint_file(path).get("model", {})
+        teacher = {k[len(TEACHER_PREFIX) :]: v for k, v in model.items() if k.startswith(TEACHER_PREFIX)}
+        stored_yaml = None
     if not teacher:
-        raise ValueError(f"checkpoint {path} holds no teacher.* weights; it is not a franca training checkpoint")
-    return teacher, None
+        raise ValueError(f"checkpoint {path} holds no teacher weights; it is not a franca training checkpoint")
+    return teacher, stored_yaml
+
+
+def load_newest_teacher(
+    run_dir: str | os.PathLike, iteration: int | None = None
+) -> tuple[Path, dict[str, torch.Tensor], str | None]:
+    """The first readable of :func:`find_checkpoints`, warning about each unreadable one; lists them all if none."""
+    failures = []
+    for path in find_checkpoints(run_dir, iteration):
+        try:
+            return (path, *load_teacher_state(path))
+        except UnreadableCheckpointError as err:
+            print(f"WARNING: {err}; trying the next older checkpoint", file=sys.stderr, flush=True)
+            failures.append(f"  {path}: {err}")
+    raise UnreadableCheckpointError("no readable checkpoint; tried, newest first:\n" + "\n".join(failures))
 
 
 def _run_config(run_dir: Path, stored_yaml: str | None) -> DictConfig:
@@ -85,8 +95,7 @@ def consolidate(run_dir: str | os.PathLike, out_dir: str | os.PathLike, iteratio
     from franca.train.ssl_meta_arch import build_model_dict
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    checkpoint = find_checkpoint(run_dir, iteration)
-    state, stored_yaml = load_teacher_state(checkpoint)
+    checkpoint, state, stored_yaml = load_newest_teacher(run_dir, iteration)
     cfg = _run_config(run_dir, stored_yaml)
     teacher = build_model_dict(cfg, drop_path=False)
     teacher.load_state_dict(state)
@@ -112,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         consolidate(args.run_dir, args.out, args.iteration)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, UnreadableCheckpointError) as err:
         parser.error(str(err))
     return 0
 

@@ -14,8 +14,14 @@ Either layout loads at any world size: DCP re-slices the stored tensors to the c
 is distributed with ``full_state_dict=True``. The data position is the iteration alone (the loader's global batches
 do not depend on the world size), so the original's ``sampler_advance=0`` restart of the data order cannot happen.
 RNG states are restored when the world size is unchanged; otherwise they cannot correspond, and the caller reseeds.
+
+Recovery (training.md, "Recovery"): every write goes through a temporary that a failed write removes and a restarted
+run sweeps; resume falls back from an unreadable newest checkpoint to the next older one and moves the damaged one
+aside; a checkpoint that reads but does not fit the configured model stops the run instead, since that is a changed
+config, not damage.
 """
 
+import errno
 import os
 import re
 import shutil
@@ -34,11 +40,23 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from franca.checkpoint.resumable import CHECKPOINT_PATTERN, Checkpointer, atomic_torch_save, capture_rng_state
-from franca.distributed import barrier, broadcast_object, get_rank, get_world_size, is_main_process
+from franca.checkpoint.resumable import CHECKPOINT_PATTERN, atomic_torch_save, capture_rng_state
+from franca.distributed import any_rank, barrier, broadcast_object, get_rank, get_world_size, is_main_process
+from franca.models.vision_transformer import resize_pos_embed
+from franca.utils.atomic import sweep_stale_temporaries
 
 DCP_PATTERN = re.compile(r"^dcp_(\d{7})$")
+DCP_STAGING_PATTERN = re.compile(r"^\.dcp_\d{7}\.tmp$")
 TRAIN_STATE_FILE = "train_state.pth"
+UNREADABLE_SUFFIX = ".unreadable"
+
+
+class UnreadableCheckpointError(RuntimeError):
+    """A checkpoint that cannot be read: truncated, empty, refused by the weights-only unpickler, DCP files missing."""
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A readable checkpoint whose tensors do not fit the configured model (another architecture or config)."""
 
 
 def rng_file(rank: int) -> str:
@@ -81,10 +99,89 @@ def model_and_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
 
 
+def move_aside(path: Path) -> Path:
+    """Rename an unreadable checkpoint to ``<name>.unreadable`` (``.unreadable.<n>`` if taken): kept, but no longer
+    listed, resumed from or pruned."""
+    target = path.with_name(path.name + UNREADABLE_SUFFIX)
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}{UNREADABLE_SUFFIX}.{n}")
+        n += 1
+    os.replace(path, target)
+    return target
+
+
+def read_checkpoint_file(path: Path) -> dict:
+    """``torch.load(weights_only=True)`` of one checkpoint file; any failure is an :class:`UnreadableCheckpointError`
+    naming the file and what is wrong with it."""
+    if not path.is_file():
+        raise UnreadableCheckpointError(f"{path} is missing")
+    if path.stat().st_size == 0:
+        raise UnreadableCheckpointError(f"{path} is empty (0 bytes; a write was cut short)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            reason = "it holds objects the weights-only reader refuses to unpickle (not a franca checkpoint, or unsafe)"
+        else:
+            reason = "it is truncated or corrupt"
+        raise UnreadableCheckpointError(f"cannot read {path}: {reason} ({type(err).__name__}: {detail})") from err
+
+
+def _check_fits(stored: dict[str, torch.Size], own: dict[str, torch.Size], path: Path) -> None:
+    """Raise :class:`CheckpointMismatchError` when the stored model tensors do not match the model's names/shapes."""
+    missing = sorted(k for k in own if k not in stored)
+    unexpected = sorted(k for k in stored if k not in own)
+    mismatched = sorted(k for k in own if k in stored and tuple(stored[k]) != tuple(own[k]))
+    if not (missing or unexpected or mismatched):
+        return
+    shapes = ", ".join(f"{k}: {tuple(stored[k])} stored vs {tuple(own[k])} configured" for k in mismatched[:4])
+    raise CheckpointMismatchError(
+        f"checkpoint {path} does not fit the configured model: missing {missing[:4]}, unexpected {unexpected[:4]}, "
+        f"shape mismatches [{shapes}]. It was written with another architecture or config (student.*, dino.*, "
+        "ibot.*, crops.global_crops_size); use the config it was trained with, or a new --output-dir / --no-resume"
+    )
+
+
+def _model_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    """Global shapes of the model's state (DTensor shapes are global under FSDP2)."""
+    return {k: v.shape for k, v in get_model_state_dict(model).items()}
+
+
+def read_dcp_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a DCP folder whose key starts with ``prefix``, read whole on one process without a process
+    group (keys keep the prefix)."""
+    metadata = _read_dcp_metadata(path)
+    state = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and hasattr(meta, "size")
+    }
+    if state:
+        try:
+            dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        except Exception as err:
+            raise UnreadableCheckpointError(f"cannot read the tensors of {path}: {type(err).__name__}: {err}") from err
+    return state
+
+
+def _read_dcp_metadata(path: Path):
+    try:
+        return dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as err:
+        raise UnreadableCheckpointError(
+            f"cannot read the DCP metadata of {path} (its .metadata file is missing or corrupt: "
+            f"{type(err).__name__}: {err})"
+        ) from err
+
+
 class TrainingCheckpointer:
     """Save / load of training checkpoints: one file with one process, a DCP folder with several (all ranks call).
 
     ``keep`` counts checkpoints of both layouts together, so a run resumed at another world size prunes old ones too.
+    :meth:`resume` falls back from an unreadable newest checkpoint to the next older one (docs: training.md,
+    "Recovery"); :meth:`sweep` removes what killed writers left behind.
     """
 
     def __init__(self, output_dir: str | os.PathLike, keep: int = 2):
@@ -92,6 +189,13 @@ class TrainingCheckpointer:
             raise ValueError(f"train.keep_checkpoints must be >= 1, got {keep}")
         self.dir = Path(output_dir) / "checkpoints"
         self.keep = keep
+
+    def sweep(self) -> list[Path]:
+        """Rank 0, before any rank writes: remove temporary files of dead writers and every DCP staging folder."""
+        removed = sweep_stale_temporaries(self.dir, extra_patterns=(DCP_STAGING_PATTERN,))
+        for path in removed:
+            print(f"removed {path}, left by an interrupted checkpoint write", flush=True)
+        return removed
 
     def save(
         self,
@@ -102,13 +206,25 @@ class TrainingCheckpointer:
         config_yaml: str = "",
     ) -> Path:
         """Write the state to resume at ``iteration`` (the next one to run) and return its path."""
+        try:
+            path = self._save(iteration, model, optimizer, scaler, config_yaml)
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            previous = list_checkpoints(self.dir)
+            size = _size_of(previous[-1][1]) if previous else 0
+            need = f"; the previous checkpoint took {size / 2**20:.1f} MiB" if size else ""
+            raise OSError(errno.ENOSPC, f"{err.strerror or err}{need}") from err
+        self._prune()
+        return path
+
+    def _save(self, iteration, model, optimizer, scaler, config_yaml) -> Path:
         if get_world_size() == 1:
-            extra = {"scaler": scaler.state_dict()} if scaler is not None else {}
-            path = Checkpointer(self.dir.parent, self.keep).save(
-                iteration, **model_and_optimizer_state(model, optimizer), **extra
-            )
-            self._prune()
-            return path
+            path = self.dir / f"model_{iteration:07d}.pth"
+            state = {"iteration": iteration, "rng": capture_rng_state(), **model_and_optimizer_state(model, optimizer)}
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            return atomic_torch_save(state, path)
         final = self.dir / f"dcp_{iteration:07d}"
         temp = self.dir / f".dcp_{iteration:07d}.tmp"
         rank = get_rank()
@@ -116,35 +232,76 @@ class TrainingCheckpointer:
             shutil.rmtree(temp, ignore_errors=True)
             temp.mkdir(parents=True)
         barrier()
-        dcp.save(model_and_optimizer_state(model, optimizer), checkpoint_id=str(temp))
-        atomic_torch_save(capture_rng_state(), temp / rng_file(rank))
-        if is_main_process():
-            train_state = {
-                "iteration": iteration,
-                "world_size": get_world_size(),
-                "config": config_yaml,
-                **({"scaler": scaler.state_dict()} if scaler is not None else {}),
-            }
-            atomic_torch_save(train_state, temp / TRAIN_STATE_FILE)
+        try:
+            dcp.save(model_and_optimizer_state(model, optimizer), checkpoint_id=str(temp))
+            atomic_torch_save(capture_rng_state(), temp / rng_file(rank))
+            if is_main_process():
+                train_state = {
+                    "iteration": iteration,
+                    "world_size": get_world_size(),
+                    "config": config_yaml,
+                    **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+                }
+                atomic_torch_save(train_state, temp / TRAIN_STATE_FILE)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
         barrier()
         if is_main_process():
             if final.exists():
                 shutil.rmtree(final)
             os.replace(temp, final)
-            self._prune()
         barrier()
         return final
 
     def _prune(self) -> None:
+        if not is_main_process():
+            return
         for _, old in list_checkpoints(self.dir)[: -self.keep]:
             if old.is_dir():
                 shutil.rmtree(old)
             else:
                 old.unlink(missing_ok=True)
 
-    def last(self) -> Path | None:
-        """The newest complete checkpoint of either layout (rank 0's view, shared with all ranks)."""
-        return broadcast_object(latest_checkpoint(self.dir) if is_main_process() else None)
+    def candidates(self) -> list[Path]:
+        """Every complete checkpoint, newest first (rank 0's view, shared with all ranks)."""
+        found = list_checkpoints(self.dir) if is_main_process() else None
+        return [path for _, path in reversed(broadcast_object(found))]
+
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> LoadedCheckpoint | None:
+        """Load the newest readable checkpoint into ``model`` and ``optimizer``; None when there is none.
+
+        An unreadable one is reported (file and error) and the next older one is tried; once one loads, the unreadable
+        newer ones are moved aside (``<name>.unreadable``), never deleted. When none loads, nothing is moved and the
+        error lists what was tried. A readable checkpoint that does not fit the model stops at once
+        (:class:`CheckpointMismatchError`): that is a config change, not damage.
+        """
+        failures: list[tuple[Path, str]] = []
+        for path in self.candidates():
+            error = None
+            try:
+                loaded = self.load(path, model, optimizer)
+            except UnreadableCheckpointError as err:
+                error = str(err)
+            if not any_rank(error is not None):
+                self._set_aside(failures)
+                return loaded
+            error = broadcast_object(error) or f"cannot read {path} on another rank"
+            print(f"WARNING: {error}; trying the next older checkpoint", flush=True)
+            failures.append((path, error))
+        if failures:
+            tried = "\n".join(f"  {path}: {error}" for path, error in failures)
+            raise UnreadableCheckpointError(
+                f"no readable checkpoint in {self.dir}; tried, newest first:\n{tried}\nNothing was moved or deleted. "
+                "Move the damaged files away to start from iteration 0, or pass --no-resume"
+            )
+        return None
+
+    def _set_aside(self, failures: list[tuple[Path, str]]) -> None:
+        if is_main_process():
+            for path, _ in failures:
+                print(f"moved the unreadable checkpoint {path} to {move_aside(path)}", flush=True)
+        barrier()
 
     def load(
         self,
@@ -152,43 +309,88 @@ class TrainingCheckpointer:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
     ) -> LoadedCheckpoint:
-        """Load ``path`` (a ``dcp_*`` folder or a ``model_*.pth`` file) into ``model`` and ``optimizer``."""
+        """Load ``path`` (a ``dcp_*`` folder or a ``model_*.pth`` file) into ``model`` and ``optimizer``.
+
+        Raises :class:`UnreadableCheckpointError` when it cannot be read and :class:`CheckpointMismatchError` when it
+        does not fit the model; both name the path.
+        """
         path = Path(path)
-        try:
-            if path.is_dir():
-                return _load_dcp(path, model, optimizer)
-            return _load_single_file(path, model, optimizer)
-        except (RuntimeError, KeyError, ValueError, OSError) as err:
-            raise RuntimeError(
-                f"cannot load checkpoint {path}: {err}. Delete it to resume from an older one, or start fresh with "
-                "--no-resume"
-            ) from err
+        if path.is_dir():
+            return _load_dcp(path, model, optimizer)
+        return _load_single_file(path, model, optimizer)
+
+
+def _size_of(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> LoadedCheckpoint:
+    train_state = read_checkpoint_file(path / TRAIN_STATE_FILE)
+    metadata = _read_dcp_metadata(path)
+    stored = {
+        key[len("model.") :]: meta.size
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith("model.") and hasattr(meta, "size")
+    }
+    _check_fits(stored, _model_shapes(model), path)
     state = model_and_optimizer_state(model, optimizer)
-    stored = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
-    missing = sorted(f"model.{key}" for key in state["model"] if f"model.{key}" not in stored)
-    if missing:
-        raise KeyError(f"the checkpoint lacks model tensors {missing[:4]} (another architecture or config?)")
     # Optimizer state is partial where parameters never had a gradient (e.g. iBOT heads without masks): those keep
     # the fresh (zero) moments that get_optimizer_state_dict initialised.
-    dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    try:
+        dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    except Exception as err:
+        raise UnreadableCheckpointError(f"cannot read the tensors of {path}: {type(err).__name__}: {err}") from err
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
-    train_state = torch.load(path / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
     saved_world_size = int(train_state["world_size"])
     rank_rng = path / rng_file(get_rank())
     same_world = saved_world_size == get_world_size() and rank_rng.is_file()
-    rng = torch.load(rank_rng, map_location="cpu", weights_only=True) if same_world else None
+    rng = read_checkpoint_file(rank_rng) if same_world else None
     return LoadedCheckpoint(path, int(train_state["iteration"]), saved_world_size, rng, train_state.get("scaler"))
 
 
 def _load_single_file(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> LoadedCheckpoint:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint_file(path)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "iteration" not in state:
+        raise UnreadableCheckpointError(f"{path} is not a franca training checkpoint (no 'model' and 'iteration')")
+    _check_fits({k: v.shape for k, v in state["model"].items()}, _model_shapes(model), path)
     set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
     # non-strict for the optimizer only: parameters that never had a gradient have no saved moments (see _load_dcp)
     partial = StateDictOptions(full_state_dict=True, strict=False)
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=partial)
     rng = state["rng"] if get_world_size() == 1 else None
     return LoadedCheckpoint(path, int(state["iteration"]), 1, rng, state.get("scaler"))
+
+
+def read_model_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], int]:
+    """The full model state dict (``student.*``, ``teacher.*``, loss buffers) and iteration of a checkpoint file or
+    DCP folder, read on every process without collectives (for ``MODEL.WEIGHTS``)."""
+    path = Path(path)
+    if path.is_dir():
+        iteration = int(read_checkpoint_file(path / TRAIN_STATE_FILE)["iteration"])
+        state = read_dcp_tensors(path, "model.")
+        return {k[len("model.") :]: v for k, v in state.items()}, iteration
+    state = read_checkpoint_file(path)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise UnreadableCheckpointError(f"{path} is not a franca training checkpoint (no 'model' state)")
+    return state["model"], int(state.get("iteration", 0))
+
+
+def load_model_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Load a full model state (``read_model_state``) into ``model``, strictly, resizing every backbone position grid
+    that differs from the model's with the model's own run-time interpolation (high-resolution finetuning from a
+    lower-resolution run, as ``scripts/modify_ckpt_highres.py`` does offline)."""
+    own = _model_shapes(model)
+    state = dict(state)
+    for key, tensor in state.items():
+        if key.endswith("backbone.pos_embed") and key in own and tensor.shape != own[key]:
+            backbone = model.get_submodule(key.removesuffix(".pos_embed"))
+            grid = backbone.img_size // backbone.patch_size
+            resized = resize_pos_embed(
+                tensor, (grid, grid), backbone.interpolate_offset, backbone.interpolate_antialias
+            )
+            state[key] = resized.to(tensor.dtype)
+    _check_fits({k: v.shape for k, v in state.items()}, own, Path(source))
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))

@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from franca.checkpoint.resumable import atomic_torch_save
 from franca.hub.keys import to_release_state_dict
@@ -22,10 +21,6 @@ def release_state_dict_from(teacher_state: dict[str, torch.Tensor], block_chunks
     state = to_release_state_dict(backbone, block_chunks=block_chunks, prefix="backbone.")
     state.update({k: v for k, v in teacher_state.items() if not k.startswith("backbone.")})
     return {k: v.detach().cpu().clone() for k, v in state.items()}
-
-
-def teacher_release_state_dict(teacher: nn.ModuleDict, block_chunks: int = 4) -> dict[str, torch.Tensor]:
-    return release_state_dict_from(teacher.state_dict(), block_chunks)
 
 
 def save_teacher_release(
@@ -41,15 +36,3 @@ def save_teacher_release(
 
 def teacher_export_path(output_dir: str | os.PathLike, iteration: int) -> Path:
     return Path(output_dir) / "eval" / f"training_{iteration}" / "teacher_checkpoint.pth"
-
-
-def export_teacher(
-    teacher: nn.ModuleDict, output_dir: str | os.PathLike, iteration: int, block_chunks: int = 4
-) -> Path:
-    """Write ``<output_dir>/eval/training_<iteration>/teacher_checkpoint.pth`` atomically and return its path."""
-    return save_teacher_release(
-        teacher.state_dict(),
-        teacher["backbone"].build_config(),
-        teacher_export_path(output_dir, iteration),
-        block_chunks,
-    )

@@ -1,4 +1,4 @@
-"""Single-process resumable checkpoints, written atomically, the last few kept.
+"""What a resumable checkpoint holds, and how a single-process one is written.
 
 A checkpoint holds the model (student, teacher, loss buffers), optimizer, grad scaler, the iteration to resume at and
 every RNG state (Python, NumPy, torch CPU and CUDA), so a killed run restarted from it continues bit-for-bit: the data
@@ -14,19 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from franca.utils.atomic import atomic_write
+
 CHECKPOINT_PATTERN = re.compile(r"^model_(\d{7})\.pth$")
 
 
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` through :func:`franca.utils.atomic.atomic_write`: a crash never leaves a torn file."""
+    return atomic_write(path, lambda stream: torch.save(obj, stream))
 
 
 def capture_rng_state() -> dict:
@@ -56,50 +51,3 @@ def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class Checkpointer:
-    """``<output_dir>/checkpoints/model_<iteration:07d>.pth`` plus a ``last_checkpoint`` pointer file."""
-
-    def __init__(self, output_dir: str | os.PathLike, keep: int = 2):
-        if keep < 1:
-            raise ValueError(f"train.keep_checkpoints must be >= 1, got {keep}")
-        self.dir = Path(output_dir) / "checkpoints"
-        self.keep = keep
-
-    def save(self, iteration: int, **state) -> Path:
-        """Save the state to resume at ``iteration`` (the next iteration to run)."""
-        path = self.dir / f"model_{iteration:07d}.pth"
-        atomic_torch_save({"iteration": iteration, "rng": capture_rng_state(), **state}, path)
-        tmp = self.dir / ".last_checkpoint.tmp"
-        tmp.write_text(path.name)
-        os.replace(tmp, self.dir / "last_checkpoint")
-        for old in self.list()[: -self.keep]:
-            old.unlink(missing_ok=True)
-        return path
-
-    def list(self) -> list[Path]:
-        if not self.dir.is_dir():
-            return []
-        return sorted(p for p in self.dir.iterdir() if CHECKPOINT_PATTERN.match(p.name))
-
-    def last(self) -> Path | None:
-        pointer = self.dir / "last_checkpoint"
-        if pointer.is_file():
-            path = self.dir / pointer.read_text().strip()
-            if path.is_file():
-                return path
-        found = self.list()
-        return found[-1] if found else None
-
-    def load(self, path: str | os.PathLike | None = None) -> dict | None:
-        path = Path(path) if path is not None else self.last()
-        if path is None:
-            return None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise RuntimeError(
-                f"cannot read checkpoint {path}: {err}. Delete it to resume from an older one, or start fresh with "
-                "--no-resume"
-            ) from err

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from franca.data.datasets import SeededTransformDataset
 from franca.data.datasets.registry import get_dataset_spec, registered_dataset_names
+from franca.data.image_decoding import ImageDecoding
 from franca.data.samplers import InfiniteSampleKeySampler
 
 _KEY_VALUE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.DOTALL)
@@ -39,9 +40,16 @@ def parse_dataset_string(dataset_str: str) -> tuple[str, dict[str, str]]:
 
 
 def make_dataset(
-    dataset_str: str, transform: Callable | None = None, target_transform: Callable | None = None
+    dataset_str: str,
+    transform: Callable | None = None,
+    target_transform: Callable | None = None,
+    decoding: ImageDecoding | None = None,
 ) -> Dataset:
-    """Builds the dataset named by ``dataset_str``, e.g. ``ImageNet:split=TRAIN:root=/data/imagenet``."""
+    """Builds the dataset named by ``dataset_str``, e.g. ``ImageNet:split=TRAIN:root=/data/imagenet``.
+
+    ``decoding`` (transparency background, high-bit-depth scaling; default white, per-image range) becomes the
+    dataset's ``image_decoding`` attribute, so loader workers receive it with the dataset.
+    """
     name, options = parse_dataset_string(dataset_str)
     if name not in registered_dataset_names():
         raise ValueError(
@@ -64,7 +72,10 @@ def make_dataset(
     empty = [key for key, value in options.items() if not value]
     if empty:
         raise ValueError(f"key(s) {', '.join(empty)} in dataset string {dataset_str!r} have an empty value")
-    return spec.factory(transform=transform, target_transform=target_transform, **options)
+    dataset = spec.factory(transform=transform, target_transform=target_transform, **options)
+    if decoding is not None:
+        dataset.image_decoding = decoding
+    return dataset
 
 
 def make_train_data_loader(

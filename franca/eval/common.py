@@ -4,12 +4,15 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from franca.data.image_decoding import ImageDecoding, parse_background, parse_max_value
 from franca.eval.features import default_device, extract_features
+from franca.utils.atomic import atomic_write
 
 
 def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +26,35 @@ def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop-size", type=int, default=224, help="evaluation transform: centre crop")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     parser.add_argument("--num-workers", type=int, default=4, help="data loader workers")
+    parser.add_argument(
+        "--alpha-background",
+        type=_argument_type(parse_background),
+        default="white",
+        help="colour transparent pixels are composited onto: white, black, '#RRGGBB' or R,G,B (default: white)",
+    )
+    parser.add_argument(
+        "--image-max-value",
+        type=_argument_type(parse_max_value),
+        default="0",
+        help="16/32-bit images: 0 = scale each by its own range, else the declared maximum, e.g. 4095 (default: 0)",
+    )
+
+
+def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` that shows the parser's own message (what is accepted) for a bad value."""
+
+    def parse_argument(value: str) -> Any:
+        try:
+            return parse(value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse_argument
+
+
+def image_decoding_from_args(args: argparse.Namespace) -> ImageDecoding:
+    """The decoding options of ``--alpha-background`` and ``--image-max-value``."""
+    return ImageDecoding(args.alpha_background, args.image_max_value)
 
 
 def load_backbone_for_eval(weights: str, rasa_weights: str | None) -> nn.Module:
@@ -34,10 +66,13 @@ def load_backbone_for_eval(weights: str, rasa_weights: str | None) -> nn.Module:
     return backbone
 
 
-def make_eval_dataset(dataset_str: str, resize_size: int, crop_size: int) -> Dataset:
+def make_eval_dataset(
+    dataset_str: str, resize_size: int, crop_size: int, decoding: ImageDecoding | None = None
+) -> Dataset:
     from franca.data import make_classification_eval_transform, make_dataset
 
-    return make_dataset(dataset_str, transform=make_classification_eval_transform(resize_size, crop_size))
+    transform = make_classification_eval_transform(resize_size, crop_size)
+    return make_dataset(dataset_str, transform=transform, decoding=decoding)
 
 
 def require_labels(labels: torch.Tensor, dataset_str: str) -> torch.Tensor:
@@ -56,25 +91,13 @@ def extract_labelled_features(
     model: nn.Module, dataset_str: str, args: argparse.Namespace, name: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features [N, ...] and labels [N] of a dataset string under the evaluation transform."""
-    dataset = make_eval_dataset(dataset_str, args.resize_size, args.crop_size)
+    dataset = make_eval_dataset(dataset_str, args.resize_size, args.crop_size, image_decoding_from_args(args))
     features, labels = extract_features(model, dataset, args.batch_size, args.num_workers, default_device(), name=name)
     return features, require_labels(labels, dataset_str)
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_results(output_dir: str | os.PathLike, name: str, record: dict) -> Path:
     """``<output_dir>/results_eval_<name>.json``, written atomically."""
     path = Path(output_dir) / f"results_eval_{name}.json"
-    write_bytes_atomic(path, (json.dumps(record, indent=2) + "\n").encode())
+    atomic_write(path, json.dumps(record, indent=2) + "\n")
     return path

@@ -1,19 +1,16 @@
-"""Batched feature extraction from a frozen backbone, with a progress line."""
-
-import time
+"""Batched feature extraction from a frozen backbone for the evaluation commands (:mod:`franca.utils.features` with
+the evaluation defaults: the model moved to the device, bf16 autocast on CUDA)."""
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from franca.utils.logging import Progress
+from franca.utils import features
+from franca.utils.features import default_device
+
+__all__ = ["default_device", "extract_features"]
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@torch.no_grad()
 def extract_features(
     model: nn.Module,
     dataset: Dataset,
@@ -28,19 +25,7 @@ def extract_features(
     On CUDA the forward runs under bf16 autocast; features are returned in fp32.
     """
     device = device or default_device()
-    model = model.to(device).eval()
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
-    feats, labels = [], []
-    progress = Progress(f"extracting {name}", len(dataset))
-    last = time.perf_counter()
-    done = 0
-    for images, targets in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model(images.to(device, non_blocking=True))
-        feats.append(out.float().cpu())
-        labels.append(torch.as_tensor(targets))
-        done += len(images)
-        if time.perf_counter() - last > log_every_s or done == len(dataset):
-            progress.print(done)
-            last = time.perf_counter()
-    return torch.cat(feats), torch.cat(labels).long()
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    return features.extract_features(
+        model.to(device), dataset, batch_size, num_workers, device, name, log_every_s, autocast_dtype
+    )

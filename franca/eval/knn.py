@@ -2,7 +2,8 @@
 
 Features are L2-normalised; each test sample takes its k most cosine-similar training samples, weights each by
 exp(sim / T) (T = 0.07) and sums the weights per class; the class with the largest vote wins. Top-1 and top-5 accuracy
-for each k in {10, 20, 100, 200}. Similarities are computed in chunks on the GPU when one is available.
+for each k in {10, 20, 100, 200}. Similarities are computed in chunks on the GPU when one is available. The vote itself
+is :func:`franca.utils.knn.knn_classify`, which the trainer's periodic k-NN uses too.
 
 ``python -m franca.eval.knn --weights W --train-dataset STR --val-dataset STR --output-dir D``
 """
@@ -10,47 +11,13 @@ for each k in {10, 20, 100, 200}. Similarities are computed in chunks on the GPU
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 from franca.eval.common import add_backbone_arguments, extract_labelled_features, load_backbone_for_eval, write_results
-from franca.eval.features import default_device
 from franca.eval.metrics import topk_accuracy
 from franca.eval.models import FeatureModel
+from franca.utils.knn import DEFAULT_KS, knn_classify
 
-DEFAULT_KS = (10, 20, 100, 200)
-
-
-@torch.no_grad()
-def knn_classify(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    ks: tuple[int, ...] = DEFAULT_KS,
-    temperature: float = 0.07,
-    num_classes: int | None = None,
-    chunk_size: int = 1024,
-    device: torch.device | None = None,
-) -> dict[int, torch.Tensor]:
-    """Class votes [N_test, C] (on CPU) for each k: exp(cos/T)-weighted over the k nearest training samples."""
-    if len(train_features) == 0:
-        raise ValueError("k-NN needs at least one training feature")
-    device = device or default_device()
-    num_classes = num_classes or int(train_labels.max()) + 1
-    train = F.normalize(train_features.to(device, torch.float32), dim=1)
-    labels = train_labels.to(device)
-    kmax = min(max(ks), len(train))
-    votes = {k: [] for k in ks}
-    for start in range(0, len(test_features), chunk_size):
-        test = F.normalize(test_features[start : start + chunk_size].to(device, torch.float32), dim=1)
-        sims, idx = (test @ train.T).topk(kmax, dim=1)
-        weights = (sims / temperature).exp()
-        neighbour_labels = labels[idx]
-        for k in ks:
-            kk = min(k, kmax)
-            v = torch.zeros(len(idx), num_classes, device=device)
-            v.scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
-            votes[k].append(v.cpu())
-    return {k: torch.cat(v) for k, v in votes.items()}
+__all__ = ["DEFAULT_KS", "knn_accuracies", "knn_classify", "main"]
 
 
 def knn_accuracies(

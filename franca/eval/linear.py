@@ -29,6 +29,7 @@ from franca.checkpoint.resumable import atomic_torch_save
 from franca.eval.common import (
     add_backbone_arguments,
     extract_labelled_features,
+    image_decoding_from_args,
     load_backbone_for_eval,
     require_labels,
     write_results,
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
         num_classes = args.num_classes or int(train_labels.max()) + 1
         batches = precomputed_batches(train_tokens, train_labels, args.train_batch_size, args.seed)
     else:
-        train_set = make_dataset(args.train_dataset)
+        train_set = make_dataset(args.train_dataset, decoding=image_decoding_from_args(args))
         num_classes = args.num_classes or int(dataset_labels(train_set, args.train_dataset).max()) + 1
         transform = make_classification_train_transform(args.crop_size)
         batches = augmented_batches(features, train_set, transform, args.train_batch_size, args.seed, args.num_workers)

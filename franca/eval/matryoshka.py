@@ -21,13 +21,13 @@ from franca.eval.common import (
     add_backbone_arguments,
     extract_labelled_features,
     load_backbone_for_eval,
-    write_bytes_atomic,
     write_results,
 )
 from franca.eval.knn import DEFAULT_KS, knn_accuracies
 from franca.eval.log_regression import c_grid, log_regression_eval
 from franca.eval.logreg_backends import BACKENDS, make_backend
 from franca.eval.models import FeatureModel
+from franca.utils.atomic import atomic_write
 
 
 def matryoshka_dims(embed_dim: int, max_halvings: int = 6) -> list[int]:
@@ -128,7 +128,7 @@ def plot_matryoshka(path: str | Path, knn: dict, linear: dict | None = None, tit
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
 
 
 def get_args_parser() -> argparse.ArgumentParser:

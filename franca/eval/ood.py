@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from franca.eval.common import (
     add_backbone_arguments,
     extract_labelled_features,
+    image_decoding_from_args,
     load_backbone_for_eval,
     make_eval_dataset,
     write_results,
@@ -97,7 +98,7 @@ def ood_evaluation(
 
 def extract_ood_features(model: torch.nn.Module, dataset_str: str, args: argparse.Namespace, name: str) -> torch.Tensor:
     """Features of an OOD set; its labels are not used (an unlabelled ImageFolder is fine)."""
-    dataset = make_eval_dataset(dataset_str, args.resize_size, args.crop_size)
+    dataset = make_eval_dataset(dataset_str, args.resize_size, args.crop_size, image_decoding_from_args(args))
     feats, _ = extract_features(model, dataset, args.batch_size, args.num_workers, default_device(), name=name)
     return feats
 

@@ -31,9 +31,10 @@ from torch import nn
 from torchvision.transforms import v2
 
 from franca.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
-from franca.eval.common import load_backbone_for_eval, write_bytes_atomic, write_results
+from franca.eval.common import load_backbone_for_eval, write_results
 from franca.eval.features import default_device
 from franca.eval.segmentation import check_input_size, dense_features, parse_size
+from franca.utils.atomic import atomic_write
 from franca.utils.logging import Progress
 
 DEFAULT_THRESHOLD = 0.35
@@ -121,7 +122,7 @@ def render_grid(columns: list[np.ndarray], titles: list[str]) -> Image.Image:
 def save_png_atomic(image: Image.Image, path: Path) -> Path:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    write_bytes_atomic(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
     return path
 
 

@@ -6,9 +6,14 @@
 The graph (see :mod:`franca.export.wrappers`) maps ``images [B, 3, H, W]`` to ``cls_token [B, D]``,
 ``patch_tokens [B, N, D]`` and, with a RASA head, ``patch_tokens_rasa [B, N, D]``. By default H, W (and B) are
 fixed and the position embeddings are a constant; ``--dynamic-size`` accepts any H, W divisible by the patch size
-and interpolates the position grid in the graph exactly like the model. After export the file is run with
-onnxruntime on random images and compared with ``forward_features``; the largest absolute difference is printed and
-the command fails above ``--atol``.
+and interpolates the position grid in the graph exactly like the model. Like the model (whose patch embedding raises
+for such a size), a dynamic-size graph refuses an H or W that is not a multiple of the patch size at run time, where
+the strided patch convolution would otherwise drop the last rows and columns silently: a check node on the input
+fails, and the runtime's error names it "image height and width must be multiples of the patch size P ...".
+
+After export the file is run with onnxruntime on random images and compared with ``forward_features``; the largest
+absolute difference is printed and the command fails above ``--atol``; a dynamic-size graph must also refuse an
+off-grid size.
 """
 
 import argparse
@@ -33,6 +38,7 @@ from franca.models.vision_transformer import DinoVisionTransformer
 DEFAULT_ATOL = 1e-4
 # torch.onnx's exporter implements opset 18 and newer; its down-conversion to 17 writes invalid Split nodes.
 MIN_OPSET = 18
+PATCH_GRID_CHECK = "image height and width must be multiples of the patch size {patch}; crop or resize the input"
 
 
 def _require(package: str):
@@ -42,6 +48,32 @@ def _require(package: str):
         raise ImportError(
             f"ONNX export needs the '{package}' package: pip install onnx onnxruntime onnxscript (or franca[export])"
         ) from err
+
+
+def _refuse_sizes_off_the_patch_grid(graph, patch_size: int) -> None:
+    """Make the ``onnx_ir`` graph fail at run time when H or W of its input is not a multiple of ``patch_size``.
+
+    ONNX has no assertion operator, so the check is a ``Reshape`` of a one-element zero tensor to the shape
+    [1 + H mod P + W mod P]: it fails unless both remainders are 0, and the node's name is the error message. Its
+    output (0.0) is added to the images, so the node is not pruned as unused and the values are unchanged.
+    """
+    import onnx_ir as ir
+
+    images = graph.inputs[0]
+    consumers = images.uses()
+    tape = ir.tape.Tape()
+
+    def constant(values: list, dtype) -> ir.Value:
+        return tape.op("Constant", [], attributes={"value": ir.tensor(np.array(values, dtype=dtype))})
+
+    spatial_size = tape.op("Shape", [images], attributes={"start": 2, "end": 4})
+    remainders = tape.op("Mod", [spatial_size, constant([patch_size], np.int64)])
+    length = tape.op("Add", [tape.op("ReduceSum", [remainders], attributes={"keepdims": 1}), constant([1], np.int64)])
+    zero = tape.op("Reshape", [constant([0.0], np.float32), length], name=PATCH_GRID_CHECK.format(patch=patch_size))
+    checked = tape.op("Add", [images, zero])
+    graph.insert_before(graph[0], tape.nodes)
+    for node, index in consumers:
+        node.replace_input_with(index, checked)
 
 
 def export_onnx(
@@ -56,7 +88,8 @@ def export_onnx(
     """Write a float32 ``model`` as ONNX to ``out_path`` (traced at ``image_size``; see the module docstring).
 
     Without ``dynamic_batch`` the graph's batch size is ``batch_size``; without ``dynamic_size`` its image size is
-    ``image_size``. Weights over 2 GB go to a ``<out>.data`` file next to it (ONNX external data).
+    ``image_size``; with it, an H or W that is not a multiple of the patch size is refused at run time (see the
+    module docstring). Weights over 2 GB go to a ``<out>.data`` file next to it (ONNX external data).
     """
     _require("onnxscript")
     if opset is not None and opset < MIN_OPSET:
@@ -85,6 +118,8 @@ def export_onnx(
             opset_version=opset,
             verbose=False,
         )
+    if dynamic_size:
+        _refuse_sizes_off_the_patch_grid(program.model.graph, model.patch_size)
     program.save(str(out_path))
     return out_path
 
@@ -108,6 +143,23 @@ def verify_onnx(
         got = session.run(names, {INPUT_NAME: images.numpy()})
         errors[(height, width)] = max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected, strict=True))
     return errors
+
+
+def refuses_off_grid_size(
+    onnx_path: str | os.PathLike, image_size: tuple[int, int], patch_size: int, batch_size: int = 1
+) -> bool:
+    """Whether onnxruntime refuses, with the patch-grid message, images one pixel taller than ``image_size``."""
+    ort = _require("onnxruntime")
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # the expected failure is reported here, not logged by the runtime
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    height, width = image_size
+    images = np.zeros((batch_size, 3, height + 1, width), dtype=np.float32)
+    try:
+        session.run(None, {INPUT_NAME: images})
+    except Exception as err:  # onnxruntime's error types derive from Exception only
+        return PATCH_GRID_CHECK.format(patch=patch_size) in str(err)
+    return False
 
 
 def default_verify_sizes(
@@ -154,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     if worst > args.atol:
         print(f"error: max abs error {worst:.3e} exceeds --atol {args.atol:g}", file=sys.stderr)
         return 1
+    if args.dynamic_size and not refuses_off_grid_size(path, image_size, model.patch_size, args.batch_size):
+        print(f"error: {path} accepts an image size that is not a multiple of {model.patch_size}", file=sys.stderr)
+        return 1
+    if args.dynamic_size:
+        print(f"refuses {image_size[0] + 1}x{image_size[1]}: not a multiple of the patch size {model.patch_size}")
     print(f"verified: max abs error {worst:.3e} <= {args.atol:g}")
     return 0
 

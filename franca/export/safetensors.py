@@ -19,13 +19,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from franca.export.wrappers import add_model_arguments, load_export_model
 from franca.models.vision_transformer import DinoVisionTransformer
+from franca.utils.atomic import atomic_write
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -38,25 +38,13 @@ def backbone_config(model: DinoVisionTransformer) -> dict:
     return {**model.build_config(), "drop_path_rate": 0.0, "drop_path_uniform": True}
 
 
-def _write_atomically(path: Path, write) -> None:
-    """Run ``write(temp_path)`` then rename the temporary file onto ``path`` (no half-written file on a crash)."""
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
-
-
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     try:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
     except ImportError as err:
         raise ImportError("safetensors export needs the 'safetensors' package: pip install safetensors") from err
     plain = {key: tensor.detach().cpu().contiguous().clone() for key, tensor in tensors.items()}
-    _write_atomically(path, lambda temp: save_file(plain, temp, metadata={"format": "pt"}))
+    atomic_write(path, save(plain, metadata={"format": "pt"}))
 
 
 def export_safetensors(model: DinoVisionTransformer, out_dir: str | os.PathLike) -> Path:
@@ -72,7 +60,7 @@ def export_safetensors(model: DinoVisionTransformer, out_dir: str | os.PathLike)
     state = model.state_dict()
     backbone = {key: tensor for key, tensor in state.items() if not key.startswith(RASA_PREFIX)}
     config = json.dumps(backbone_config(model), indent=2) + "\n"
-    _write_atomically(out_dir / CONFIG_FILE, lambda temp: Path(temp).write_text(config))
+    atomic_write(out_dir / CONFIG_FILE, config)
     _save_tensors(backbone, out_dir / WEIGHTS_FILE)
     rasa = {key[len(RASA_PREFIX) :]: tensor for key, tensor in state.items() if key.startswith(RASA_PREFIX)}
     if rasa:

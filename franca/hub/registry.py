@@ -1,9 +1,10 @@
-"""Registry of the released Franca / DINOv2-baseline weights (reference §2.7, v1.0.0 and v1.1.0 release tables).
+"""Registry of the released Franca / DINOv2-baseline weights (the v1.0.0 and v1.1.0 GitHub releases of valeoai/Franca).
 
 Each entry maps (architecture, weights name) to its release asset(s), the image size its position grid was built for
 and its RASA head file, if one was released. SHA-256 digests are recorded per asset; ``None`` means the digest is not
-known yet (the assets could not be downloaded where this registry was written), and the loader then says that the
-file was not verified.
+published (the assets could not be downloaded where this registry was written). The loader then trusts the first
+download and checks every later load of the cached file against the digest it recorded (:mod:`franca.hub.loading`);
+a published digest, once filled in here, rules over that record.
 """
 
 from dataclasses import dataclass

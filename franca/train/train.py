@@ -25,13 +25,23 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from franca.checkpoint import TrainingCheckpointer, latest_checkpoint, restore_rng_state, save_teacher_release
+from franca.checkpoint import (
+    LoadedCheckpoint,
+    TrainingCheckpointer,
+    UnreadableCheckpointError,
+    latest_checkpoint,
+    read_model_state,
+    restore_rng_state,
+    save_teacher_release,
+)
+from franca.checkpoint.distributed import load_model_weights
 from franca.checkpoint.release import teacher_export_path
 from franca.config import apply_scaling_rules, load_config, save_config
 from franca.data.augmentations import DataAugmentationDINO
 from franca.data.batched_augmentations import SplitDataAugmentationDINO, apply_photometric_to_batch
 from franca.data.collate import MaskingCollator
 from franca.data.datasets import WebDatasetShards, make_webdataset_train_loader
+from franca.data.image_decoding import ImageDecoding
 from franca.data.loaders import make_dataset, make_train_data_loader
 from franca.data.masking import build_mask_generator
 from franca.distributed import (
@@ -45,9 +55,11 @@ from franca.distributed import (
 )
 from franca.parallel import parallelize
 from franca.train.health import HealthMonitor, format_health, reduce_stats
+from franca.train.knn_monitor import build_knn_monitor
 from franca.train.param_groups import apply_optim_schedule, fuse_params_groups, get_params_groups
 from franca.train.schedules import build_schedules
 from franca.train.ssl_meta_arch import SSLMetaArch, resolve_autocast_dtype
+from franca.utils.atomic import sweep_stale_temporaries
 from franca.utils.logging import MetricsWriter, Progress
 
 
@@ -72,10 +84,21 @@ def setup_run(args: argparse.Namespace) -> DictConfig:
     apply_scaling_rules(cfg, world_size=env.world_size)
     if env.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        sweep_run_folder(Path(args.output_dir), cfg.train.keep_checkpoints)
         save_config(cfg, Path(args.output_dir) / "config.yaml")
     barrier()
     setup_rank_output(args.output_dir, env.rank, env.world_size)
     return cfg
+
+
+def sweep_run_folder(out_dir: Path, keep_checkpoints: int) -> None:
+    """Rank 0, before any rank writes: remove what interrupted writes left in the run folder (a killed save's
+    temporary can hold most of a disk, and would make the restarted run fail at once)."""
+    removed = [*sweep_stale_temporaries(out_dir), *TrainingCheckpointer(out_dir, keep_checkpoints).sweep()]
+    for folder in sorted((out_dir / "eval").glob("*/")):
+        removed += sweep_stale_temporaries(folder)
+    if removed:
+        print(f"removed {len(removed)} leftover temporary file(s) of interrupted writes", flush=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -138,7 +161,8 @@ def build_data(
     """The dataset and the training loader (map-style or shards) with the multi-crop transform and masking collate;
     ``batched_photometric`` gives the split transform, whose batches :func:`prepare_batch` finishes."""
     transform = build_transform(cfg, batched_photometric)
-    dataset = make_dataset(cfg.train.dataset_path)
+    decoding = ImageDecoding.from_options(cfg.train.alpha_background, cfg.train.image_max_value)
+    dataset = make_dataset(cfg.train.dataset_path, decoding=decoding)
     collate = build_collator(cfg, rank, world_size)
     make_loader = make_webdataset_train_loader if isinstance(dataset, WebDatasetShards) else make_train_data_loader
     loader = make_loader(
@@ -181,6 +205,42 @@ def load_pretrained(cfg: DictConfig, model: SSLMetaArch) -> None:
     backbone = load_backbone(source)
     model.load_pretrained_backbone(backbone.state_dict())
     print(f"initialised student and teacher backbones from {source} (heads are fresh)", flush=True)
+
+
+def load_initial_weights(
+    cfg: DictConfig, checkpointer: TrainingCheckpointer, model: SSLMetaArch, optimizer: torch.optim.Optimizer
+) -> LoadedCheckpoint | None:
+    """``MODEL.WEIGHTS``: the training checkpoint a run without checkpoints of its own starts from (training.md).
+
+    By default the whole state is taken (model, optimizer, iteration, random states): the run continues that one in a
+    new folder. With ``train.high_resolution_finetune`` only the model (student, teacher, heads) is taken, position
+    grids resized to ``crops.global_crops_size``, and training restarts at iteration 0 with a fresh optimizer
+    (None is returned).
+    """
+    source = cfg.MODEL.WEIGHTS
+    if not source:
+        return None
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"MODEL.WEIGHTS={source!r} does not exist; give a franca training checkpoint (a model_*.pth file or a "
+            "dcp_* folder from <run>/checkpoints), or '' to start from scratch"
+        )
+    try:
+        if cfg.train.high_resolution_finetune:
+            state, iteration = read_model_state(path)
+            load_model_weights(model, state, path)
+            print(
+                f"initialised the model from MODEL.WEIGHTS={path} (its iteration {iteration}); "
+                "train.high_resolution_finetune: restarting at iteration 0 with a fresh optimizer",
+                flush=True,
+            )
+            return None
+        loaded = checkpointer.load(path, model, optimizer)
+    except UnreadableCheckpointError as err:
+        raise UnreadableCheckpointError(f"MODEL.WEIGHTS: {err}") from err
+    print(f"continuing from MODEL.WEIGHTS={path} at iteration {loaded.iteration}", flush=True)
+    return loaded
 
 
 class StopRequest:
@@ -285,13 +345,17 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
 
     checkpointer = TrainingCheckpointer(out_dir, keep=cfg.train.keep_checkpoints)
     start = 0
-    last = checkpointer.last() if resume else None
-    loaded = checkpointer.load(last, model, optimizer) if last is not None else None
+    loaded = checkpointer.resume(model, optimizer) if resume else None
+    if loaded is not None:
+        print(f"resuming from {loaded.path} at iteration {loaded.iteration}", flush=True)
+        if cfg.MODEL.WEIGHTS:
+            print(f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS} is not read: the run resumes from its own checkpoint", flush=True)
+    else:
+        loaded = load_initial_weights(cfg, checkpointer, model, optimizer)
     if loaded is not None:
         if scaler is not None and loaded.scaler is not None:
             scaler.load_state_dict(loaded.scaler)
         start = loaded.iteration
-        print(f"resuming from {loaded.path} at iteration {start}", flush=True)
 
     def save(iteration: int) -> None:
         checkpointer.save(iteration, model, optimizer, scaler, OmegaConf.to_yaml(cfg))
@@ -326,6 +390,7 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
     monitor = HealthMonitor(
         cfg.train.health_entropy_threshold, cfg.train.health_min_cls_spread, cfg.train.health_patience
     )
+    knn = build_knn_monitor(cfg, device, autocast_dtype, rank, world_size)
     window_start, window_iters = time.perf_counter(), 0
     data_iter = iter(loader)
     for iteration in range(start, max_iter):
@@ -337,7 +402,8 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
         apply_optim_schedule(optimizer, lr=lr, wd=wd, last_layer_lr=schedules["last_layer_lr"][iteration])
 
         done = iteration + 1
-        log_now = done % cfg.train.log_period == 0 or done == max_iter or done == start + 1
+        knn_now = knn is not None and knn.due(done, max_iter)  # its accuracies go into this iteration's record
+        log_now = done % cfg.train.log_period == 0 or done == max_iter or done == start + 1 or knn_now
         optimizer.zero_grad(set_to_none=True)
         step_stats: dict | None = {} if log_now else None
         losses = model.forward_backward(batch, teacher_temp, autocast_dtype, scaler, stats=step_stats)
@@ -377,6 +443,8 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
             }
             health_values = reduce_stats(step_stats)
             record.update(health_values)
+            if knn_now:
+                record.update(knn.run(model.teacher["backbone"], done, max_iter, main_process))
             last_record = record
             warnings = monitor.update(health_values, iteration)
             if main_process:  # the statistics are global: one warning for the run, not one per rank

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from franca.utils.atomic import atomic_write
+
 
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
@@ -39,19 +41,30 @@ class Progress:
 
 
 class MetricsWriter:
-    """Appends one JSON object a line to ``training_metrics.json``; on resume drops lines at or past the restart."""
+    """Appends one JSON object a line to a metrics file such as ``training_metrics.json``.
 
-    def __init__(self, path: str | os.PathLike, resume_iteration: int = 0):
+    On resume the file is made consistent with the checkpoint: lines whose ``key`` (the iteration, or RASA's round)
+    is at or past the restart are dropped (the resumed run writes them again), and so is a line that is not valid JSON
+    (a kill during an append tears the last line), with a warning naming it.
+    """
+
+    def __init__(self, path: str | os.PathLike, resume_iteration: int = 0, key: str = "iteration"):
         self.path = Path(path)
         if self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("iteration", -1) < resume_iteration
-            ]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            kept = []
+            for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    print(
+                        f"WARNING: dropped line {number} of {self.path}, cut short by an interrupted write", flush=True
+                    )
+                    continue
+                if record.get(key, -1) < resume_iteration:
+                    kept.append(line)
+            atomic_write(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:

@@ -1,12 +1,16 @@
 """The shared base of franca's image datasets: RGB decoding and the policy for unreadable images.
 
+Decoding (transparency, 16/32-bit images) follows :mod:`franca.data.image_decoding`, with the options of the
+dataset's :attr:`ImageDataset.image_decoding` (set by :func:`franca.data.loaders.make_dataset`).
+
 Skip policy (design.md "Bad input gets a clear error"): a map dataset has a fixed length, so an unreadable image at
 index ``i`` is replaced by the next readable one, ``i+1, i+2, ...`` (wrapping around), together with that image's
 target. The substitution is deterministic, so data order and augmentations stay reproducible. Every failure emits an
 :class:`UnreadableImageWarning` naming the file, and is counted in :attr:`ImageDataset.read_failures`, which the
-main process and all DataLoader workers share. When more than 1% of the reads attempted so far failed (judged after
-100 attempts, or after as many attempts as the dataset has images if it is smaller), reading stops with
-:class:`TooManyUnreadableImagesError` naming the dataset root.
+main process and all DataLoader workers share. The failure rate is judged after every read once at least
+``min(100, number of images)`` reads were attempted (100 for WebDataset streams, whose length is unknown): when more
+than 1% of the reads attempted so far failed, reading stops with :class:`TooManyUnreadableImagesError` naming the
+dataset root.
 """
 
 import io
@@ -19,6 +23,8 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
+
+from franca.data.image_decoding import DEFAULT_DECODING, ImageDecoding
 
 MAX_FAILURE_FRACTION = 0.01
 MIN_ATTEMPTS_BEFORE_CHECK = 100
@@ -64,25 +70,33 @@ class ReadFailureCounter:
         return int(self._counts[:, 1].sum())
 
 
-def decode_image(source: str | os.PathLike | bytes) -> Image.Image:
-    """Fully decodes an image file (path or bytes) to RGB; decoding errors surface here, not later."""
+def decode_image(source: str | os.PathLike | bytes, decoding: ImageDecoding = DEFAULT_DECODING) -> Image.Image:
+    """Fully decodes an image file (path or bytes) to 8-bit RGB by ``decoding`` (transparency composited, high bit
+    depths scaled); decoding errors surface here, not later."""
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     with Image.open(stream) as image:
-        return image.convert("RGB")
+        return decoding.to_rgb(image)
 
 
 class ImageDataset(Dataset, ABC):
     """A map dataset of (RGB PIL image, target) pairs; target is -1 for unlabelled images.
 
     Subclasses implement ``__len__``, :meth:`read_image`, :meth:`get_target` and :meth:`describe`; this class adds
-    the transforms and the skip policy of the module docstring.
+    the transforms and the skip policy of the module docstring. Subclasses decode files with :meth:`decode`, which
+    applies the dataset's :attr:`image_decoding`.
     """
+
+    image_decoding: ImageDecoding = DEFAULT_DECODING
 
     def __init__(self, root: str, transform: Callable | None = None, target_transform: Callable | None = None):
         self.root = str(root)
         self.transform = transform
         self.target_transform = target_transform
         self.read_failures = ReadFailureCounter()
+
+    def decode(self, source: str | os.PathLike | bytes) -> Image.Image:
+        """An image file (path or bytes) decoded to RGB with this dataset's :attr:`image_decoding`."""
+        return decode_image(source, self.image_decoding)
 
     @abstractmethod
     def __len__(self) -> int:

@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from franca.data.datasets.base import ImageDataset, decode_image
+from franca.data.datasets.base import ImageDataset
 from franca.data.datasets.files import require_directory, scan_image_files
 from franca.data.datasets.registry import register_dataset
 
@@ -37,7 +37,7 @@ class COCOImages(ImageDataset):
         return len(self._paths)
 
     def read_image(self, index: int) -> Image.Image:
-        return decode_image(self._directory / str(self._paths[index]))
+        return self.decode(self._directory / str(self._paths[index]))
 
     def get_target(self, index: int) -> int:
         return -1

@@ -6,6 +6,8 @@ from typing import Callable
 
 import numpy as np
 
+from franca.utils.atomic import atomic_write
+
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 )
@@ -52,9 +54,5 @@ def load_or_build_index(
                 f"cannot read the cached file index {str(path)!r} ({error}); delete it to rebuild it from the data"
             ) from error
     arrays = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as handle:
-        np.savez(handle, **arrays)
-    os.replace(temporary, path)
+    atomic_write(path, lambda stream: np.savez(stream, **arrays))
     return arrays

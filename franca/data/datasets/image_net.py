@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from franca.data.datasets.base import ImageDataset, decode_image
+from franca.data.datasets.base import ImageDataset
 from franca.data.datasets.files import load_or_build_index, require_directory, scan_image_files
 
 SPLIT_FOLDERS = {"TRAIN": "train", "VAL": "val", "TEST": "test"}
@@ -96,7 +96,7 @@ class ImageNet(ImageDataset):
         return len(self._paths)
 
     def read_image(self, index: int) -> Image.Image:
-        return decode_image(self._directory / str(self._paths[index]))
+        return self.decode(self._directory / str(self._paths[index]))
 
     def get_target(self, index: int) -> int:
         return int(self._targets[index])

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from franca.data.datasets.base import ImageDataset, decode_image
+from franca.data.datasets.base import ImageDataset
 from franca.data.datasets.files import load_or_build_index, require_directory
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -77,7 +77,7 @@ class ImageNet22k(ImageDataset):
             data = archive.read(int(self._sizes[index]))
         if data.startswith(GZIP_MAGIC):
             data = gzip.decompress(data)
-        return decode_image(data)
+        return self.decode(data)
 
     def get_target(self, index: int) -> int:
         return int(self._class_indices[index])

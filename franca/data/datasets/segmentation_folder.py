@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from franca.data.datasets.base import ImageDataset, decode_image
+from franca.data.datasets.base import ImageDataset
 from franca.data.datasets.files import is_image_file, require_directory
 from franca.data.datasets.registry import register_dataset
 
@@ -57,7 +57,7 @@ class SegmentationDataset(ImageDataset):
         return len(self._image_paths)
 
     def read_image(self, index: int) -> Image.Image:
-        return decode_image(self._image_paths[index])
+        return self.decode(self._image_paths[index])
 
     def remap_mask(self, mask: np.ndarray) -> np.ndarray:
         """Dataset-specific label mapping; identity here."""

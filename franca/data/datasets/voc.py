@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from franca.data.datasets.base import READ_ERRORS, ImageDataset, decode_image
+from franca.data.datasets.base import READ_ERRORS, ImageDataset
 from franca.data.datasets.files import require_directory
 from franca.data.datasets.registry import register_dataset
 
@@ -114,7 +114,7 @@ class VOCSegmentation(ImageDataset):
         return len(self._ids)
 
     def read_image(self, index: int) -> Image.Image:
-        return decode_image(self._image_path(index))
+        return self.decode(self._image_path(index))
 
     def get_target(self, index: int) -> Image.Image | int:
         """The class mask (``"L"`` image, 255 = ignore) with ``masks=true``, else -1."""

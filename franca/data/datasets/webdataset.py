@@ -22,7 +22,12 @@ Resuming therefore needs the same world size and ``train.num_workers``.
 
 Unreadable images follow the policy of :mod:`franca.data.datasets.base`: each is warned about and counted, its
 stream position gets the next readable image of the stream (so positions, and resume, are unchanged), and reading
-stops when more than 1% of the attempts failed.
+stops when more than 1% of the attempts failed. A truncated or damaged shard is read up to its last sample whose
+members all precede the damage; the rest of the shard is skipped with an :class:`UnreadableImageWarning` naming the
+shard, and counted as one failed read. A shard must end with tar's end-of-archive marker (zero blocks, written by
+tarfile, GNU tar and img2dataset): a file that stops at a member boundary without it counts as truncated, since
+members of its last sample may be missing. Images are decoded with the dataset's ``image_decoding``
+(:mod:`franca.data.image_decoding`).
 """
 
 import glob
@@ -50,7 +55,9 @@ from franca.data.datasets.base import (
 )
 from franca.data.datasets.registry import register_dataset
 from franca.data.datasets.seeded_transform import seeded_global_rngs
+from franca.data.image_decoding import DEFAULT_DECODING, ImageDecoding
 from franca.data.samplers import SampleKey, check_stream_settings, pass_permutation
+from franca.utils.atomic import atomic_write
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 # Sample ids are shard_id · 2**24 + index in shard: unique per image, independent of the rank/worker split.
@@ -84,7 +91,7 @@ def expand_braces(pattern: str) -> list[str]:
 
 def _is_list_file(urls: str) -> bool:
     path = Path(urls).expanduser()
-    return path.is_file() and not tarfile.is_tarfile(path)
+    return path.is_file() and path.suffix.lower() != ".tar" and not tarfile.is_tarfile(path)
 
 
 def resolve_shards(urls: str) -> list[Path]:
@@ -140,36 +147,64 @@ class RawSample:
     target: int
 
 
+class TruncatedShardError(tarfile.ReadError):
+    """A shard ends, or is damaged, before its end-of-archive marker; ``samples_read`` samples preceded the damage."""
+
+    def __init__(self, path: str | os.PathLike, samples_read: int, cause: Exception):
+        super().__init__(
+            f"shard {path} is truncated or damaged after its first {samples_read} samples ({type(cause).__name__}: "
+            f"{cause}); the rest of it cannot be read: copy or download the shard again, or rewrite it"
+        )
+        self.path = str(path)
+        self.samples_read = samples_read
+
+
 def iter_shard(path: str | os.PathLike, shard_id: int = 0, skip: int = 0) -> Iterator[RawSample]:
-    """The samples of one shard in member order; the first ``skip`` are walked over reading their headers only."""
-    with tarfile.open(path, mode="r:") as tar:
-        key, image, label, index = None, None, None, 0
+    """The samples of one shard in member order; the first ``skip`` are walked over reading their headers only.
 
-        def finish() -> RawSample | None:
-            if image is None:
-                return None
-            data = tar.extractfile(image).read() if index >= skip else None
-            target = _read_label(tar, label, path) if label is not None and data is not None else -1
-            return RawSample(shard_id, index, image.name, data, target)
+    A truncated or damaged shard yields the samples before the damage, then raises :class:`TruncatedShardError`.
+    """
+    index = 0
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for image, label in _image_groups(tar):
+                data = tar.extractfile(image).read() if index >= skip else None
+                target = _read_label(tar, label, path) if label is not None and data is not None else -1
+                yield RawSample(shard_id, index, image.name, data, target)
+                index += 1
+    except (tarfile.TarError, EOFError) as error:
+        raise TruncatedShardError(path, index, error) from error
 
-        while (member := tar.next()) is not None:
-            if not member.isfile():
-                continue
-            member_key, suffix = _split_member_name(member.name)
-            if member_key != key:
-                sample = finish()
-                tar.members = []  # TarFile keeps every header it read; a shard may hold millions of members
-                if sample is not None:
-                    yield sample
-                    index += 1
-                key, image, label = member_key, None, None
-            if suffix in IMAGE_SUFFIXES and image is None:
-                image = member
-            elif suffix == "cls":
-                label = member
-        sample = finish()
-        if sample is not None:
-            yield sample
+
+def _image_groups(tar: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarInfo | None]]:
+    """(image member, label member or None) of each sample. A group is given only once it is known whole: when the
+    next group's header, or the end-of-archive marker, has been read."""
+    key, image, label = None, None, None
+    while (member := tar.next()) is not None:
+        if not member.isfile():
+            continue
+        member_key, suffix = _split_member_name(member.name)
+        if member_key != key:
+            tar.members = []  # TarFile keeps every header it read; a shard may hold millions of members
+            if image is not None:
+                yield image, label
+            key, image, label = member_key, None, None
+        if suffix in IMAGE_SUFFIXES and image is None:
+            image = member
+        elif suffix == "cls":
+            label = member
+    _require_end_of_archive(tar)
+    if image is not None:
+        yield image, label
+
+
+def _require_end_of_archive(tar: tarfile.TarFile) -> None:
+    """tarfile stops without an error at a partial or damaged header; a whole shard has zero bytes there (the
+    end-of-archive marker), so anything else, or the end of the file, means the shard is truncated or damaged."""
+    tar.fileobj.seek(tar.offset)  # tar.offset: where tarfile looked for the header it did not find
+    block = tar.fileobj.read(tarfile.BLOCKSIZE)
+    if not block or block.count(0) != len(block):
+        raise tarfile.ReadError(f"no end-of-archive marker at byte {tar.offset}")
 
 
 def _read_label(tar: tarfile.TarFile, label: tarfile.TarInfo, path: str | os.PathLike) -> int:
@@ -181,8 +216,13 @@ def _read_label(tar: tarfile.TarFile, label: tarfile.TarInfo, path: str | os.Pat
 
 
 def count_shard_samples(path: str | os.PathLike) -> int:
-    """The number of samples of a shard, from its tar headers (no image is read)."""
-    return sum(1 for _ in iter_shard(path, skip=SAMPLES_PER_SHARD_LIMIT))
+    """The number of samples of a shard, from its tar headers (no image is read); for a truncated shard the samples
+    before the damage (the ones a stream reads), with an :class:`UnreadableImageWarning`."""
+    try:
+        return sum(1 for _ in iter_shard(path, skip=SAMPLES_PER_SHARD_LIMIT))
+    except TruncatedShardError as error:
+        warnings.warn(str(error), UnreadableImageWarning, stacklevel=2)
+        return error.samples_read
 
 
 def write_sample_counts(urls: str, output: str | os.PathLike) -> Path:
@@ -199,9 +239,7 @@ def write_sample_counts(urls: str, output: str | os.PathLike) -> Path:
         if done % 16 == 0 or done == len(shards):
             progress.print(done, f"{sum(counts.values())} samples")
     output = Path(output)
-    tmp = output.with_name(f".{output.name}.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(counts, indent=0))
-    os.replace(tmp, output)
+    atomic_write(output, json.dumps(counts, indent=0))
     return output
 
 
@@ -225,7 +263,10 @@ def _load_counts(counts_file: str, shards: list[Path], urls: str) -> list[int]:
 
 class WebDatasetShards(IterableDataset):
     """The shards of ``urls``. Iterating it gives one ordered pass of ``(transform(image), target)`` (shards split
-    over DataLoader workers, unreadable images skipped); training uses :func:`make_webdataset_train_loader`."""
+    over DataLoader workers, unreadable images skipped); training uses :func:`make_webdataset_train_loader`. Images
+    are decoded with :attr:`image_decoding` (set by :func:`franca.data.loaders.make_dataset`)."""
+
+    image_decoding: ImageDecoding = DEFAULT_DECODING
 
     def __init__(
         self,
@@ -254,7 +295,7 @@ class WebDatasetShards(IterableDataset):
     def decode(self, sample: RawSample) -> Image.Image | None:
         """The sample's RGB image, or None after warning, counting and checking the failure rate."""
         try:
-            image = decode_image(sample.image_bytes)
+            image = decode_image(sample.image_bytes, self.image_decoding)
         except READ_ERRORS as error:
             self.read_failures.record(failed=True)
             warnings.warn(
@@ -268,6 +309,16 @@ class WebDatasetShards(IterableDataset):
         self.read_failures.record(failed=False)
         self._check_failure_rate()
         return image
+
+    def read_shard(self, shard_id: int, skip: int = 0) -> Iterator[RawSample]:
+        """The samples of shard ``shard_id`` (:func:`iter_shard`); a truncated shard ends early, warned about by name
+        and counted as one failed read."""
+        try:
+            yield from iter_shard(self.shards[shard_id], shard_id, skip)
+        except TruncatedShardError as error:
+            self.read_failures.record(failed=True)
+            warnings.warn(f"skipping the rest of a shard: {error}", UnreadableImageWarning, stacklevel=2)
+            self._check_failure_rate()
 
     def _check_failure_rate(self) -> None:
         attempted, failed = self.read_failures.attempted, self.read_failures.failed
@@ -286,7 +337,7 @@ class WebDatasetShards(IterableDataset):
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         for shard_id in range(worker_id, len(self.shards), num_workers):
-            for sample in iter_shard(self.shards[shard_id], shard_id):
+            for sample in self.read_shard(shard_id):
                 image = self.decode(sample)
                 if image is not None:
                     yield self._apply_transforms(image, sample.target)
@@ -322,7 +373,7 @@ class WebDatasetShards(IterableDataset):
                         yielded = yielded or size > 0
                         continue
                     skip, remaining = remaining, 0
-                for sample in iter_shard(self.shards[shard_id], shard_id, skip):
+                for sample in self.read_shard(shard_id, skip):
                     if sample.image_bytes is not None:
                         yielded = True
                         yield sample, pass_index
