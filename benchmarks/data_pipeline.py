@@ -1,6 +1,6 @@
 """Throughput of Franca's multi-crop data pipeline on JPEG folders: CPU workers, and decode + augment on a GPU.
 
-One "img" is one decoded image turned into 2×224² + 8×98² crops (the IN21K recipes, reference §4.4).
+One "img" is one decoded image turned into 2×224² + 8×98² crops (the IN21K recipes, ``configs/train/IN21K/``).
 
 - ``--make-jpegs N``: writes N JPEGs (quality 90) of typical ImageNet sizes into ``--images-dir`` (default
   ``OUT/jpegs``): random crops of scikit-image's bundled real photos, resized to about ``--size`` (each side × U(0.8,

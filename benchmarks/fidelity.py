@@ -4,8 +4,8 @@
 
 Both models are pretrained by ``franca.train`` with the same backbone, resolution, data, budget and seed: Franca
 (nested Matryoshka heads, CyclicMask) and the DINOv2 baseline (one-level DINOHead, plain block masking without the
-circular shift, reference §4.6). Their teachers are then judged on the Fashion-MNIST test split (70,000 real 28×28
-photos of clothing, Debian's ``dataset-fashion-mnist``):
+circular shift; ``baseline`` in configs/fidelity/). Their teachers are then judged on the Fashion-MNIST test split
+(70,000 real 28×28 photos of clothing, Debian's ``dataset-fashion-mnist``):
 
 - weighted k-NN (k = 20 headline, and the k grid) and a linear probe (logistic regression, C chosen on a 10% holdout
   of the training features, :mod:`franca.eval.log_regression`) on the full CLS feature;
@@ -48,8 +48,8 @@ from torch.utils.data import Subset
 from franca.checkpoint import teacher_export_path
 from franca.config import apply_scaling_rules, load_config
 from franca.data.augmentations import make_classification_eval_transform
-from franca.data.datasets import seeded_global_rngs
 from franca.data.loaders import make_dataset, parse_dataset_string
+from franca.data.seeded_transform import seeded_global_rngs
 from franca.eval.features import default_device, extract_features
 from franca.eval.knn import knn_accuracies
 from franca.eval.log_regression import c_grid, log_regression_eval
@@ -115,17 +115,6 @@ class GrayPixels(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, 0].flatten(1)
-
-
-class MeanPatchToken(nn.Module):
-    """The mean of ``x_norm_patchtokens``: the image feature that RASA changes (compare FeatureModel with RASA)."""
-
-    def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_features(x)["x_norm_patchtokens"].mean(dim=1)
 
 
 class Timer:
@@ -226,7 +215,7 @@ class Runner:
     def teacher_file(self, name: str) -> Path:
         cfg = load_config(self.recipe, self.overrides[name])
         apply_scaling_rules(cfg, world_size=1)
-        return teacher_export_path(self.run_dirs[name], cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH - 1)
+        return teacher_export_path(self.run_dirs[name], cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH)
 
     # ---------------------------------------------------------------- stages
     def pretrain(self, name: str) -> Path:
@@ -271,7 +260,7 @@ class Runner:
         """For each of ``rasa_eval.regressors``: train a RASA head on the Franca teacher, then measure the position R²
         and the mean-patch k-NN before and after its removal; ``{regressor: results}``."""
         backbone = load_backbone(franca_teacher).to(self.device).eval()
-        before = self.knn(self.features(MeanPatchToken(backbone), "mean patch token"))
+        before = self.knn(self.features(FeatureModel(backbone, readout="mean_patch"), "mean patch token"))
         data = next(iter(self.rasa_cfgs.values())).data  # the budget's crops, the same for every regressor
         plain = self.position_tokens(backbone, make_rasa_eval_transform(data.image_size), "plain test images")
         augmented = self.position_tokens(
@@ -328,7 +317,7 @@ class Runner:
         models = {
             PIXELS: GrayPixels(),
             RANDOM: random_vit,
-            RANDOM_PATCH: MeanPatchToken(random_vit),
+            RANDOM_PATCH: FeatureModel(random_vit, readout="mean_patch"),
             FRANCA: load_backbone(teachers[FRANCA]),
             DINOV2: load_backbone(teachers[DINOV2]),
         }

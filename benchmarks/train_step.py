@@ -1,6 +1,6 @@
 """Training-step throughput, FLOPs, MFU, peak memory and a time breakdown of the full Franca step.
 
-One step is exactly the trainer's (reference §4.2, ``franca.train.train.do_train``): schedules applied to the param
+One step is exactly the trainer's (``franca.train.train.do_train``): schedules applied to the param
 groups, ``SSLMetaArch.forward_backward`` under autocast (teacher + student backbones, five-level Matryoshka DINO and
 iBOT heads, Sinkhorn-Knopp, KoLeo), per-submodule gradient clipping, AdamW (built by the trainer's
 ``build_optimizer``) and the EMA teacher update. One "img" is one image with 2×224² + 8×98² crops.
@@ -15,12 +15,14 @@ iBOT heads, Sinkhorn-Knopp, KoLeo), per-submodule gradient clipping, AdamW (buil
   optimizer are not counted); the CPU attention kernel is added to its table so CPU counts include attention.
 - MFU = FLOPs per step / mean step time / the measured dense ``--peak-size``³ matmul rate in the autocast dtype.
 - Peak memory: ``torch.cuda.max_memory_allocated`` over the timed steps (CUDA only).
-- ``--breakdown``: an instrumented copy of the step (same calls as ``compute_losses``; the library is untouched)
-  with device marks after teacher backbone, teacher heads + targets, student backbones, student heads + losses,
-  backward and clip + AdamW + EMA, averaged over ``--steps`` steps; and the counted FLOPs of each phase (one eager
-  instrumented step under ``FlopCounterMode``; they sum to the FLOPs per step).
+- ``--breakdown``: the same step with device marks from the library's phase hook (``forward_backward(...,
+  on_phase=...)``, ``franca.train.ssl_meta_arch.STEP_PHASES``) after teacher backbone, teacher heads + targets,
+  student backbones, student heads + losses and backward, then after clip + AdamW + EMA, averaged over ``--steps``
+  steps; and the counted FLOPs of each phase (one eager instrumented step under ``FlopCounterMode``; they sum to the
+  FLOPs per step).
 - ``--compile``: ``torch.compile`` on every transformer block of both backbones (``franca.parallel.apply_compile``:
-  one graph per crop resolution and batch size).
+  one graph per crop resolution and batch size); it sets ``compute_precision.compile``, as ``--dtype`` sets
+  ``compute_precision.dtype``, and the run's settings are resolved once into the trainer's ``Runtime``.
 - The override ``compute_precision.activation_checkpointing=true`` checkpoints the student's blocks as the trainer
   does (after the FLOP count, so MFU keeps counting model FLOPs, not the recomputation). Records are keyed by the
   overrides too, so such a run sits beside the plain one.
@@ -53,7 +55,6 @@ import json
 import shlex
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -73,28 +74,14 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from franca.config import apply_scaling_rules, load_config
 from franca.data.samplers import SampleKey
-from franca.loss import koleo_loss
 from franca.parallel import apply_activation_checkpointing, apply_compile
 from franca.train.param_groups import apply_optim_schedule
+from franca.train.runtime import Runtime, resolve_autocast_dtype
 from franca.train.schedules import build_schedules
-from franca.train.ssl_meta_arch import SSLMetaArch, resolve_autocast_dtype, resolve_loss_chunk_size
-from franca.train.train import (
-    build_collator,
-    build_data,
-    build_optimizer,
-    move_batch,
-    prepare_batch,
-    resolve_batched_photometric,
-)
+from franca.train.ssl_meta_arch import STEP_PHASES, SSLMetaArch
+from franca.train.train import build_collator, build_data, build_optimizer, move_batch, prepare_batch
 
-PHASES = (
-    "teacher_backbone",
-    "teacher_heads_targets",
-    "student_backbone",
-    "student_heads_losses",
-    "backward",
-    "optimizer_ema",
-)
+PHASES = (*STEP_PHASES, "optimizer_ema")
 FLOP_NOTE = (
     "FlopCounterMode counts matmul (mm/addmm/bmm), convolution and scaled-dot-product-attention FLOPs of forward and "
     "backward only; elementwise ops, norms, softmax, Sinkhorn-Knopp and the optimizer are not counted"
@@ -150,9 +137,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 def build_config(
     config_file: str, batch_size: int, args: argparse.Namespace, chunked_losses: str = "auto"
 ) -> DictConfig:
-    """The trainer's config for one run: file ← overrides ← batch size, loss path (and dataset); lr by scaling rule."""
+    """The trainer's config for one run: file ← overrides ← batch size, dtype, compile, loss path (and dataset); lr by
+    scaling rule."""
     overrides = list(args.opts) + [
         f"train.batch_size_per_gpu={batch_size}",
+        f"compute_precision.dtype={args.dtype}",
+        f"compute_precision.compile={str(args.compile).lower()}",
         f"compute_precision.chunked_losses={chunked_losses}",
     ]
     if args.data == "loader":
@@ -186,25 +176,24 @@ def synthetic_batches(cfg: DictConfig, device: torch.device, n_mask_sets: int = 
     return batches
 
 
-def batch_stream(cfg: DictConfig, data: str, device: torch.device) -> Iterator[dict]:
+def batch_stream(cfg: DictConfig, data: str, runtime: Runtime) -> Iterator[dict]:
     if data == "synthetic":
-        return itertools.cycle(synthetic_batches(cfg, device))
-    batched_photometric = resolve_batched_photometric(cfg.crops.batched_photometric, device)
-    _, loader = build_data(cfg, 0, batched_photometric=batched_photometric)
-    return (prepare_batch(batch, device, batched_photometric) for batch in loader)
+        return itertools.cycle(synthetic_batches(cfg, runtime.device))
+    _, loader = build_data(cfg, 0, batched_photometric=runtime.batched_photometric)
+    return (prepare_batch(batch, runtime.device, runtime.batched_photometric) for batch in loader)
 
 
 class TrainStep:
-    """The trainer's iteration for one model (``step``) and an instrumented copy with device marks (``timed``)."""
+    """The trainer's iteration for one model (``step``), and the same with device marks between phases (``timed``)."""
 
-    def __init__(self, cfg: DictConfig, device: torch.device, dtype: str):
+    def __init__(self, cfg: DictConfig, runtime: Runtime):
         self.cfg = cfg
-        self.model = SSLMetaArch(cfg).to(device)
+        self.runtime = runtime
+        self.device = runtime.device
+        self.model = SSLMetaArch(cfg).to(runtime.device)
         self.model.train()
-        self.optimizer = build_optimizer(cfg, self.model, device)
+        self.optimizer = build_optimizer(cfg, self.model, runtime.device)
         self.schedules = build_schedules(cfg)
-        self.autocast_dtype = resolve_autocast_dtype(dtype, device)
-        self.device = device
 
     def _begin(self, iteration: int) -> tuple[float, float]:
         s = self.schedules
@@ -223,74 +212,21 @@ class TrainStep:
     def step(self, batch: dict, iteration: int) -> dict[str, torch.Tensor]:
         """One training iteration exactly as ``do_train`` runs it (bf16/fp32: no grad scaler)."""
         teacher_temp, momentum = self._begin(iteration)
-        losses = self.model.forward_backward(batch, teacher_temp, self.autocast_dtype)
+        losses = self.model.forward_backward(batch, teacher_temp, self.runtime)
         self._finish(momentum)
         return losses
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
     def timed(self, batch: dict, iteration: int, clock) -> dict[str, torch.Tensor]:
-        """``step`` with ``clock.mark`` after each of :data:`PHASES`; the same calls as ``compute_losses``.
+        """``step`` with ``clock.mark`` after each of :data:`PHASES`, the library's own marks inside the step.
 
         ``clock`` is a :class:`DeviceClock` (time) or a :class:`FlopMarks` (FLOPs).
         """
-        model, cfg = self.model, self.cfg
         clock.mark("start")
         teacher_temp, momentum = self._begin(iteration)
-        global_crops, local_crops = batch["collated_global_crops"], batch["collated_local_crops"]
-        mask_indices = batch["mask_indices_list"]
-        n_global_images, n_local = global_crops.shape[0], model.n_local_crops
-        use_center = model.centering == "centering"
-        chunk_size = model.loss_chunk_size(self.device)
-        with self._autocast():
-            with torch.no_grad():
-                teacher_out = model.teacher["backbone"](global_crops, is_training=True)
-                clock.mark("teacher_backbone")
-                cls_logits = model.teacher["dino_head"](teacher_out["x_norm_clstoken"])
-                teacher_patches = teacher_out["x_norm_patchtokens"].flatten(0, 1)[mask_indices]
-                teacher_patch_logits = model._ibot_head("teacher")(teacher_patches) if len(mask_indices) else None
-                center = model.dino_center if use_center else None
-                dino_targets = model._teacher_targets(cls_logits, teacher_temp, center, chunk_size)
-                ibot_targets = None
-                if teacher_patch_logits is not None:
-                    center = model.ibot_center if use_center else None
-                    ibot_targets = model._teacher_targets(teacher_patch_logits, teacher_temp, center, chunk_size)
-            clock.mark("teacher_heads_targets")
-
-            backbone = model.student["backbone"]
-            s_global = backbone(global_crops, masks=batch["collated_masks"], is_training=True)
-            global_cls = s_global["x_norm_clstoken"]
-            cls_parts = [global_cls]
-            if n_local:
-                cls_parts.insert(0, backbone(local_crops, is_training=True)["x_norm_clstoken"])
-            clock.mark("student_backbone")
-
-            head_out = model.student["dino_head"](torch.cat(cls_parts))
-            n_local_rows = head_out[0].shape[0] - n_global_images
-            n_pairs = 2 + 2 * n_local
-            losses = {}
-            if n_local:
-                local_loss = model.dino_loss([h[:n_local_rows] for h in head_out], dino_targets, n_local, 2)
-                losses["dino_local_crops_loss"] = cfg.dino.loss_weight * local_loss / n_pairs
-            global_logits = [h[n_local_rows:] for h in head_out]
-            global_loss = model.dino_loss(global_logits, dino_targets, 2, 2, skip_same_view=True)
-            losses["dino_global_crops_loss"] = cfg.dino.loss_weight * global_loss / n_pairs
-            if cfg.dino.koleo_loss_weight > 0:
-                losses["koleo_loss"] = cfg.dino.koleo_loss_weight * sum(koleo_loss(v) for v in global_cls.chunk(2))
-            if ibot_targets is not None:
-                patches = s_global["x_norm_patchtokens"].flatten(0, 1)[mask_indices]
-                patch_logits = model._ibot_head("student")(patches)
-                ibot = model.ibot_loss(patch_logits, ibot_targets, batch["masks_weight"], n_global_images)
-                losses["ibot_loss"] = cfg.ibot.loss_weight * ibot
-        clock.mark("student_heads_losses")
-        sum(losses.values()).backward()
-        clock.mark("backward")
+        losses = self.model.forward_backward(batch, teacher_temp, self.runtime, on_phase=clock.mark)
         self._finish(momentum)
         clock.mark("optimizer_ema")
-        return {k: v.detach() for k, v in losses.items()}
+        return losses
 
 
 class FlopMarks:
@@ -367,18 +303,18 @@ def benchmark(
         "overrides": list(args.opts),
     }
     torch.manual_seed(cfg.train.seed)
-    step = TrainStep(cfg, device, args.dtype)
-    record["loss_chunk_size"] = step.model.loss_chunk_size(device)
-    record["autocast_dtype"] = str(step.autocast_dtype or torch.float32).removeprefix("torch.")
-    batches = batch_stream(cfg, args.data, device)
+    step = TrainStep(cfg, Runtime.resolve(cfg, device))
+    record["loss_chunk_size"] = step.runtime.loss_chunk_size
+    record["autocast_dtype"] = str(step.runtime.autocast_dtype or torch.float32).removeprefix("torch.")
+    batches = batch_stream(cfg, args.data, step.runtime)
     first = next(batches)
-    record["n_masked_patches_flop_step"] = int(first["n_masked_patches"].sum())
+    record["n_masked_patches_flop_step"] = int(first["mask_indices_list"].numel())
     flops = count_step_flops(step, first, 0)
     phase_flops = count_phase_flops(step, first, 1) if args.breakdown else None
     # After the FLOP count: MFU counts the model's FLOPs, not the recomputation of activation checkpointing.
     if cfg.compute_precision.activation_checkpointing:
         apply_activation_checkpointing(step.model.student["backbone"].blocks)
-    if args.compile:
+    if step.runtime.compile:
         for models in (step.model.student, step.model.teacher):
             apply_compile(models["backbone"].blocks)
     label = f"{record['model']} batch {batch_size} chunked_losses={chunked_losses}"
@@ -485,8 +421,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{config_file} batch {batch_size}: out of memory ({first_line})", flush=True)
             key = (config_file, batch_size, args.compile, args.dtype, args.data, chunked, list(args.opts))
             record = dict(zip(RESULT_KEY, key, strict=True))
-            precision = build_config(config_file, batch_size, args, chunked).compute_precision
-            record["loss_chunk_size"] = resolve_loss_chunk_size(chunked, precision.loss_chunk_size, device)
+            cfg = build_config(config_file, batch_size, args, chunked)
+            record["loss_chunk_size"] = Runtime.resolve(cfg, device).loss_chunk_size
             record["error"] = "out of memory"
         record.update(common_fields)
         payload["runs"] = merge_records(payload["runs"], record)

@@ -1,4 +1,5 @@
-"""Training configuration: defaults ← config file ← ``key=value`` overrides, validated (reference §5).
+"""Training configuration: defaults ← config file ← ``key=value`` overrides, validated (keys and defaults of
+valeoai/Franca ``franca/configs/ssl_default_config.yaml``; changes in docs/deviations.md).
 
 The shipped defaults (``franca/configs/ssl_default_config.yaml``) double as the schema: every valid key is a key of
 that file and its value must have the type of the default there (an int is accepted where a float is expected, a
@@ -23,27 +24,28 @@ from omegaconf.errors import OmegaConfBaseException
 from franca.data.image_decoding import parse_background, parse_max_value
 from franca.layers.heads import HEAD_INITS, default_nesting_list
 from franca.models.vision_transformer import ARCHITECTURES, FFN_LAYERS
+from franca.parallel import SHARDING_STRATEGIES
+from franca.train.runtime import DISTRIBUTED_MODES, DTYPE_SETTINGS, SWITCH_SETTINGS
 from franca.utils.atomic import atomic_write
 
 DEFAULT_CONFIG_FILE = Path(__file__).parent / "configs" / "ssl_default_config.yaml"
 
 _FSDP_DTYPES = ("fp32", "fp16", "bf16")
-_SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
 
 # Allowed values of the enumerated keys; patterns use fnmatch wildcards over the dotted key.
 CHOICES: dict[str, tuple[str, ...]] = {
     "train.centering": ("sinkhorn_knopp", "centering"),
     "dino.mrl_input": ("slice", "project"),
     "dino.head_init": HEAD_INITS,
-    "compute_precision.dtype": ("auto", "bf16", "fp16", "fp32"),
-    "compute_precision.compile": ("auto", "true", "false"),
-    "compute_precision.chunked_losses": ("auto", "true", "false"),
-    "compute_precision.distributed": ("auto", "fsdp", "ddp", "none"),
-    "crops.batched_photometric": ("auto", "true", "false"),
+    "compute_precision.dtype": DTYPE_SETTINGS,
+    "compute_precision.compile": SWITCH_SETTINGS,
+    "compute_precision.chunked_losses": SWITCH_SETTINGS,
+    "compute_precision.distributed": DISTRIBUTED_MODES,
+    "crops.batched_photometric": SWITCH_SETTINGS,
     "student.arch": tuple(ARCHITECTURES),
     "student.ffn_layer": tuple(FFN_LAYERS),
     "optim.scaling_rule": ("sqrt_wrt_1024",),
-    "compute_precision.*.*.sharding_strategy": _SHARDING_STRATEGIES,
+    "compute_precision.*.*.sharding_strategy": tuple(SHARDING_STRATEGIES),
     "compute_precision.*.*.mixed_precision.*_dtype": _FSDP_DTYPES,
 }
 # Keys whose value must also pass a parser; its ValueError (saying what is accepted) becomes a ConfigError.
@@ -623,7 +625,9 @@ def load_config(config_file: str | os.PathLike | None = None, overrides: Iterabl
 
 
 def apply_scaling_rules(cfg: DictConfig, world_size: int) -> DictConfig:
-    """Set ``optim.lr`` from ``optim.base_lr`` (per 1024 images) and the global batch (reference §4.3); returns cfg.
+    """Set ``optim.lr`` from ``optim.base_lr`` (per 1024 images) and the global batch; returns cfg.
+
+    The ``sqrt_wrt_1024`` rule of valeoai/Franca ``franca/utils/``, applied once at setup.
 
     ``sqrt_wrt_1024``: lr = base_lr · sqrt(batch_size_per_gpu · world_size / 1024).
     """

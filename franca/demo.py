@@ -1,8 +1,11 @@
 """Feature extraction in a few lines: load a backbone through the hub, run it on a photo, print the feature shapes
 and write a PCA picture of the patch features.
 
-``python -m franca.demo [--weights franca_vitb14 | /path/ckpt.pth] [--image photo.jpg] [--size 448] [--out pca.png]
-[--alpha-background white]``
+``python -m franca.demo [--weights franca_vitb14 | /path/ckpt.pth] [--image photo.jpg] [--image-size S | H W]
+[--output-dir DIR] [--alpha-background white]``
+
+The image is resized to the size the checkpoint was trained at (its ``img_size``) unless ``--image-size`` is given;
+the picture is written to ``DIR/franca_pca.png``. The old ``--size`` and ``--out FILE`` still work (with a note).
 
 Without ``--weights`` the ViT-B/14 is randomly initialised (no download); without ``--image`` scikit-image's
 astronaut photo is used (``pip install scikit-image``). A transparent image is composited onto
@@ -19,7 +22,10 @@ from PIL import Image
 from franca.data.augmentations import make_normalize_transform
 from franca.data.datasets import decode_image
 from franca.data.image_decoding import DEFAULT_DECODING, ImageDecoding, parse_background
+from franca.eval.common import DeprecatedOption, add_image_size_argument, resolve_image_size
 from franca.eval.pca import pca_rgb, upsample_rgb
+
+PICTURE_NAME = "franca_pca.png"
 
 
 def load_photo(path: str | None, decoding: ImageDecoding = DEFAULT_DECODING) -> Image.Image:
@@ -37,8 +43,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--weights", default=None, help="hub name or checkpoint path (default: random ViT-B/14)")
     p.add_argument("--rasa-weights", default=None)
     p.add_argument("--image", default=None)
-    p.add_argument("--size", type=int, default=448, help="square input size, a multiple of the patch size")
-    p.add_argument("--out", default="franca_pca.png")
+    add_image_size_argument(p, old_names=("--size",))
+    p.add_argument("--output-dir", default=".", help=f"folder of the picture {PICTURE_NAME} (default: here)")
+    p.add_argument("--out", default=None, action=DeprecatedOption, note="use --output-dir; this file name still works")
     p.add_argument(
         "--alpha-background", default="white", help="colour under transparent pixels: white, black, '#RRGGBB', R,G,B"
     )
@@ -55,21 +62,26 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model = load_backbone(args.weights, rasa_weights=args.rasa_weights)
     model.eval()
-    if args.size % model.patch_size:
-        raise SystemExit(f"--size {args.size} is not a multiple of the patch size {model.patch_size}")
-    photo = load_photo(args.image, decoding).resize((args.size, args.size), Image.BICUBIC)
+    try:
+        (height, width), source = resolve_image_size(args.image_size, None, None, model)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    print(f"sizes: image {height}x{width} ({source})")
+    photo = load_photo(args.image, decoding).resize((width, height), Image.BICUBIC)
     x = make_normalize_transform()(photo).unsqueeze(0)
     with torch.no_grad():
         out = model.forward_features(x, use_rasa_head=args.rasa_weights is not None)
     for key, value in out.items():
         if torch.is_tensor(value):
             print(f"{key:<20} {tuple(value.shape)}")
-    grid = args.size // model.patch_size
-    patches = out.get("patch_token_rasa", out["x_norm_patchtokens"]).reshape(1, grid, grid, -1)
+    grid = (height // model.patch_size, width // model.patch_size)
+    patches = out.get("patch_token_rasa", out["x_norm_patchtokens"]).reshape(1, *grid, -1)
     rgb, _ = pca_rgb(patches)
-    picture = np.concatenate([np.asarray(photo), upsample_rgb(rgb, (args.size, args.size))[0]], axis=1)
-    Image.fromarray(picture).save(args.out)
-    print(f"PCA of the patch features written to {Path(args.out).resolve()}")
+    picture = np.concatenate([np.asarray(photo), upsample_rgb(rgb, (height, width))[0]], axis=1)
+    path = Path(args.out) if args.out is not None else Path(args.output_dir) / PICTURE_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(picture).save(path)
+    print(f"PCA of the patch features written to {path.resolve()}")
     return {k: tuple(v.shape) for k, v in out.items() if torch.is_tensor(v)}
 
 

@@ -18,6 +18,7 @@ of student and teacher, the parameter groups, the checkpoints and the release ex
 """
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -25,15 +26,18 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+if TYPE_CHECKING:
+    from franca.train.runtime import Runtime
+
 FSDP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # FSDP1 sharding strategies of the original configs → (FSDP2 reshard_after_forward, hybrid: shard within a node only).
+# The config schema allows exactly these (franca.config.CHOICES); FSDP1's NO_SHARD is compute_precision.distributed=ddp.
 SHARDING_STRATEGIES = {
     "FULL_SHARD": (True, False),
     "SHARD_GRAD_OP": (False, False),
     "HYBRID_SHARD": (True, True),
     "_HYBRID_SHARD_ZERO2": (False, True),
 }
-DISTRIBUTED_MODES = ("auto", "fsdp", "ddp", "none")
 
 
 def _checkpointed_forward(forward, *args, **kwargs):
@@ -56,27 +60,6 @@ def apply_compile(blocks: nn.ModuleList) -> None:
     """``torch.compile`` each block in place (``nn.Module.compile``: parameter names unchanged)."""
     for block in blocks:
         block.compile(dynamic=False)
-
-
-def resolve_compile(setting: str, device: torch.device) -> bool:
-    """``compute_precision.compile``: auto = on CUDA, off elsewhere; true / false force it."""
-    if setting not in ("auto", "true", "false"):
-        raise ValueError(f"compute_precision.compile={setting!r}; use auto, true or false")
-    return device.type == "cuda" if setting == "auto" else setting == "true"
-
-
-def resolve_distributed_mode(setting: str, world_size: int) -> str:
-    """``compute_precision.distributed``: auto = FSDP2 with more than one process, nothing with one."""
-    if setting not in DISTRIBUTED_MODES:
-        raise ValueError(f"compute_precision.distributed={setting!r}; use one of {', '.join(DISTRIBUTED_MODES)}")
-    if world_size <= 1:
-        return "none"
-    if setting == "none":
-        raise ValueError(
-            f"compute_precision.distributed=none with {world_size} processes would train {world_size} unrelated "
-            "models; use auto, fsdp or ddp, or run one process"
-        )
-    return "fsdp" if setting == "auto" else setting
 
 
 def mixed_precision_policy(precision_cfg: DictConfig, enabled: bool = True):
@@ -164,15 +147,16 @@ def apply_replicate(models: nn.ModuleDict, device: torch.device, world_size: int
 
 
 def parallelize(
-    model: nn.Module, cfg: DictConfig, device: torch.device, world_size: int, local_world_size: int | None = None
+    model: nn.Module, cfg: DictConfig, runtime: "Runtime", world_size: int, local_world_size: int | None = None
 ) -> str:
     """Apply activation checkpointing, compile and data parallelism to an :class:`SSLMetaArch` in place.
 
-    Call it after the model is on ``device`` (and initialised or loaded identically on every rank) and before the
-    optimizer is built. Returns the data-parallel mode used: "fsdp", "ddp" or "none".
+    ``runtime`` holds the resolved compile switch, data-parallel mode and autocast dtype (``franca.train.runtime``).
+    Call it after the model is on ``runtime.device`` (and initialised or loaded identically on every rank) and before
+    the optimizer is built. Returns the data-parallel mode used: "fsdp", "ddp" or "none".
     """
     precision = cfg.compute_precision
-    mode = resolve_distributed_mode(precision.distributed, world_size)
+    mode, device = runtime.data_parallel, runtime.device
     if mode != "none" and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             f"compute_precision.distributed={mode} needs an initialised process group: call "
@@ -180,10 +164,10 @@ def parallelize(
         )
     if precision.activation_checkpointing:
         apply_activation_checkpointing(model.student["backbone"].blocks)
-    if resolve_compile(precision.compile, device):
+    if runtime.compile:
         for models in (model.student, model.teacher):
             apply_compile(models["backbone"].blocks)
-    mixed = precision.dtype != "fp32" and not (precision.dtype == "auto" and device.type != "cuda")
+    mixed = runtime.autocast_dtype is not None
     if mode == "fsdp":
         local = local_world_size or world_size
         apply_fsdp(model.student, precision.student, device, world_size, local, mixed)

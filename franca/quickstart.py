@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
+from franca.checkpoint import teacher_export_path
 from franca.config import apply_scaling_rules, load_config
 from franca.data.augmentations import make_classification_eval_transform
 from franca.data.loaders import make_dataset
 from franca.eval.features import extract_features
 from franca.eval.knn import knn_accuracies
+from franca.eval.models import FeatureModel
 from franca.hub import load_backbone
 from franca.train import train as trainer
 from franca.train.ssl_meta_arch import build_backbone
@@ -51,20 +53,6 @@ class _Pixels(torch.nn.Module):
         return x.flatten(1)
 
 
-class _ClsAndMeanPatch(torch.nn.Module):
-    """The CLS token and the mean of the normalised patch tokens side by side ([B, 2D], one forward for both). At
-    random initialisation the CLS token is nearly the same for every image, so the mean patch token is the honest
-    random-init floor."""
-
-    def __init__(self, backbone: torch.nn.Module):
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.backbone.forward_features(x)
-        return torch.cat([out["x_norm_clstoken"], out["x_norm_patchtokens"].mean(dim=1)], dim=1)
-
-
 def evaluate(cfg, teacher_file: Path, args) -> dict:
     size = cfg.crops.global_crops_size
     transform = make_classification_eval_transform(resize_size=size, crop_size=size)
@@ -77,10 +65,12 @@ def evaluate(cfg, teacher_file: Path, args) -> dict:
 
     ks = tuple(sorted({10, args.k, 100, 200}))
     results = {}
+    # CLS and mean patch token side by side, one forward for both: at random initialisation the CLS token is nearly
+    # the same for every image, so the mean patch token is the honest random-init floor
     models = {
         "raw pixels": _Pixels(),
-        "random-init ViT": _ClsAndMeanPatch(random_vit),
-        "Franca": _ClsAndMeanPatch(pretrained),
+        "random-init ViT": FeatureModel(random_vit, readout="cls_mean_patch"),
+        "Franca": FeatureModel(pretrained, readout="cls_mean_patch"),
     }
     for name, model in models.items():
         train, train_labels = extract_features(model, train_set, batch_size=512, name=f"{name} train")
@@ -105,9 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = load_config(args.config_file, args.opts)
     apply_scaling_rules(cfg, world_size=1)
-    last_iteration = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH - 1
     out = Path(args.output_dir)
-    teacher_file = out / "eval" / f"training_{last_iteration}" / "teacher_checkpoint.pth"
+    teacher_file = teacher_export_path(out, cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH)
     results = evaluate(cfg, teacher_file, args)
 
     print(f"\nk-NN (k={args.k}) on {args.test_dataset}:")

@@ -1,5 +1,5 @@
-"""RASA: Removal of Absolute Spatial Attributes, a post-hoc positional-debiasing head (reference §8)."""
+"""RASA: Removal of Absolute Spatial Attributes, a post-hoc positional-debiasing head (docs/rasa.md)."""
 
-from rasa.head import RASAHead
+from franca.layers.rasa_head import RASAHead
 
 __all__ = ["RASAHead"]

@@ -1,4 +1,4 @@
-"""Data for RASA: the training augmentation (reference §8.2 step 6), seeded batches, evaluation transforms and the
+"""Data for RASA: the training augmentation (as valeoai/Franca ``rasa/``), seeded batches, evaluation transforms and the
 position targets of the patch grid."""
 
 import math
@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from franca.data.augmentations import make_normalize_transform
-from franca.data.datasets import seeded_global_rngs
+from franca.data.seeded_transform import seeded_global_rngs
 
 
 class PILGaussianBlur:
@@ -29,11 +29,11 @@ class PILGaussianBlur:
 
 
 def make_rasa_train_transform(image_size: int, scale: Sequence[float] = (0.25, 1.0)) -> v2.Compose:
-    """PIL image → normalised [3, S, S] tensor with the heavy geometric augmentation of reference §8.2 step 6.
+    """PIL image → normalised [3, S, S] tensor with the original's heavy geometric augmentation.
 
     RandomResizedCrop(scale) → colour jitter (0.32, 0.32, 0.32, 0.08) p 0.8 → grayscale p 0.2 → blur p 0.5 →
     horizontal and vertical flips → ±90° rotation (nearest, fill 0) p 0.5 → ImageNet normalisation (std 0.225 for
-    blue, fixing the original's 0.255 typo, reference §10 item 20). The flips and rotations decorrelate image content
+    blue, fixing the original's 0.255 typo; docs/deviations.md). The flips and rotations decorrelate image content
     from grid position, so position can only be read from what the backbone injects.
     """
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
@@ -120,7 +120,7 @@ def round_batches(num_samples: int, batch_size: int, epochs: int, seed: int, rou
 
 
 def grid_positions(rows: int, cols: int) -> torch.Tensor:
-    """[rows·cols, 2] targets (row/(rows−1), col/(cols−1)) of the patch grid, row-major (reference §8.2 step 4)."""
+    """[rows·cols, 2] targets (row/(rows−1), col/(cols−1)) of the patch grid, row-major (as the original)."""
     if rows < 2 or cols < 2:
         raise ValueError(
             f"a {rows}×{cols} patch grid has no positions to regress; use images of at least 2 patches a side"

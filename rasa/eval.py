@@ -1,11 +1,13 @@
-"""How much absolute position a backbone's patch features encode, before and after each RASA removal (reference §8).
+"""How much absolute position a backbone's patch features encode, before and after each RASA removal (docs/rasa.md).
 
 For every prefix of the head (0, 1, …, n+1 removed planes: the pre-layers in order, then ``pos_pred``) it reports:
-the MSE and R² of a fresh linear least-squares read-out of the (row, col) position, fit on one part of the images
-and scored on the held-out rest; the share of feature variance removed; and, when the dataset has class masks (VOC),
-the unsupervised-segmentation mIoU of the original's validation (§8.2 step 7: standardise, PCA→50, upsample
-bilinearly to S×S masks, k-means with K=21, Hungarian matching). It also reports the MSE of the head's own
-``pos_pred`` prediction, and draws the predicted position maps of a few held-out images before and after debiasing.
+the MSE and R² of a fresh ridge read-out of the (row, col) position, fit on one part of the images (strength chosen
+by leave-images-out validation within it) and scored on the held-out rest, or why there are too few images for it;
+the share of that R² the removal took away (``positional_variance_removed``); the share of feature variance removed;
+and, when the dataset has class masks (VOC), the unsupervised-segmentation mIoU of the original's validation
+(valeoai/Franca rasa/src/rasa.py, ``validation_step``: standardise, PCA→50, upsample bilinearly to S×S masks, k-means
+with K=21, Hungarian matching). It also reports the MSE of the head's own ``pos_pred`` prediction, and draws the
+predicted position maps of a few held-out images before and after debiasing.
 
 ``python -m rasa.eval --weights W --rasa-weights R --dataset STR --output-dir D``
 → ``D/results_rasa_eval.json`` and ``D/rasa_position_maps.png``.
@@ -24,11 +26,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from franca.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
+from franca.data.datasets.base import IGNORE_INDEX
 from franca.eval.features import default_device
+from franca.layers.rasa_head import RASAHead, remove_plane
 from franca.utils.atomic import atomic_write
 from franca.utils.logging import Progress
 from rasa.data import collate_images_and_masks, grid_positions, square_grid_side
-from rasa.head import RASAHead, remove_plane
 from rasa.kmeans import (
     assign_clusters,
     confusion_matrix,
@@ -38,10 +41,18 @@ from rasa.kmeans import (
     matched_miou,
     pca_projection,
 )
-from rasa.regression import fit_linear_regression, mean_squared_error, predict, r2_scores, total_variance
+from rasa.regression import cross_validated_ridge, mean_squared_error, predict, r2_scores, total_variance
 
 RESULTS_FILE = "results_rasa_eval.json"
 PLOT_FILE = "rasa_position_maps.png"
+# Fewer fit or held-out images than this give no R²: a held-out R² over a handful of images says more about those
+# images than about the features, and the ridge validation needs whole images in each of its folds.
+MIN_READOUT_IMAGES = 8
+READOUT_FOLDS = 4
+# Candidate ridge strengths α, relative to the mean eigenvalue of the centred Gram matrix (rasa.regression).
+RELATIVE_RIDGES = tuple(10.0**k for k in range(-6, 4))
+# Below this R² before removal there is no linear position signal to speak of: no removed share is reported.
+MIN_POSITION_R2 = 0.05
 
 
 @torch.no_grad()
@@ -94,14 +105,40 @@ def remove_first_planes(tokens: torch.Tensor, weights: list[torch.Tensor]) -> to
     return tokens
 
 
-def position_readout(train_tokens: torch.Tensor, test_tokens: torch.Tensor) -> dict:
-    """Fresh linear regression tokens → (row, col), fit on ``train_tokens`` [M, N, D], scored on ``test_tokens``."""
-    side = square_grid_side(train_tokens.shape[1])
-    targets = grid_positions(side, side)
-    weight, bias = fit_linear_regression(
-        train_tokens.reshape(-1, train_tokens.shape[-1]), targets.repeat(len(train_tokens), 1)
+def too_few_images(fit_images: int, held_out_images: int) -> str | None:
+    """Why a position read-out over these many images would not be meaningful, or None when it would."""
+    if min(fit_images, held_out_images) >= MIN_READOUT_IMAGES:
+        return None
+    return (
+        f"too few images for a meaningful position R²: {fit_images} to fit and {held_out_images} held out, need at "
+        f"least {MIN_READOUT_IMAGES} each; evaluate on at least {2 * MIN_READOUT_IMAGES} images"
     )
-    prediction = predict(test_tokens.reshape(-1, test_tokens.shape[-1]), weight, bias)
+
+
+def image_folds(num_images: int, tokens_per_image: int, folds: int = READOUT_FOLDS) -> torch.Tensor:
+    """Fold id [num_images · tokens_per_image] of each token: image i's tokens all go to fold i mod ``folds``."""
+    return (torch.arange(num_images) % folds).repeat_interleave(tokens_per_image)
+
+
+def position_readout(train_tokens: torch.Tensor, test_tokens: torch.Tensor) -> dict:
+    """Fresh ridge regression tokens → (row, col), fit on the images ``train_tokens`` [M, N, D] and scored on the
+    other images ``test_tokens`` [K, N, D]; the ridge strength is chosen by leave-images-out validation within the
+    fit images. With fewer than ``MIN_READOUT_IMAGES`` on either side the scores are None and
+    ``position_readout_note`` says why."""
+    empty = dict.fromkeys(("position_mse", "position_r2", "position_r2_row", "position_r2_col", "position_ridge"))
+    note = too_few_images(len(train_tokens), len(test_tokens))
+    if note is not None:
+        return {**empty, "position_readout_note": note, "prediction": None}
+    count, tokens_per_image, dim = train_tokens.shape
+    side = square_grid_side(tokens_per_image)
+    targets = grid_positions(side, side)
+    fit = cross_validated_ridge(
+        train_tokens.reshape(-1, dim),
+        targets.repeat(count, 1),
+        image_folds(count, tokens_per_image),
+        RELATIVE_RIDGES,
+    )
+    prediction = predict(test_tokens.reshape(-1, dim), fit.weight, fit.bias)
     test_targets = targets.repeat(len(test_tokens), 1)
     r2 = r2_scores(prediction, test_targets)
     return {
@@ -109,8 +146,19 @@ def position_readout(train_tokens: torch.Tensor, test_tokens: torch.Tensor) -> d
         "position_r2": float(r2.mean()),
         "position_r2_row": float(r2[0]),
         "position_r2_col": float(r2[1]),
+        "position_ridge": fit.relative_ridge,
         "prediction": prediction.float().reshape(len(test_tokens), side, side, 2),
     }
+
+
+def positional_variance_removed(r2_before: float | None, r2_after: float | None) -> float | None:
+    """1 − max(R²_after, 0) / R²_before: the share of the position variance that a linear read-out explained before
+    the removal and no longer explains after it (1: all of it removed). None without both R², or when R²_before is
+    below ``MIN_POSITION_R2`` (no position signal to remove). A negative R² (worse than predicting the mean position)
+    counts as 0."""
+    if r2_before is None or r2_after is None or r2_before < MIN_POSITION_R2:
+        return None
+    return 1.0 - max(r2_after, 0.0) / r2_before
 
 
 def head_prediction_mse(head: RASAHead, tokens: torch.Tensor) -> float:
@@ -126,12 +174,12 @@ def unsupervised_miou(
     tokens: torch.Tensor,
     masks: torch.Tensor,
     num_classes: int = 21,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
     pca_dim: int = 50,
     seed: int = 1,
     max_points_per_centroid: int = 256,
 ) -> float:
-    """k-means (K = num_classes) segmentation mIoU with Hungarian matching (reference §8.2 step 7).
+    """k-means (K = num_classes) segmentation mIoU with Hungarian matching (as the original's validation, docs/rasa.md).
 
     Tokens [M, N, D] are standardised and PCA-projected (statistics over the patch tokens), upsampled bilinearly to
     the masks' S×S, clustered (k-means fit on a random sample of pixels, as faiss does) and compared with the masks.
@@ -181,7 +229,8 @@ def evaluate_removal(
     with_miou: bool = True,
 ) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Per-prefix metrics (see the module docstring) with the read-out fit on images ``fit`` and scored on
-    ``held_out``, and its predictions [len(held_out), h, w, 2] before and after the full removal."""
+    ``held_out``, and its predictions [len(held_out), h, w, 2] before and after the full removal (none when there
+    are too few images for a read-out)."""
     weights = head.weights(use_pos_pred=True)
     raw_variance = total_variance(tokens.reshape(-1, tokens.shape[-1]))
     stages, predictions = [], {}
@@ -190,19 +239,26 @@ def evaluate_removal(
         reduced = remove_first_planes(tokens, weights[:removed])
         readout = position_readout(reduced[fit], reduced[held_out])
         prediction = readout.pop("prediction")
-        if removed in (0, len(weights)):
+        if removed in (0, len(weights)) and prediction is not None:
             predictions["before" if removed == 0 else "after"] = prediction
         stage = {
             "removed_planes": removed,
             "removed": "none" if removed == 0 else ("all (inference)" if removed == len(weights) else "pre-layers"),
             **readout,
+            "positional_variance_removed": positional_variance_removed(
+                stages[0]["position_r2"] if stages else readout["position_r2"], readout["position_r2"]
+            ),
             "variance_removed": 1.0 - total_variance(reduced.reshape(-1, reduced.shape[-1])) / raw_variance,
         }
         if masks is not None and with_miou:
             stage["kmeans_miou"] = unsupervised_miou(reduced, masks, seed=1)
         stages.append(stage)
-        progress.print(removed + 1, f"R² {stage['position_r2']:.3f}")
+        progress.print(removed + 1, f"R² {format_r2(stage['position_r2'])}")
     return stages, predictions
+
+
+def format_r2(r2: float | None) -> str:
+    return "n/a (too few images)" if r2 is None else f"{r2:.3f}"
 
 
 def _denormalise(image: torch.Tensor) -> np.ndarray:
@@ -283,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
     stages, maps = evaluate_removal(head, tokens, masks, fit, held_out, with_miou=not args.no_miou)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if images is not None:
+    if images is not None and maps:
         rows = [held_out.tolist().index(i) for i in shown]
         plot_position_maps(images, maps["before"][rows], maps["after"][rows], out / PLOT_FILE)
     record = {
@@ -299,11 +355,15 @@ def main(argv: list[str] | None = None) -> dict:
         "stages": stages,
     }
     write_json_atomic(record, out / RESULTS_FILE)
+    if "position_readout_note" in stages[0]:
+        print(f"position read-out skipped: {stages[0]['position_readout_note']}")
     for stage in stages:
         miou = f"  mIoU {stage['kmeans_miou']:.1f}" if "kmeans_miou" in stage else ""
+        share = stage["positional_variance_removed"]
+        removed = "" if share is None else f" ({100 * share:.1f}% of it removed)"
         print(
-            f"removed {stage['removed_planes']:>2} planes: position R² {stage['position_r2']:.3f}  "
-            f"MSE {stage['position_mse']:.4f}  variance removed {100 * stage['variance_removed']:.2f}%{miou}"
+            f"removed {stage['removed_planes']:>2} planes: held-out position R² {format_r2(stage['position_r2'])}"
+            f"{removed}  feature variance removed {100 * stage['variance_removed']:.2f}%{miou}"
         )
     return record
 

@@ -1,4 +1,5 @@
-"""k-means, PCA and Hungarian-matched mIoU for unsupervised segmentation (reference §8.2 step 7).
+"""k-means, PCA and Hungarian-matched mIoU for unsupervised segmentation (valeoai/Franca
+``rasa/experiments/utils.py``, used by the validation of ``rasa/src/rasa.py``).
 
 k-means runs on faiss when it is installed (the original's ``faiss.Kmeans``), else on an equivalent torch
 implementation (Lloyd iterations from k-means++ seeds); the choice is logged. Both fit on at most

@@ -1,4 +1,5 @@
-"""Train a RASA head on a frozen backbone, one rank-2 regressor per round (reference §8.2).
+"""Train a RASA head on a frozen backbone, one rank-2 regressor per round (docs/rasa.md; valeoai/Franca
+``rasa/experiments/train_rasa.py``).
 
 Round i has i frozen pre-layers (the regressors of rounds 0 … i−1, in order) and a fresh ``pos_pred``. Each round
 reads the patch tokens ``x_norm_patchtokens`` of the augmented crops (no grad; bf16 autocast on CUDA) with the planes
@@ -36,8 +37,9 @@ from torch.utils.data import DataLoader, Subset
 
 from franca.checkpoint.resumable import atomic_torch_save
 from franca.config import ConfigError, save_config
-from franca.data.datasets import seeded_global_rngs
+from franca.data.seeded_transform import seeded_global_rngs
 from franca.eval.features import default_device
+from franca.layers.rasa_head import RASAHead
 from franca.utils.atomic import atomic_write
 from franca.utils.logging import MetricsWriter, Progress
 from rasa.config import DEFAULTS_FILE, load_rasa_config
@@ -54,10 +56,10 @@ from rasa.eval import (
     extract_patch_tokens,
     head_prediction_mse,
     position_readout,
+    positional_variance_removed,
     remove_first_planes,
     split_images,
 )
-from rasa.head import RASAHead
 
 STATE_FILE = "state.json"
 METRICS_FILE = "rasa_metrics.json"
@@ -254,7 +256,9 @@ REGRESSORS = {"trained": train_round, "cross_covariance": cross_covariance_round
 
 
 def validate_round(backbone: nn.Module, head: RASAHead, cfg: DictConfig, device: torch.device) -> dict:
-    """Position MSE of the head's prediction and held-out R² of a fresh linear read-out after all removals."""
+    """Position MSE of the head's prediction, and the held-out R² of a fresh ridge read-out (``rasa.eval.
+    position_readout``) before and after all removals with the share of it removed, or why there are too few images
+    for a read-out."""
     from franca.data.loaders import make_dataset
 
     dataset = make_dataset(cfg.val.dataset, transform=make_rasa_eval_transform(cfg.val.image_size))
@@ -263,9 +267,16 @@ def validate_round(backbone: nn.Module, head: RASAHead, cfg: DictConfig, device:
         backbone, dataset, cfg.train.batch_size, cfg.data.num_workers, device, name="val"
     )
     fit, held_out = split_images(len(tokens), 0.5, cfg.train.seed)
+    before = position_readout(tokens[fit], tokens[held_out])
     debiased = remove_first_planes(tokens, head.weights(use_pos_pred=True))
-    readout = position_readout(debiased[fit], debiased[held_out])
-    record = {"val_r2_after_removal": readout["position_r2"]}
+    after = position_readout(debiased[fit], debiased[held_out])
+    record = {
+        "val_r2_before_removal": before["position_r2"],
+        "val_r2_after_removal": after["position_r2"],
+        "val_positional_variance_removed": positional_variance_removed(before["position_r2"], after["position_r2"]),
+    }
+    if "position_readout_note" in after:
+        record["val_readout_note"] = after["position_readout_note"]
     if cfg.train.regressor == "trained":  # a cross-covariance pos_pred holds directions, not a calibrated regressor
         record["val_mse"] = head_prediction_mse(head, tokens)
     return record
@@ -387,6 +398,22 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike, resume: bool = True) -
     return output_dir / RESULT_FILE
 
 
+REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
+RASA_CONFIG_DIR = REPOSITORY_ROOT / "configs" / "rasa"
+
+
+def resolve_config_file(config_file: str | None) -> str | None:
+    """A relative ``--config-file`` from the current directory first, then from the repository root, then from
+    ``configs/rasa`` (so ``voc_vitb14.yaml`` works too); a path found nowhere is returned as given, and loading it
+    names it."""
+    if config_file is None or Path(config_file).is_absolute() or Path(config_file).is_file():
+        return config_file
+    for folder in (REPOSITORY_ROOT, RASA_CONFIG_DIR):
+        if (folder / config_file).is_file():
+            return str(folder / config_file)
+    return config_file
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("rasa.train", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config-file", default=None, help="YAML recipe, e.g. configs/rasa/voc_vitb14.yaml")
@@ -398,7 +425,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> Path:
     args = get_args_parser().parse_args(argv)
-    cfg = load_rasa_config(args.config_file, args.overrides)
+    cfg = load_rasa_config(resolve_config_file(args.config_file), args.overrides)
     return train(cfg, args.output_dir, resume=not args.no_resume)
 
 

@@ -2,10 +2,10 @@
 
     python scripts/model_stats.py
 
-Models are built on the ``meta`` device (no memory, no weights) with the Franca configuration of reference §2.1
-(patch 14, SwiGLU, LayerScale, no registers). FLOPs of one forward pass of one image are counted by
-``torch.utils.flop_counter.FlopCounterMode``, which counts 2 FLOPs per multiply-accumulate of the convolution and
-matrix products (attention included) and ignores LayerNorm, softmax and activations. Each count is checked against
+Models are built on the ``meta`` device (no memory, no weights) with the Franca configuration of valeoai/Franca
+``franca/hub/backbones.py`` (patch 14, SwiGLU, LayerScale, no registers). FLOPs of one forward pass of one image are
+counted by ``torch.utils.flop_counter.FlopCounterMode``, which counts 2 FLOPs per multiply-accumulate of the convolution
+and matrix products (attention included) and ignores LayerNorm, softmax and activations. Each count is checked against
 the closed form 2·[N·3P²·D + depth·(N'·(4D² + 3DH) + 2N'²D)] (N patches, N' = N + 1 tokens, H the SwiGLU width).
 Parameters are all backbone tensors, ``pos_embed`` (1 + (size/14)² rows) and ``mask_token`` included.
 """

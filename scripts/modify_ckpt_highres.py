@@ -1,4 +1,5 @@
-"""Resize a checkpoint's position-embedding grid for a new image size (high-resolution finetuning, reference §4.9).
+"""Resize a checkpoint's position-embedding grid for a new image size (high-resolution finetuning;
+replaces valeoai/Franca ``scripts/modify_ckpt_highres.py``).
 
     python scripts/modify_ckpt_highres.py --checkpoint-path in.pth --output-path out.pth \\
         [--target-img-size 518] [--patch-size 14] [--pos-embed-key auto] [--interpolate-offset 0.1]
@@ -8,11 +9,11 @@ fails on the shape. This script finds every ``pos_embed`` tensor in the checkpoi
 {"backbone.pos_embed": ...}}``, flat keys, student and teacher copies, chunked block keys left untouched), resizes its
 patch grid to target/patch per side and writes the whole checkpoint back, atomically.
 
-The resize is the model's own run-time interpolation (reference §2.3): bicubic, no antialiasing, ``scale_factor =
-(T + offset) / M`` in float32. So a model built at the target size with the new checkpoint gives exactly the outputs
-the old model gives when run on target-size images. (The original script used ``size=`` with ``antialias=True``,
-which moves the sampling positions and smooths the grid, so the finetuned model starts from other embeddings than
-the ones the source model used at that size.)
+The resize is the model's own run-time interpolation (``interpolate_pos_encoding``): bicubic, no antialiasing,
+``scale_factor = (T + offset) / M`` in float32. So a model built at the target size with the new checkpoint gives
+exactly the outputs the old model gives when run on target-size images. (The original script used ``size=`` with
+``antialias=True``, which moves the sampling positions and smooths the grid, so the finetuned model starts from other
+embeddings than the ones the source model used at that size.)
 
 Only tensors are resized; an optimizer state kept in the checkpoint is not (restart the optimizer, as HRFT does).
 """
@@ -25,19 +26,10 @@ from pathlib import Path
 import torch
 
 from franca.checkpoint.resumable import atomic_torch_save
-from franca.models.vision_transformer import resize_pos_embed as run_time_resize
+from franca.models.weights import fit_pos_embed
 
 AUTO = "auto"
 POS_EMBED = "pos_embed"
-
-
-def resize_pos_embed(pos_embed: torch.Tensor, target_grid: int, interpolate_offset: float = 0.1) -> torch.Tensor:
-    """[1, 1 + M², D] → [1, 1 + T², D] with the ViT's run-time interpolation (returns the input itself when M = T:
-    the model does not interpolate at its construction size either), in the input's dtype."""
-    if pos_embed.ndim == 3 and pos_embed.shape[1] - 1 == target_grid * target_grid:
-        return pos_embed
-    grid = (target_grid, target_grid)
-    return run_time_resize(pos_embed, grid, offset=interpolate_offset).to(pos_embed.dtype)
 
 
 def _is_pos_embed_key(key: object, wanted: str) -> bool:
@@ -106,7 +98,7 @@ def modify_checkpoint(
     changes = {}
     for path in paths:
         old = _leaf(checkpoint, path)
-        new = resize_pos_embed(old, target_img_size // patch_size, interpolate_offset)
+        new = fit_pos_embed(old, target_img_size // patch_size, interpolate_offset)
         checkpoint = _replace(checkpoint, path, new)
         changes["/".join(map(str, path))] = (tuple(old.shape), tuple(new.shape))
     return checkpoint, changes

@@ -1,4 +1,4 @@
-"""Multi-crop augmentation (reference §4.4), the blur on tiny crops, per-sample seeding and the eval transform."""
+"""Multi-crop augmentation (as the original), the blur on tiny crops, per-sample seeding and the eval transform."""
 
 import random
 
@@ -14,7 +14,7 @@ from franca.data.augmentations import (
     make_classification_eval_transform,
     make_classification_train_transform,
 )
-from franca.data.datasets import seeded_global_rngs
+from franca.data.seeded_transform import seeded_global_rngs
 
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])

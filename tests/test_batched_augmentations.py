@@ -1,5 +1,5 @@
 """The split multi-crop augmentation (franca/data/batched_augmentations.py) against torchvision's per-image ops and
-against the per-image transform DataAugmentationDINO under the same seed (reference §4.4)."""
+against the per-image transform DataAugmentationDINO under the same seed."""
 
 import pytest
 import torch
@@ -11,9 +11,9 @@ from torchvision.transforms.v2 import functional as TF
 from franca.data import batched_augmentations as ba
 from franca.data.augmentations import DataAugmentationDINO
 from franca.data.collate import MaskingCollator
-from franca.data.datasets import SeededTransformDataset, seeded_global_rngs
 from franca.data.masking import CyclicMask
 from franca.data.samplers import SampleKey
+from franca.data.seeded_transform import SeededTransformDataset, seeded_global_rngs
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TV_JITTER = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
@@ -135,7 +135,7 @@ def test_split_path_equals_the_per_image_transform_under_the_same_seed(blur_quir
 
 
 def test_parameter_draws_have_the_reference_probabilities():
-    """Fixed seed, 4000 draws per crop kind: each frequency within 5 binomial standard deviations of §4.4."""
+    """Fixed seed, 4000 draws per crop kind: each frequency within 5 binomial standard deviations of the original's."""
     n = 4000
     with seeded_global_rngs([7]):
         kinds = {

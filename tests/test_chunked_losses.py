@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from test_parallel import TINY, make_batch, with_mask_lists
+from helpers import MODEL_OVERRIDES, TINY_STEP, make_batch, relative_error, student_gradients, with_mask_lists
 
 from franca.config import load_config
 from franca.loss import (
@@ -23,7 +23,8 @@ from franca.loss import (
     sinkhorn_knopp_streaming,
 )
 from franca.train.health import reduce_stats
-from franca.train.ssl_meta_arch import SSLMetaArch, resolve_loss_chunk_size
+from franca.train.runtime import Runtime
+from franca.train.ssl_meta_arch import SSLMetaArch
 
 CHUNK_SIZES = [1, 2, 3, 64]  # 5 images and 11 tokens below: 2 and 3 do not divide them, 64 exceeds them
 
@@ -121,43 +122,24 @@ def test_chunked_dino_names_a_shape_mismatch():
         chunked_dino_cross_entropy(torch.zeros(4, 4), targets, 0.1, 2, 2)
 
 
-def test_loss_chunk_size_resolution():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_loss_chunk_size("auto", 256, cpu) is None and resolve_loss_chunk_size("auto", 256, cuda) == 256
-    assert resolve_loss_chunk_size("true", 8, cpu) == 8 and resolve_loss_chunk_size("false", 8, cuda) is None
-    with pytest.raises(ValueError, match="loss_chunk_size=0"):
-        resolve_loss_chunk_size("true", 0, cpu)
-    assert load_config(None, ["compute_precision.chunked_losses=true"]).compute_precision.chunked_losses == "true"
-
-
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    """‖got − expected‖ / ‖expected‖ in fp32."""
-    return ((got.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-30)).item()
-
-
-def student_gradients(model: SSLMetaArch) -> dict[str, torch.Tensor]:
-    return {name: p.grad for name, p in model.student.named_parameters() if p.grad is not None}
-
-
-def plain_and_chunked_steps(overrides: list[str], device: torch.device, autocast_dtype=None):
+def plain_and_chunked_steps(overrides: list[str], device: torch.device, dtype: str = "fp32"):
     """Losses and student gradients of one ``forward_backward`` of the same model and batch, plain then chunked."""
     torch.manual_seed(0)
-    cfg = load_config(None, TINY + overrides + ["compute_precision.chunked_losses=false"])
-    plain = SSLMetaArch(cfg).to(device)
+    dtype_override = f"compute_precision.dtype={dtype}"
+    cfgs = [
+        load_config(None, TINY_STEP + overrides + [dtype_override, f"compute_precision.chunked_losses={chunked}"])
+        for chunked in ("false", "true")
+    ]
+    plain = SSLMetaArch(cfgs[0]).to(device)
     chunked = copy.deepcopy(plain)
-    chunked.cfg = load_config(None, TINY + overrides + ["compute_precision.chunked_losses=true"])
     batch = with_mask_lists(make_batch(torch.Generator().manual_seed(1)))
     batch = {k: v.to(device) for k, v in batch.items()}
     results = []
-    for model in (plain, chunked):
+    for model, cfg in zip((plain, chunked), cfgs, strict=True):
         stats = {}
-        losses = model.forward_backward(batch, teacher_temp=0.05, autocast_dtype=autocast_dtype, stats=stats)
+        losses = model.forward_backward(batch, teacher_temp=0.05, runtime=Runtime.resolve(cfg, device), stats=stats)
         results.append((losses, student_gradients(model), reduce_stats(stats)))
     return results
-
-
-# mrl_l2_norm: the original head's initial logits are ~1e-4, near-uniform, with gradients of ~1e-10 that are rounding.
-MODEL_OVERRIDES = ["dino.mrl_l2_norm=true", "dino.koleo_loss_weight=0.1", "compute_precision.loss_chunk_size=3"]
 
 
 @pytest.mark.parametrize("centering", ["sinkhorn_knopp", "centering"])
@@ -178,10 +160,10 @@ def test_meta_arch_chunked_path_equals_plain_on_cpu(centering):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("autocast_dtype, tolerance", [(None, 1e-5), (torch.bfloat16, 2e-2)])
-def test_meta_arch_chunked_path_equals_plain_on_cuda(autocast_dtype, tolerance):
+@pytest.mark.parametrize("dtype, tolerance", [("fp32", 1e-5), ("bf16", 2e-2)])
+def test_meta_arch_chunked_path_equals_plain_on_cuda(dtype, tolerance):
     (plain_losses, plain_grads, _), (losses, grads, _) = plain_and_chunked_steps(
-        MODEL_OVERRIDES, torch.device("cuda"), autocast_dtype
+        MODEL_OVERRIDES, torch.device("cuda"), dtype
     )
     for key, value in plain_losses.items():
         torch.testing.assert_close(losses[key], value, rtol=tolerance, atol=0, msg=key)
@@ -196,14 +178,15 @@ def test_training_step_has_no_host_sync_on_cuda():
 
     device = torch.device("cuda")
     torch.manual_seed(0)
-    cfg = load_config(None, TINY + MODEL_OVERRIDES + ["compute_precision.chunked_losses=true"])
+    cfg = load_config(None, TINY_STEP + MODEL_OVERRIDES + ["compute_precision.chunked_losses=true"])
+    runtime = Runtime.resolve(cfg, device)  # auto: bf16 autocast on CUDA
     model = SSLMetaArch(cfg).to(device)
     optimizer = build_optimizer(cfg, model, device)
     batch = {k: v.to(device) for k, v in with_mask_lists(make_batch(torch.Generator().manual_seed(1))).items()}
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        model.forward_backward(batch, teacher_temp=0.05, autocast_dtype=torch.bfloat16)
+        model.forward_backward(batch, teacher_temp=0.05, runtime=runtime)
         model.clip_gradients(3.0)
         optimizer.step()
         model.update_teacher(0.99)

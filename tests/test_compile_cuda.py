@@ -10,26 +10,28 @@ import copy
 
 import pytest
 import torch
-from test_chunked_losses import MODEL_OVERRIDES, relative_error, student_gradients
-from test_parallel import TINY, make_batch, with_mask_lists
+from helpers import MODEL_OVERRIDES, TINY_STEP, make_batch, relative_error, student_gradients, with_mask_lists
 
 from franca.config import load_config
 from franca.parallel import apply_compile
+from franca.train.runtime import Runtime
 from franca.train.ssl_meta_arch import SSLMetaArch
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("chunked", ["false", "true"])
 @pytest.mark.parametrize(
-    "autocast_dtype, loss_tolerance, gradient_tolerance, parameter_tolerance",
-    [(None, 1e-5, 1e-5, 1e-2), (torch.bfloat16, 3e-2, 3e-2, 1e-1)],
+    "dtype, loss_tolerance, gradient_tolerance, parameter_tolerance",
+    [("fp32", 1e-5, 1e-5, 1e-2), ("bf16", 3e-2, 3e-2, 1e-1)],
 )
 def test_compiled_blocks_give_the_eager_step_on_cuda(
-    autocast_dtype, loss_tolerance, gradient_tolerance, parameter_tolerance, chunked
+    dtype, loss_tolerance, gradient_tolerance, parameter_tolerance, chunked
 ):
     device = torch.device("cuda")
     torch.manual_seed(0)
-    cfg = load_config(None, TINY + MODEL_OVERRIDES + [f"compute_precision.chunked_losses={chunked}"])
+    precision = [f"compute_precision.chunked_losses={chunked}", f"compute_precision.dtype={dtype}"]
+    cfg = load_config(None, TINY_STEP + MODEL_OVERRIDES + precision)
+    runtime = Runtime.resolve(cfg, device)
     eager = SSLMetaArch(cfg).to(device)
     compiled = copy.deepcopy(eager)
     for models in (compiled.student, compiled.teacher):
@@ -37,7 +39,7 @@ def test_compiled_blocks_give_the_eager_step_on_cuda(
     batch = with_mask_lists(make_batch(torch.Generator().manual_seed(1)))
     batch = {k: v.to(device) for k, v in batch.items()}
     results = [
-        (model.forward_backward(batch, teacher_temp=0.05, autocast_dtype=autocast_dtype), student_gradients(model))
+        (model.forward_backward(batch, teacher_temp=0.05, runtime=runtime), student_gradients(model))
         for model in (eager, compiled)
     ]
     (eager_losses, eager_grads), (losses, grads) = results

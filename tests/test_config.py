@@ -1,4 +1,4 @@
-"""Config loading and validation (franca.config) and the shipped recipes, against reference §5 and training.md."""
+"""Config loading and validation (franca.config) and the shipped recipes, against the original configs, training.md."""
 
 import math
 import warnings
@@ -25,8 +25,8 @@ def _get(cfg, key):
     return OmegaConf.select(cfg, key, throw_on_missing=True)
 
 
-# Reference §5.1, with our documented changes (saveckp_freq, cache_dataset, centering, separate_head) and the keys the
-# original read but never defined.
+# The original ssl_default_config.yaml, with our documented changes (saveckp_freq, cache_dataset, centering,
+# separate_head) and the keys the original read but never defined.
 ORIGINAL_DEFAULTS = {
     "MODEL.WEIGHTS": "",
     "compute_precision.grad_scaler": True,
@@ -123,7 +123,7 @@ def test_default_config_has_every_reference_key_with_its_default():
 
 
 def test_default_precision_tree_keeps_the_original_structure_in_bf16():
-    """The original's tree (§5.1) with bf16 instead of fp16 parameters (docs/deviations.md); reductions as original."""
+    """The original's tree with bf16 instead of fp16 parameters (docs/deviations.md); reductions as original."""
     cfg = load_config()
     for model in ("teacher", "student"):
         for part in ("backbone", "dino_head", "ibot_head"):
@@ -135,7 +135,7 @@ def test_default_precision_tree_keeps_the_original_structure_in_bf16():
             assert node.mixed_precision.buffer_dtype == "fp32"
 
 
-# Reference §5.2, with the documented fixes: 500 / 80 epochs everywhere, LAION-L base_lr 2e-4, MRL in vitg14.
+# The original recipe files, with the documented fixes: 500 / 80 epochs everywhere, LAION-L base_lr 2e-4, MRL in vitg14.
 COMMON_RECIPE = {
     "dino.head_n_prototypes": 131072,
     "dino.head_bottleneck_dim": 384,

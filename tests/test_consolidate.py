@@ -3,6 +3,7 @@ test_train_distributed.py)."""
 
 import pytest
 import torch
+from helpers import TINY_MODEL
 
 from franca.checkpoint import TrainingCheckpointer
 from franca.checkpoint.consolidate import consolidate, find_checkpoints, main
@@ -10,21 +11,7 @@ from franca.config import load_config, save_config
 from franca.hub import load_backbone
 from franca.train.ssl_meta_arch import SSLMetaArch
 
-TINY = [
-    "student.arch=vit_tiny",
-    "student.embed_dim=32",
-    "student.depth=2",
-    "student.num_heads=2",
-    "student.patch_size=4",
-    "student.block_chunks=2",
-    "crops.global_crops_size=16",
-    "dino.head_n_prototypes=32",
-    "dino.head_bottleneck_dim=16",
-    "dino.head_hidden_dim=32",
-    "ibot.head_n_prototypes=32",
-    "ibot.head_bottleneck_dim=16",
-    "ibot.head_hidden_dim=32",
-]
+TINY = [*TINY_MODEL, "student.block_chunks=2"]
 
 
 @pytest.fixture

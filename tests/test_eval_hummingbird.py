@@ -5,18 +5,20 @@ import json
 
 import pytest
 import torch
-from test_segmentation_metrics import OracleBackbone, make_tile_segfolder
+from eval_data import OracleBackbone, make_tile_segfolder
 
 from franca.data.datasets.segmentation_folder import SegFolder
 from franca.eval import hummingbird
+from franca.eval.common import EvalSettings
 from franca.eval.hummingbird import (
+    HummingbirdSettings,
     NearestNeighbours,
     rare_class_first_indices,
     retrieve_class_scores,
     run_hummingbird,
 )
+from franca.layers.rasa_head import RASAHead
 from franca.models.vision_transformer import build_vit
-from rasa.head import RASAHead
 
 
 def test_retrieval_matches_brute_force_softmax_vote():
@@ -62,8 +64,8 @@ def test_oracle_features_segment_perfectly(tmp_path):
     root = make_tile_segfolder(tmp_path / "seg")
     train, val = SegFolder(str(root), "train"), SegFolder(str(root), "val")
     results = run_hummingbird(
-        OracleBackbone(), train, val, num_classes=4, input_size=(64, 64), memory_size=200, augmentation_epochs=0,
-        nn_backend="torch", batch_size=4, device=torch.device("cpu"),
+        OracleBackbone(), train, val, 4, EvalSettings((64, 64), batch_size=4),
+        HummingbirdSettings(memory_size=200, augmentation_epochs=0, nn_backend="torch"), torch.device("cpu"),
     )  # fmt: skip
     assert results["mIoU"] == pytest.approx(100.0)
     assert results["pixel_accuracy"] == pytest.approx(100.0)
@@ -77,14 +79,17 @@ def test_random_vit_with_augmented_memory_gives_a_valid_miou(tmp_path):
     torch.manual_seed(0)
     vit = build_vit("vit_tiny", depth=2, patch_size=8, img_size=64)
     results = run_hummingbird(
-        vit, SegFolder(str(root), "train"), SegFolder(str(root), "val"), num_classes=4, input_size=(64, 64),
-        patches_per_image=20, augmentation_epochs=2, k=7, eval_resolution="original", nn_backend="torch",
-        batch_size=2, device=torch.device("cpu"),
+        vit, SegFolder(str(root), "train"), SegFolder(str(root), "val"), 4, EvalSettings((64, 64), batch_size=2),
+        HummingbirdSettings(
+            patches_per_image=20, augmentation_epochs=2, num_neighbours=7, eval_resolution="original",
+            nn_backend="torch",
+        ),
+        torch.device("cpu"),
     )  # fmt: skip
     assert 0.0 <= results["mIoU"] <= 100.0
     assert results["memory_entries"] == 3 * 2 * 20
     with pytest.raises(ValueError, match="not divisible by the backbone's patch size 8"):
-        run_hummingbird(vit, SegFolder(str(root), "train"), SegFolder(str(root), "val"), 4, input_size=(60, 60))
+        run_hummingbird(vit, SegFolder(str(root), "train"), SegFolder(str(root), "val"), 4, EvalSettings((60, 60)))
 
 
 def test_command_line_writes_results_with_rasa_features(tmp_path, capsys):

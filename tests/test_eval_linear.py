@@ -16,8 +16,8 @@ from franca.eval.linear import (
     probe_input,
     train_classifier_grid,
 )
+from franca.layers.rasa_head import RASAHead
 from franca.models.vision_transformer import build_vit
-from rasa.head import RASAHead
 
 
 def manual_tokens(model, x: torch.Tensor, n: int, rasa: RASAHead | None = None) -> torch.Tensor:

@@ -6,12 +6,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from eval_data import OracleBackbone, make_tile_segfolder
 from PIL import Image
-from test_segmentation_metrics import OracleBackbone, make_tile_segfolder
 
 from franca.data.datasets.segmentation_folder import SegFolder
 from franca.eval import linear_seg
-from franca.eval.linear_seg import make_protocol, precompute_train_features, run_linear_segmentation
+from franca.eval.common import EvalSettings
+from franca.eval.linear_seg import HeadSettings, make_protocol, precompute_train_features, run_linear_segmentation
 from franca.models.vision_transformer import build_vit
 
 CPU = torch.device("cpu")
@@ -34,8 +35,8 @@ def test_oracle_features_give_perfect_segmentation_at_100px(tmp_path):
     features, masks = precompute_train_features(OracleBackbone(), train, protocol, 4, CPU)
     assert features.shape == (6, 4, 8, 8) and masks.shape == (6, 100, 100)
     results = run_linear_segmentation(
-        OracleBackbone(), train, val, 4, protocol, epochs=20, train_batch_size=6, lr=0.1, weight_decay=0.0,
-        batch_size=4, device=CPU,
+        OracleBackbone(), train, val, 4, EvalSettings((64, 64), batch_size=4), "franca",
+        HeadSettings(epochs=20, train_batch_size=6, lr=0.1, weight_decay=0.0), CPU,
     )  # fmt: skip
     # every patch is classified right; only where two patches' logits are blended by the bilinear upsampling can the
     # arg-max boundary move off the tile edge (by under a pixel, when the classes' logit margins differ)
@@ -53,10 +54,9 @@ def test_dinov2_protocol_scores_at_original_mask_size(tmp_path):
         mask.save(root / "val" / "masks" / path.name)
     torch.manual_seed(0)
     vit = build_vit("vit_tiny", depth=3, patch_size=8, img_size=64)
-    protocol = make_protocol("dinov2", (64, 64))
     results = run_linear_segmentation(
-        vit, SegFolder(str(root), "train"), SegFolder(str(root), "val"), 4, protocol, n_last_blocks=2, epochs=2,
-        train_batch_size=2, optimizer_name="sgd", lr=0.01, batch_size=2, device=CPU,
+        vit, SegFolder(str(root), "train"), SegFolder(str(root), "val"), 4, EvalSettings((64, 64), batch_size=2),
+        "dinov2", HeadSettings(n_last_blocks=2, epochs=2, train_batch_size=2, optimizer_name="sgd", lr=0.01), CPU,
     )  # fmt: skip
     assert results["num_pixels"] == 2 * 48 * 96
     assert results["feature_dim"] == 2 * 192

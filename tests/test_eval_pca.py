@@ -10,7 +10,8 @@ from PIL import Image
 from skimage import data as skdata
 
 from franca.eval import pca
-from franca.eval.pca import GAP, HEADER_HEIGHT, pca_pictures, pca_rgb
+from franca.eval.common import EvalSettings
+from franca.eval.pca import GAP, HEADER_HEIGHT, PCASettings, pca_pictures, pca_rgb
 from franca.models.vision_transformer import build_vit
 
 
@@ -98,6 +99,6 @@ def test_pictures_reject_bad_slices_and_sizes(tmp_path):
     vit = build_vit("vit_tiny", depth=1, patch_size=8, img_size=32)
     image = Image.fromarray(skdata.rocket())
     with pytest.raises(ValueError, match=r"slices \[300\] are not feature counts in \(0, 192\]"):
-        pca_pictures(vit, [image], tmp_path, (32, 32), slices=[300], device=torch.device("cpu"))
+        pca_pictures(vit, [image], tmp_path, EvalSettings((32, 32)), PCASettings(slices=[300]), torch.device("cpu"))
     with pytest.raises(ValueError, match="not divisible by the backbone's patch size 8"):
-        pca_pictures(vit, [image], tmp_path, (30, 32), device=torch.device("cpu"))
+        pca_pictures(vit, [image], tmp_path, EvalSettings((30, 32)), device=torch.device("cpu"))

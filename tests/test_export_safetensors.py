@@ -1,6 +1,5 @@
 """safetensors export: the folder format, and a bit-exact round trip through franca.hub.load_backbone."""
 
-import inspect
 import json
 
 import pytest
@@ -12,11 +11,11 @@ from safetensors.torch import load_file  # noqa: E402
 
 from franca.export.safetensors import backbone_config, export_safetensors, main  # noqa: E402
 from franca.hub import load_backbone  # noqa: E402
-from franca.models import build_vit  # noqa: E402
+from franca.layers.rasa_head import RASAHead  # noqa: E402
+from franca.models import ViTConfig, build_vit  # noqa: E402
 from franca.models.vision_transformer import DinoVisionTransformer  # noqa: E402
-from rasa.head import RASAHead  # noqa: E402
 
-VIT_KEYWORDS = set(inspect.signature(DinoVisionTransformer.__init__).parameters) - {"self"}
+VIT_KEYWORDS = set(ViTConfig.field_names())
 
 
 def tiny_vit(with_rasa: bool = False, **overrides) -> DinoVisionTransformer:

@@ -111,4 +111,4 @@ def test_finetune_recipe_runs_from_a_highres_converted_release_checkpoint(tmp_pa
 
     record = trainer.main(argv + [f"student.pretrained_weights={converted}"])
     assert torch.isfinite(torch.tensor(record["total_loss"]))
-    assert (out / "eval" / "training_1" / "teacher_checkpoint.pth").is_file()
+    assert (out / "eval" / "training_2" / "teacher_checkpoint.pth").is_file()

@@ -1,4 +1,4 @@
-"""DINO and Matryoshka heads: structure, key names, slicing and formulas against hand computations (§3.1-3.2)."""
+"""DINO and Matryoshka heads: structure, key names, slicing and formulas against hand computations."""
 
 import warnings
 

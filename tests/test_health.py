@@ -1,12 +1,12 @@
 """Training-health statistics against float64 brute force, across two gloo ranks, and the monitor's warnings."""
 
 import math
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from franca.loss import DenseTargets, sinkhorn_knopp, sinkhorn_knopp_streaming
 from franca.train.health import (
@@ -105,12 +105,6 @@ def test_head_stats_names_every_level():
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _rank_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(3)
     probs = (torch.randn(10, 12, generator=generator) * 2).softmax(dim=-1)
@@ -130,7 +124,7 @@ def _two_rank_stats(rank: int, world_size: int, port: int, out: str) -> None:
 
 def test_two_gloo_ranks_give_the_statistics_of_the_concatenated_rows(tmp_path):
     out = str(tmp_path / "stats")
-    mp.spawn(_two_rank_stats, args=(2, _free_port(), out), nprocs=2)
+    mp.spawn(_two_rank_stats, args=(2, free_port(), out), nprocs=2)
     probs, student, features = _rank_inputs()
     expected = reduce_stats(
         {"ibot_l0": level_stats(probs, student, 0.1), "teacher_cls_spread": spread_stats(torch.cat([features] * 2))}

@@ -1,4 +1,4 @@
-"""Hub, weights registry, key adapters and safe loading (reference §2.3, §2.6, §2.7, §8.3)."""
+"""Hub, weights registry, key adapters and safe loading (original ``franca/hub/backbones.py``)."""
 
 import hashlib
 import io
@@ -21,20 +21,18 @@ from franca.hub import (
     franca_vitg14,
     franca_vitl14,
     get_weights,
-    infer_architecture,
     load_backbone,
     load_checkpoint_file,
     load_multipart_checkpoint,
-    normalize_backbone_state_dict,
-    to_release_state_dict,
 )
+from franca.layers.rasa_head import RASAHead
 from franca.models.vision_transformer import DinoVisionTransformer
-from rasa.head import RASAHead
+from franca.models.weights import from_release, infer_config, to_release
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RELEASES = "https://github.com/valeoai/Franca/releases/download"
 
-# The Franca ViT settings of reference §2.1, written out independently of the hub's own table.
+# The Franca ViT settings of the original hub, written out independently of the hub's own table.
 FRANCA_SETTINGS = dict(
     patch_size=14,
     ffn_layer="swiglufused",
@@ -71,7 +69,7 @@ def assert_same_outputs(model_a, model_b, images):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# State-dict names and shapes: the table of reference §2.6
+# State-dict names and shapes of the released checkpoints (chunked ``blocks.{c}.{i}`` keys)
 
 
 def expected_release_keys(dim: int, hidden: int, depth: int, grid: int, chunked: bool) -> dict[str, tuple]:
@@ -121,20 +119,20 @@ def test_release_key_names_and_shapes(entry, dim, hidden, depth, grid, n_tensors
     assert len(flat) == n_tensors
     assert flat == expected_release_keys(dim, hidden, depth, grid, chunked=False)
 
-    release = to_release_state_dict(model.state_dict())
+    release = to_release(model.state_dict())
     chunked = expected_release_keys(dim, hidden, depth, grid, chunked=True)
     assert {key: tuple(t.shape) for key, t in release.items()} == {"backbone." + k: s for k, s in chunked.items()}
-    bare = to_release_state_dict(model.state_dict(), prefix="")
+    bare = to_release(model.state_dict(), prefix="")
     assert list(bare) == list(chunked)
 
-    backbone, rasa = normalize_backbone_state_dict({"teacher": release})
+    backbone, rasa = from_release({"teacher": release})
     assert rasa == {} and {key: tuple(t.shape) for key, t in backbone.items()} == flat
 
 
 def test_architecture_is_read_off_the_keys():
     with torch.device("meta"):
         model = franca_vitl14(pretrained=False)
-    spec = infer_architecture(normalize_backbone_state_dict(to_release_state_dict(model.state_dict()))[0])
+    spec = infer_config(from_release(to_release(model.state_dict()))[0])
     assert (spec.arch, spec.embed_dim, spec.depth, spec.num_heads, spec.patch_size) == ("vit_large", 1024, 24, 16, 14)
     assert (spec.ffn_layer, spec.mlp_ratio, spec.img_size, spec.num_register_tokens) == ("swiglufused", 4.0, 518, 0)
 
@@ -142,13 +140,13 @@ def test_architecture_is_read_off_the_keys():
         dinov2_style = DinoVisionTransformer(
             img_size=224, patch_size=16, embed_dim=384, depth=3, num_heads=6, ffn_layer="mlp", num_register_tokens=4
         )
-    spec = infer_architecture(dinov2_style.state_dict())
+    spec = infer_config(dinov2_style.state_dict())
     assert (spec.arch, spec.num_heads, spec.patch_size, spec.ffn_layer) == (None, 6, 16, "mlp")
     assert (spec.mlp_ratio, spec.num_register_tokens, spec.img_size, spec.depth) == (4.0, 4, 224, 3)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Position-embedding interpolation (reference §2.3) against an independent float64 implementation
+# Position-embedding interpolation (original ``interpolate_pos_encoding``) against an independent float64 implementation
 
 
 def cubic_kernel(distance: float, a: float) -> float:
@@ -176,7 +174,7 @@ def bicubic_resize_axis(grid: np.ndarray, axis: int, scale: float, a: float = -0
 
 
 def reference_pos_embed(pos_embed: np.ndarray, height: int, width: int, patch: int = 14) -> np.ndarray:
-    """[1, 1+M², D] → [1, 1+h0·w0, D] following §2.3 (scale factors (h0+0.1)/M and (w0+0.1)/M)."""
+    """[1, 1+M², D] → [1, 1+h0·w0, D] as the original (scale factors (h0+0.1)/M and (w0+0.1)/M)."""
     side = math.isqrt(pos_embed.shape[1] - 1)
     h0, w0 = height // patch, width // patch
     if h0 * w0 == side * side and height == width:
@@ -195,7 +193,7 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarra
 
 
 def reference_forward(state: dict[str, np.ndarray], images: np.ndarray, num_heads: int, patch: int = 14) -> np.ndarray:
-    """Float64 forward of §2.2 from a flat state dict: final-norm tokens [B, 1+N, D]."""
+    """Float64 forward of the original ViT from a flat state dict: final-norm tokens [B, 1+N, D]."""
     b, c, height, width = images.shape
     h0, w0 = height // patch, width // patch
     patches = images.reshape(b, c, h0, patch, w0, patch).transpose(0, 2, 4, 1, 3, 5).reshape(b, h0 * w0, -1)
@@ -270,13 +268,13 @@ def with_training_heads(state: dict) -> dict:
 
 FORMATS = {
     "v1.0 teacher, backbone. prefix, chunked, training heads": lambda sd: {
-        "teacher": with_training_heads(to_release_state_dict(sd, block_chunks=2))
+        "teacher": with_training_heads(to_release(sd, block_chunks=2))
     },
     "teacher, backbone. prefix, flat": lambda sd: {"teacher": {"backbone." + k: v for k, v in sd.items()}},
     "model wrapper, module.backbone. prefix, chunked": lambda sd: {
-        "model": {"module." + k: v for k, v in to_release_state_dict(sd, block_chunks=4).items()}
+        "model": {"module." + k: v for k, v in to_release(sd, block_chunks=4).items()}
     },
-    "v1.1 backbone-only, chunked, no prefix": lambda sd: to_release_state_dict(sd, prefix=""),
+    "v1.1 backbone-only, chunked, no prefix": lambda sd: to_release(sd, prefix=""),
     "our flat state dict": lambda sd: dict(sd),
 }
 
@@ -293,9 +291,9 @@ def test_round_trip_in_every_key_convention(tmp_path, layout):
 
 def test_chunk_remap_uses_the_global_block_index():
     sd = {"blocks.1.2.norm1.weight": torch.zeros(1), "backbone.blocks.3.norm1.weight": torch.ones(1)}
-    backbone, _ = normalize_backbone_state_dict(sd)
+    backbone, _ = from_release(sd)
     assert set(backbone) == {"blocks.2.norm1.weight", "blocks.3.norm1.weight"}
-    release = to_release_state_dict({f"blocks.{i}.ls1.gamma": torch.zeros(1) for i in range(12)}, block_chunks=4)
+    release = to_release({f"blocks.{i}.ls1.gamma": torch.zeros(1) for i in range(12)}, block_chunks=4)
     assert [k.split(".")[2] for k in release] == ["0", "0", "0", "1", "1", "1", "2", "2", "2", "3", "3", "3"]
 
 
@@ -319,7 +317,7 @@ def vitb14_checkpoint(tmp_path_factory):
     """A random Franca ViT-B/14 (224 grid) saved in the v1.0 release layout, with training heads."""
     source = franca_vitb14(pretrained=False, img_size=224).eval()
     path = tmp_path_factory.mktemp("vitb14") / "franca_vitb14_local.pth"
-    torch.save({"teacher": with_training_heads(to_release_state_dict(source.state_dict()))}, path)
+    torch.save({"teacher": with_training_heads(to_release(source.state_dict()))}, path)
     return source, path
 
 
@@ -335,7 +333,7 @@ def test_hub_entry_through_torch_hub_load(vitb14_checkpoint):
 
 def test_wrong_architecture_is_refused(tmp_path):
     path = tmp_path / "tiny.pth"
-    torch.save({"teacher": to_release_state_dict(tiny_vit().state_dict())}, path)
+    torch.save({"teacher": to_release(tiny_vit().state_dict())}, path)
     with pytest.raises(ValueError) as info:
         franca_vitb14(weights=str(path))
     message = str(info.value)
@@ -363,7 +361,7 @@ def gram_schmidt_removal(x: np.ndarray, weights: list[np.ndarray]) -> np.ndarray
 def test_rasa_files_with_8_or_9_pre_layers(tmp_path, n_pre_layers, prefix):
     source = tiny_vit()
     backbone_path, rasa_path = tmp_path / "backbone.pth", tmp_path / "rasa.pth"
-    torch.save({"teacher": to_release_state_dict(source.state_dict())}, backbone_path)
+    torch.save({"teacher": to_release(source.state_dict())}, backbone_path)
     torch.manual_seed(3)
     head = RASAHead(128, n_pos_layers=n_pre_layers)
     torch.save({prefix + k: v for k, v in head.state_dict().items()}, rasa_path)
@@ -537,7 +535,7 @@ def test_split_release_with_unsafe_member_is_refused(hub_cache, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Registry: the release tables of reference §2.7
+# Registry: the assets of the v1.0.0 and v1.1.0 releases
 
 RELEASE_TABLE = {
     ("vit_base", "IN21K"): (518, "v1.0.0/franca_vitb14_In21K.pth", "v1.0.0/franca_vitb14_In21K_rasa.pth"),

@@ -2,13 +2,13 @@
 
 import json
 import os
-import socket
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import free_port
 from torch.utils.data import TensorDataset
 
 from franca.models import build_vit
@@ -100,12 +100,6 @@ def test_evaluate_restores_each_module_mode():
     assert model.training and not model.blocks[0].training and model.blocks[1].training
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_worker(rank: int, world_size: int, port: int, shard_model: bool, out: str) -> None:
     """One rank of a gloo group: the k-NN of the same tiny ViT (sharded with FSDP2 when ``shard_model``)."""
     import torch.distributed as dist
@@ -134,7 +128,7 @@ def test_several_ranks_give_the_single_process_accuracies(tmp_path, world_size, 
     features, labels = monitor.features(model, monitor.train_set, "train")
     single = monitor.evaluate(model)
     torch.multiprocessing.spawn(
-        _rank_worker, args=(world_size, _free_port(), shard_model, str(tmp_path)), nprocs=world_size
+        _rank_worker, args=(world_size, free_port(), shard_model, str(tmp_path)), nprocs=world_size
     )
     rank_major = [i for rank in range(world_size) for i in range(rank, 23, world_size)]
     for rank in range(world_size):

@@ -1,4 +1,4 @@
-"""KoLeo on point sets whose nearest-neighbour distances are known in closed form (reference §3.4)."""
+"""KoLeo on point sets whose nearest-neighbour distances are known in closed form."""
 
 import math
 

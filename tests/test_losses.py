@@ -1,4 +1,4 @@
-"""DINO and iBOT losses and softmax centering against brute-force float64 loops (reference §3.3-3.4)."""
+"""DINO and iBOT losses and softmax centering against brute-force float64 loops."""
 
 import math
 
@@ -128,7 +128,7 @@ def test_ibot_loss_with_no_masked_token_is_zero_and_differentiable():
 
 
 def test_ibot_loss_refuses_padding_rows():
-    # Targets of a zero-padded buffer (original §10 item 2) have more rows than masks_weight: refused.
+    # Targets of a zero-padded buffer (as the original's) have more rows than masks_weight: refused.
     masks_weight = torch.full((3,), 1 / 3)
     with pytest.raises(ValueError, match="no padding rows"):
         IBOTPatchLoss()([torch.zeros(3, 4)], [torch.zeros(5, 4)], masks_weight, n_global_images=2)

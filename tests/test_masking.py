@@ -1,4 +1,4 @@
-"""Masks: exact counts, the geometry of the (cyclic) block, and CyclicMask's uniform coverage (reference §4.6)."""
+"""Masks: exact counts, the geometry of the (cyclic) block, and CyclicMask's uniform coverage (as the original)."""
 
 import math
 

@@ -7,41 +7,17 @@ gradients on the concatenated batch, the same clipped gradient norms, and the EM
 
 import copy
 import os
-import socket
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import IMAGES, TINY_STEP, free_port, make_batch, with_mask_lists
 
 from franca.config import load_config
 from franca.models import build_vit
-from franca.parallel import (
-    apply_activation_checkpointing,
-    mixed_precision_policy,
-    resolve_compile,
-    resolve_distributed_mode,
-)
-
-TINY = [
-    "student.arch=vit_tiny",
-    "student.embed_dim=32",
-    "student.depth=2",
-    "student.num_heads=2",
-    "student.patch_size=4",
-    "student.drop_path_rate=0.0",
-    "crops.global_crops_size=16",
-    "crops.local_crops_size=8",
-    "crops.local_crops_number=2",
-    "dino.head_n_prototypes=32",
-    "dino.head_bottleneck_dim=16",
-    "dino.head_hidden_dim=32",
-    "dino.koleo_loss_weight=0.0",
-    "ibot.head_n_prototypes=32",
-    "ibot.head_bottleneck_dim=16",
-    "ibot.head_hidden_dim=32",
-]
-IMAGES, GRID = 4, 4  # samples in the full batch; 4x4 patches per global crop
+from franca.parallel import apply_activation_checkpointing, mixed_precision_policy
+from franca.train.runtime import Runtime
 
 
 def test_activation_checkpointing_keeps_outputs_gradients_and_names():
@@ -64,30 +40,12 @@ def test_activation_checkpointing_keeps_outputs_gradients_and_names():
         apply_activation_checkpointing(checkpointed.blocks)
 
 
-def test_mode_and_precision_resolution():
-    assert resolve_distributed_mode("auto", 1) == "none" and resolve_distributed_mode("auto", 4) == "fsdp"
-    assert resolve_distributed_mode("ddp", 2) == "ddp"
-    with pytest.raises(ValueError, match="unrelated"):
-        resolve_distributed_mode("none", 2)
-    assert resolve_compile("auto", torch.device("cpu")) is False and resolve_compile("true", torch.device("cpu"))
+def test_mixed_precision_policy():
     cfg = load_config(None, [])
     head = mixed_precision_policy(cfg.compute_precision.student.dino_head.mixed_precision)
     assert (head.param_dtype, head.reduce_dtype) == (torch.bfloat16, torch.float32)
     off = mixed_precision_policy(cfg.compute_precision.student.dino_head.mixed_precision, enabled=False)
     assert off.param_dtype is None and off.reduce_dtype is None
-
-
-def make_batch(generator: torch.Generator) -> dict:
-    """A collated batch built here (crop-major rows) with fixed masks: images 0 and 5 of 2·IMAGES global crops."""
-    n_tokens = GRID * GRID
-    masks = torch.zeros(2 * IMAGES, n_tokens, dtype=torch.bool)
-    masks[0, :5] = True
-    masks[5, 3:12] = True
-    return {
-        "collated_global_crops": torch.randn(2 * IMAGES, 3, 16, 16, generator=generator),
-        "collated_local_crops": torch.randn(2 * IMAGES, 3, 8, 8, generator=generator),
-        "collated_masks": masks,
-    }
 
 
 def rank_slice(batch: dict, rank: int, world_size: int) -> dict:
@@ -96,16 +54,6 @@ def rank_slice(batch: dict, rank: int, world_size: int) -> dict:
     rows = [c * IMAGES + rank * per_rank + i for c in range(2) for i in range(per_rank)]
     part = {key: value[rows] for key, value in batch.items()}
     return with_mask_lists(part)
-
-
-def with_mask_lists(batch: dict) -> dict:
-    masks = batch["collated_masks"]
-    per_image = masks.sum(dim=1, keepdim=True).clamp(min=1).float()
-    return {
-        **batch,
-        "mask_indices_list": masks.flatten().nonzero().flatten(),
-        "masks_weight": (1.0 / per_image).expand_as(masks)[masks],
-    }
 
 
 def full_grad(p: torch.Tensor) -> torch.Tensor | None:
@@ -129,13 +77,14 @@ def _worker(rank: int, port: int, mode: str, failures) -> None:
     from franca.train.ssl_meta_arch import SSLMetaArch
 
     torch.set_num_threads(1)
-    cfg = load_config(None, TINY + [f"compute_precision.distributed={mode}"])
+    cfg = load_config(None, TINY_STEP + [f"compute_precision.distributed={mode}"])
     torch.manual_seed(0)
     reference = SSLMetaArch(cfg)
     model = copy.deepcopy(reference)
     batch = make_batch(torch.Generator().manual_seed(1))
     # the single-process reference on the full batch, before the process group exists
-    ref_losses = reference.forward_backward(with_mask_lists(batch), teacher_temp=0.05)
+    cpu = torch.device("cpu")
+    ref_losses = reference.forward_backward(with_mask_lists(batch), 0.05, Runtime.resolve(cfg, cpu))
     ref_norms = reference.clip_gradients(0.05)
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -147,8 +96,9 @@ def _worker(rank: int, port: int, mode: str, failures) -> None:
             for n, p in reference.student.named_parameters():
                 student_after[n] = (p.detach() - 0.1 * p.grad).double()
 
-        assert parallelize(model, cfg, torch.device("cpu"), world_size=2) == mode
-        losses = model.forward_backward(rank_slice(batch, rank, 2), teacher_temp=0.05)
+        runtime = Runtime.resolve(cfg, cpu, world_size=2)
+        assert parallelize(model, cfg, runtime, world_size=2) == mode
+        losses = model.forward_backward(rank_slice(batch, rank, 2), 0.05, runtime)
         assert set(losses) == set(ref_losses)
         for key, value in losses.items():
             mean = value.detach().clone()
@@ -181,18 +131,12 @@ def _worker(rank: int, port: int, mode: str, failures) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(mode):
     context = mp.get_context("spawn")
     failures = context.SimpleQueue()
     try:
-        mp.spawn(_worker, args=(_free_port(), mode, failures), nprocs=2)
+        mp.spawn(_worker, args=(free_port(), mode, failures), nprocs=2)
     except mp.ProcessRaisedException:
         messages = []
         while not failures.empty():

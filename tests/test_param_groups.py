@@ -1,4 +1,4 @@
-"""Optimizer parameter groups (franca.train.param_groups) on a real small ViT and a head, against reference §4.3."""
+"""Optimizer parameter groups (franca.train.param_groups) on a real small ViT and a head, against the original rules."""
 
 import pytest
 import torch

@@ -1,11 +1,11 @@
-"""RASA head (reference §8.1, §8.3): sequential rank-2 Gram–Schmidt removals, folded matrix, backbone integration."""
+"""RASA head (original ``RASAHead``): sequential rank-2 Gram–Schmidt removals, folded matrix, backbone integration."""
 
 import numpy as np
 import pytest
 import torch
 
+from franca.layers.rasa_head import RASAHead
 from franca.models.vision_transformer import DinoVisionTransformer
-from rasa.head import RASAHead
 
 DIM = 24
 
@@ -39,7 +39,7 @@ def plane_weights(head: RASAHead, use_pos_pred: bool = True) -> list[np.ndarray]
 
 
 def orthonormal_plane(weight: np.ndarray) -> np.ndarray:
-    """Gram–Schmidt of §8.1 in float64: rows a = w_r/‖w_r‖ and b' ∝ w_c/‖w_c‖ − ⟨·, a⟩a."""
+    """Gram–Schmidt of the original head in float64: rows a = w_r/‖w_r‖ and b' ∝ w_c/‖w_c‖ − ⟨·, a⟩a."""
     a = weight[0] / np.linalg.norm(weight[0])
     b = weight[1] / np.linalg.norm(weight[1])
     b = b - (b @ a) * a
@@ -90,7 +90,7 @@ def test_output_is_orthogonal_to_every_plane_when_the_planes_are_orthogonal():
 
 
 def test_generic_planes_orthogonal_to_last_plane_only():
-    """§8.1: successive planes are not orthogonal, so only the last removal is exact; order matters."""
+    """Successive planes are not orthogonal, so only the last removal is exact; order matters."""
     head = random_head(8)
     weights = plane_weights(head)
     x = np.random.default_rng(3).standard_normal((50, DIM))

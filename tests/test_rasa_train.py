@@ -225,8 +225,8 @@ class PatchPixels(torch.nn.Module):
 def test_cross_covariance_round_matches_the_covariance_of_all_tokens(photos):
     """pos_pred = orthonormal rows spanning Cov(x, row), Cov(x, col) over every token of the round (numpy np.cov)."""
     from franca.data.loaders import make_dataset
+    from franca.layers.rasa_head import RASAHead
     from rasa.config import load_rasa_config
-    from rasa.head import RASAHead
     from rasa.train import _round_loader, cross_covariance_round
 
     cfg = load_rasa_config(TINY, ["model.weights=x", f"data.dataset=ImageFolder:root={photos[0]}"])
@@ -291,3 +291,15 @@ def test_a_non_finite_loss_is_reported_by_its_epoch(random_vit, photos, tmp_path
     with pytest.raises(FloatingPointError, match="RASA round 0 epoch 0: a step's loss is not finite; lower optim.lr"):
         run(tmp_path / "out", tmp_path / "nan_vit.pth", photos[0], "train.epochs_per_round=1")
     assert not (tmp_path / "out" / "rounds" / "round_0.pth").exists()
+
+
+def test_a_relative_config_path_is_found_from_any_directory(tmp_path, monkeypatch):
+    from rasa.train import RASA_CONFIG_DIR, REPOSITORY_ROOT, resolve_config_file
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config_file("configs/rasa/tiny.yaml") == str(REPOSITORY_ROOT / "configs" / "rasa" / "tiny.yaml")
+    assert resolve_config_file("tiny.yaml") == str(RASA_CONFIG_DIR / "tiny.yaml")
+    (tmp_path / "configs" / "rasa").mkdir(parents=True)
+    (tmp_path / "configs" / "rasa" / "tiny.yaml").write_text("train: {end_round: 1}\n")
+    assert resolve_config_file("configs/rasa/tiny.yaml") == "configs/rasa/tiny.yaml"  # the current directory first
+    assert resolve_config_file("missing.yaml") == "missing.yaml" and resolve_config_file(None) is None

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from helpers import TINY_MODEL
 
 from franca.checkpoint import (
     CheckpointMismatchError,
@@ -32,20 +33,6 @@ from franca.utils.atomic import atomic_write, sweep_stale_temporaries
 from franca.utils.logging import MetricsWriter
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "student.arch=vit_tiny",
-    "student.embed_dim=32",
-    "student.depth=2",
-    "student.num_heads=2",
-    "student.patch_size=4",
-    "crops.global_crops_size=16",
-    "dino.head_n_prototypes=32",
-    "dino.head_bottleneck_dim=16",
-    "dino.head_hidden_dim=32",
-    "ibot.head_n_prototypes=32",
-    "ibot.head_bottleneck_dim=16",
-    "ibot.head_hidden_dim=32",
-]
 
 
 def temporaries(folder: Path) -> list[Path]:
@@ -118,7 +105,7 @@ def test_disk_full_says_how_much_was_needed_and_leaves_the_disk_as_it_was(small_
 
 
 def test_a_checkpoint_that_does_not_fit_on_disk_names_the_previous_size(small_disk):
-    cfg = load_config(None, TINY)
+    cfg = load_config(None, TINY_MODEL)
     model = SSLMetaArch(cfg)
     optimizer = torch.optim.AdamW(model.student.parameters())
     checkpointer = TrainingCheckpointer(small_disk, keep=1)
@@ -134,7 +121,7 @@ def test_a_checkpoint_that_does_not_fit_on_disk_names_the_previous_size(small_di
 @pytest.fixture
 def saved(tmp_path):
     """A checkpoint folder with iterations 3 and 6 of a tiny model whose weights differ between the two."""
-    cfg = load_config(None, TINY)
+    cfg = load_config(None, TINY_MODEL)
     torch.manual_seed(0)
     model = SSLMetaArch(cfg)
     optimizer = torch.optim.AdamW(model.student.parameters())
@@ -196,7 +183,7 @@ def test_when_no_checkpoint_reads_the_error_lists_them_and_nothing_moves(saved):
 
 def test_a_checkpoint_of_another_config_stops_instead_of_falling_back(saved):
     checkpointer, _, _ = saved
-    other = SSLMetaArch(load_config(None, [*TINY, "student.embed_dim=64", "student.num_heads=4"]))
+    other = SSLMetaArch(load_config(None, [*TINY_MODEL, "student.embed_dim=64", "student.num_heads=4"]))
     with pytest.raises(CheckpointMismatchError, match="does not fit the configured model"):
         checkpointer.resume(other, torch.optim.AdamW(other.student.parameters()))
     assert [it for it, _ in list_checkpoints(checkpointer.dir)] == [3, 6]
@@ -322,7 +309,7 @@ def _half_written(checkpoints: Path, iteration: int) -> bool:
     return any(p.name.startswith(f".model_{iteration:07d}.pth.tmp.") for p in checkpoints.glob(".*"))
 
 
-def _wait_for(predicate, proc, seconds=120.0) -> bool:
+def _wait_for(predicate, proc, seconds=300.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and proc.poll() is None:
         if predicate():
@@ -342,8 +329,11 @@ def test_a_run_killed_repeatedly_while_checkpointing_restarts_unattended(tiny_co
     checkpoints = out / "checkpoints"
     rng = random.Random(0)
     kills_during_write = 0
+    logs = []
     for attempt in range(3):
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        logs.append(tmp_path / f"attempt{attempt}.log")
+        with open(logs[-1], "w") as log:
+            proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         if attempt < 2:  # kill while the temporary file of checkpoint 3, then 6, is half written
             kills_during_write += _wait_for(partial(_half_written, checkpoints, 3 * (attempt + 1)), proc)
         else:  # kill at a random moment after the first log line of this attempt
@@ -351,7 +341,7 @@ def test_a_run_killed_repeatedly_while_checkpointing_restarts_unattended(tiny_co
             time.sleep(rng.uniform(0.0, 1.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert kills_during_write == 2
+    assert kills_during_write == 2, "\n".join(f"{log.name}:\n{log.read_text()[-1500:]}" for log in logs)
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert temporaries(out) == []

@@ -1,4 +1,4 @@
-"""Schedules (franca.train.schedules) at key iterations, against values computed by hand from reference §4.3."""
+"""Schedules (franca.train.schedules) at key iterations, against values computed by hand from the original's rules."""
 
 import math
 from pathlib import Path

@@ -1,18 +1,12 @@
-"""Segmentation metrics, mask helpers and segmentation datasets against brute-force references.
-
-Also home of the tiny real segmentation set the dense-evaluation tests share (:func:`make_tile_segfolder`): 2×2
-grids of real photos from scikit-image, the mask label of a pixel being the index of the photo it comes from.
-"""
-
-import itertools
-from pathlib import Path
+"""Segmentation metrics, mask helpers and segmentation datasets against brute-force references (the tiny photo-grid
+segmentation set is built by ``eval_data.make_tile_segfolder``)."""
 
 import numpy as np
 import pytest
 import torch
+from eval_data import IMAGENET_MEAN, IMAGENET_STD, make_tile_segfolder
 from PIL import Image
 from skimage import data as skdata
-from torch import nn
 
 from franca.data.datasets.ade20k import ADE20K
 from franca.data.datasets.segmentation_folder import SegFolder
@@ -21,77 +15,9 @@ from franca.eval.segmentation import (
     SegmentationTransform,
     confusion_matrix,
     patch_label_distribution,
-    patch_majority_labels,
     resize_mask_nearest,
     segmentation_metrics,
 )
-
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
-IMAGENET_STD = np.array([0.229, 0.224, 0.225])
-
-
-def photo_tiles(tile: int) -> list[np.ndarray]:
-    """Each photo resized to tile × tile RGB uint8."""
-    tiles = []
-    for name in PHOTOS:
-        photo = getattr(skdata, name)()
-        tiles.append(np.asarray(Image.fromarray(photo).convert("RGB").resize((tile, tile), Image.BILINEAR)))
-    return tiles
-
-
-def tile_image(order: tuple[int, ...], tiles: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """A 2×2 grid of the photos ``order`` (row-major) and its mask (photo index per pixel)."""
-    tile = tiles[0].shape[0]
-    image = np.zeros((2 * tile, 2 * tile, 3), np.uint8)
-    mask = np.zeros((2 * tile, 2 * tile), np.uint8)
-    for slot, photo in enumerate(order):
-        r, c = divmod(slot, 2)
-        image[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = tiles[photo]
-        mask[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = photo
-    return image, mask
-
-
-def make_tile_segfolder(root: Path, tile: int = 32, n_train: int = 6, n_val: int = 3, ignore_border: bool = True):
-    """``root/{train,val}/{images,masks}`` of 2×2 photo grids (all four photos in each image, in different orders);
-    with ``ignore_border`` the first mask row of every val image is 255. Returns the root."""
-    tiles = photo_tiles(tile)
-    orders = list(itertools.permutations(range(len(PHOTOS))))
-    splits = {"train": orders[:n_train], "val": orders[-n_val:]}
-    for split, split_orders in splits.items():
-        (root / split / "images").mkdir(parents=True)
-        (root / split / "masks").mkdir(parents=True)
-        for i, order in enumerate(split_orders):
-            image, mask = tile_image(order, tiles)
-            if split == "val" and ignore_border:
-                mask[0] = 255
-            Image.fromarray(image).save(root / split / "images" / f"img{i}.png")
-            Image.fromarray(mask, mode="L").save(root / split / "masks" / f"img{i}.png")
-    return root
-
-
-class OracleBackbone(nn.Module):
-    """A fake backbone whose patch features are the one-hot photo index of the patch, found by matching the patch
-    pixels to the (normalised) photo tiles: the ideal feature extractor for :func:`make_tile_segfolder` data."""
-
-    def __init__(self, tile: int = 32, patch_size: int = 8):
-        super().__init__()
-        self.patch_size, self.embed_dim = patch_size, len(PHOTOS)
-        library, labels = [], []
-        for label, tile_pixels in enumerate(photo_tiles(tile)):
-            normalised = (tile_pixels / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-            patches = torch.from_numpy(normalised).float().permute(2, 0, 1)[None]
-            patches = nn.functional.unfold(patches, patch_size, stride=patch_size)[0].T
-            library.append(patches)
-            labels += [label] * len(patches)
-        self.register_buffer("library", torch.cat(library))
-        self.register_buffer("labels", torch.tensor(labels))
-
-    def forward_features(self, x: torch.Tensor, use_rasa_head: bool = False) -> dict:
-        patches = nn.functional.unfold(x.float(), self.patch_size, stride=self.patch_size).transpose(1, 2)
-        nearest = torch.cdist(patches, self.library[None].expand(len(x), -1, -1)).argmin(-1)
-        one_hot = nn.functional.one_hot(self.labels[nearest], self.embed_dim).float()
-        return {"x_norm_patchtokens": one_hot, "patch_token_rasa": one_hot}
 
 
 # ------------------------------------------------------------------------------------------------------ metrics
@@ -156,13 +82,12 @@ def test_resize_mask_nearest_picks_floor_indices():
     assert out.dtype == mask.dtype
 
 
-def test_patch_label_distribution_and_majority_match_loops():
+def test_patch_label_distribution_matches_loops():
     rng = np.random.default_rng(0)
     mask = rng.integers(0, 4, size=(2, 8, 12))
     mask[0, :4, :4] = 255  # one fully ignored patch
     mask[1, 4:, 8:][rng.random((4, 4)) < 0.5] = 255
     distribution = patch_label_distribution(torch.from_numpy(mask), 4, 4).numpy()
-    majority = patch_majority_labels(torch.from_numpy(mask), 4, 4).numpy()
     assert distribution.shape == (2, 2, 3, 4)
     for b in range(2):
         for i in range(2):
@@ -172,9 +97,8 @@ def test_patch_label_distribution_and_majority_match_loops():
                 expected = np.array([(pixels == c).sum() for c in range(4)], float)
                 if len(pixels):
                     np.testing.assert_allclose(distribution[b, i, j], expected / len(pixels), atol=1e-6)
-                    assert expected[majority[b, i, j]] == expected.max()
                 else:
-                    assert distribution[b, i, j].sum() == 0 and majority[b, i, j] == 255
+                    assert distribution[b, i, j].sum() == 0
 
 
 def test_segmentation_transform_sizes_and_normalisation():

@@ -1,17 +1,16 @@
-"""Sinkhorn-Knopp targets against a float64 transcription of the original loop (reference §3.3).
+"""Sinkhorn-Knopp targets against a float64 transcription of the original loop (``sinkhorn_knopp_teacher``).
 
 Every check runs for ``sinkhorn_knopp`` and for ``sinkhorn_knopp_streaming`` (targets made chunk by chunk from [K]
 scalings), with chunk sizes that do and do not divide the number of samples.
 """
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
-from franca.loss import SoftmaxCentering, sinkhorn_knopp, sinkhorn_knopp_levels, sinkhorn_knopp_streaming
+from franca.loss import SoftmaxCentering, sinkhorn_knopp, sinkhorn_knopp_streaming
 
 
 def original_sinkhorn_float64(logits, temperature, n_iterations=3, divide_by_total_first=False):
@@ -118,12 +117,6 @@ def test_low_precision_input_is_computed_in_fp32(dtype, sinkhorn):
     torch.testing.assert_close(targets.double(), original_sinkhorn_float64(logits, 0.04), rtol=1e-3, atol=1e-6)
 
 
-def test_levels_are_independent():
-    levels = [torch.randn(6, k, generator=torch.Generator().manual_seed(k)) for k in (2, 4, 8)]
-    for targets, logits in zip(sinkhorn_knopp_levels(levels, 0.1), levels, strict=True):
-        torch.testing.assert_close(targets.double(), original_sinkhorn_float64(logits, 0.1), rtol=1e-4, atol=1e-7)
-
-
 @IMPLEMENTATIONS
 def test_empty_batch_gives_empty_targets(sinkhorn):
     assert sinkhorn(torch.zeros(0, 4), temperature=0.1).shape == (0, 4)
@@ -161,19 +154,13 @@ def test_streaming_equals_plain_and_keeps_only_prototype_vectors(dtype, chunk_si
 
 def test_padding_rows_would_shift_real_targets():
     # The original runs the iBOT Sinkhorn on a zero-padded buffer: the padding rows are head(0), one constant
-    # logits row repeated (§3.3, §10 item 2). They change the real rows' targets; our API takes the real rows only.
+    # logits row repeated. They change the real rows' targets; our API takes the real rows only.
     real = torch.randn(5, 6, generator=torch.Generator().manual_seed(4))
     padding = torch.randn(1, 6, generator=torch.Generator().manual_seed(5)).expand(3, 6)
     padded_reference = original_sinkhorn_float64(torch.cat((real, padding)), 0.1, divide_by_total_first=True)[:5]
     real_reference = original_sinkhorn_float64(real, 0.1, divide_by_total_first=True)
     assert (padded_reference - real_reference).abs().max() > 1e-2
     torch.testing.assert_close(sinkhorn_knopp(real, 0.1).double(), real_reference, rtol=1e-4, atol=1e-7)
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def distributed_worker(rank, world_size, port, logits_per_rank, centering_logits_per_rank, results_path):

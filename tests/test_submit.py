@@ -115,7 +115,7 @@ def test_debug_executor_runs_the_training(tiny_config, tmp_path, capsys):
     assert records[-1]["iteration"] == 2
     state = torch.load(out_dir / "checkpoints" / "model_0000003.pth", weights_only=True)
     assert state["iteration"] == 3
-    assert (out_dir / "eval" / "training_2" / "teacher_checkpoint.pth").is_file()
+    assert (out_dir / "eval" / "training_3" / "teacher_checkpoint.pth").is_file()
 
 
 def test_preemption_signal_checkpoints_then_hands_over_to_submitit(tiny_config, tmp_path, monkeypatch):

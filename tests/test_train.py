@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_RUN
 
 from franca.config import ConfigError
 from franca.data.batched_augmentations import apply_photometric_to_batch
@@ -25,9 +26,46 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "training_metrics.json").read_text().splitlines()]
 
 
-def test_tiny_run_writes_metrics_checkpoints_and_a_loadable_teacher(tiny_config, tmp_path):
-    out = tmp_path / "run"
-    trainer.main(["--config-file", str(tiny_config), "--output-dir", str(out)])
+class ReferenceRuns:
+    """The uninterrupted tiny runs that several tests read (never write), each trained on first use: ``per_image``
+    and ``batched`` (``crops.batched_photometric=true``). :attr:`batched_steps` lists the iterations whose batch the
+    batched run finished with :func:`apply_photometric_to_batch` (uint8 crops checked on the way)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.config = root / "tiny.yaml"
+        self.config.write_text(TINY_RUN)
+        self.batched_steps: list[int] = []
+        self._finished: set[str] = set()
+
+    def output(self, name: str) -> Path:
+        out = self.root / name
+        if name not in self._finished:
+            if out.exists():
+                pytest.fail(f"the reference run {name!r} failed in an earlier test; see that failure")
+            argv = ["--config-file", str(self.config), "--output-dir", str(out)]
+            if name == "per_image":
+                trainer.main(argv)
+            else:
+                with pytest.MonkeyPatch.context() as patch:
+                    patch.setattr(trainer, "apply_photometric_to_batch", self._spy)
+                    trainer.main([*argv, "crops.batched_photometric=true"])
+            self._finished.add(name)
+        return out
+
+    def _spy(self, batch: dict) -> dict:
+        assert batch["collated_global_crops"].dtype == torch.uint8
+        self.batched_steps.append(batch["iteration"])
+        return apply_photometric_to_batch(batch)
+
+
+@pytest.fixture(scope="module")
+def reference_runs(tmp_path_factory) -> ReferenceRuns:
+    return ReferenceRuns(tmp_path_factory.mktemp("reference_runs"))
+
+
+def test_tiny_run_writes_metrics_checkpoints_and_a_loadable_teacher(reference_runs):
+    out = reference_runs.output("per_image")
     records = read_metrics(out)
     assert [r["iteration"] for r in records] == list(range(9))
     terms = ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss")
@@ -41,8 +79,8 @@ def test_tiny_run_writes_metrics_checkpoints_and_a_loadable_teacher(tiny_config,
     checkpoints = sorted(p.name for p in (out / "checkpoints").glob("model_*.pth"))
     assert checkpoints == ["model_0000006.pth", "model_0000009.pth"]  # every epoch, the last 2 kept
 
-    for iteration in (5, 8):  # periodic (eval_period_iterations=6) and final exports
-        export = out / "eval" / f"training_{iteration}" / "teacher_checkpoint.pth"
+    for done in (6, 9):  # periodic (eval_period_iterations=6) and final exports, named like the checkpoints
+        export = out / "eval" / f"training_{done}" / "teacher_checkpoint.pth"
         raw = torch.load(export, weights_only=True)
         keys = raw["teacher"].keys()
         assert "backbone.blocks.1.1.attn.qkv.weight" in keys  # released chunked naming, 2 chunks of 1 block
@@ -56,9 +94,8 @@ def test_tiny_run_writes_metrics_checkpoints_and_a_loadable_teacher(tiny_config,
 
 
 @pytest.mark.parametrize("overrides", [[], ["crops.batched_photometric=true"]], ids=["per_image", "batched"])
-def test_resume_after_sigkill_equals_uninterrupted_run(tiny_config, tmp_path, overrides):
-    full = tmp_path / "full"
-    trainer.main(["--config-file", str(tiny_config), "--output-dir", str(full), *overrides])
+def test_resume_after_sigkill_equals_uninterrupted_run(tiny_config, tmp_path, overrides, reference_runs):
+    full = reference_runs.output("batched" if overrides else "per_image")
     reference = {r["iteration"]: r for r in read_metrics(full)}
 
     killed = tmp_path / "killed"
@@ -73,7 +110,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny_config, tmp_path, ov
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert first_checkpoint.exists(), proc.stderr.read().decode()[-2000:]
-    assert not (killed / "eval" / "training_8").exists(), "the run finished before it could be killed"
+    assert not (killed / "eval" / "training_9").exists(), "the run finished before it could be killed"
 
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
     resumed = {r["iteration"]: r for r in read_metrics(killed)}
@@ -81,8 +118,8 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny_config, tmp_path, ov
     for iteration, record in reference.items():
         for key in ("total_loss", "dino_local_crops_loss", "ibot_loss", "koleo_loss", "lr", "mom"):
             assert resumed[iteration][key] == pytest.approx(record[key], rel=1e-6, abs=1e-7), (iteration, key)
-    a = torch.load(full / "eval" / "training_8" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
-    b = torch.load(killed / "eval" / "training_8" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+    a = torch.load(full / "eval" / "training_9" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+    b = torch.load(killed / "eval" / "training_9" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
@@ -105,30 +142,13 @@ def test_sigterm_checkpoints_and_stops(tiny_config, tmp_path):
     assert saved["iteration"] == read_metrics(out)[-1]["iteration"] + 1
 
 
-def test_batched_photometric_runs_on_the_device_side_with_finite_losses(tiny_config, tmp_path, monkeypatch):
+def test_batched_photometric_runs_on_the_device_side_with_finite_losses(reference_runs):
     """crops.batched_photometric=true on CPU: the loader yields uint8 crops with parameters, every step finishes them
     with the batched ops, and training gives finite losses."""
-    finished = []
-
-    def spy(batch):
-        assert batch["collated_global_crops"].dtype == torch.uint8
-        finished.append(batch["iteration"])
-        return apply_photometric_to_batch(batch)
-
-    monkeypatch.setattr(trainer, "apply_photometric_to_batch", spy)
-    out = tmp_path / "batched"
-    trainer.main(["--config-file", str(tiny_config), "--output-dir", str(out), "crops.batched_photometric=true"])
-    records = read_metrics(out)
+    records = read_metrics(reference_runs.output("batched"))
+    finished = reference_runs.batched_steps
     assert finished == list(range(9)) and [r["iteration"] for r in records] == finished
     assert all(math.isfinite(r[k]) for r in records for k in ("total_loss", "ibot_loss", "koleo_loss"))
-
-
-def test_batched_photometric_setting_resolves_per_device():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert not trainer.resolve_batched_photometric("auto", cpu) and trainer.resolve_batched_photometric("auto", cuda)
-    assert trainer.resolve_batched_photometric("true", cpu) and not trainer.resolve_batched_photometric("false", cuda)
-    with pytest.raises(ValueError, match="crops.batched_photometric='on'; use auto, true or false"):
-        trainer.resolve_batched_photometric("on", cpu)
 
 
 def test_dinov2_baseline_and_softmax_centering_train(tiny_config, tmp_path):
@@ -136,14 +156,14 @@ def test_dinov2_baseline_and_softmax_centering_train(tiny_config, tmp_path):
     overrides = ["dino.MRL=false", "train.centering=centering", "optim.epochs=1", "train.use_inverse_block=false"]
     record = trainer.main(["--config-file", str(tiny_config), "--output-dir", str(out), *overrides])
     assert torch.isfinite(torch.tensor(record["total_loss"]))
-    keys = torch.load(out / "eval" / "training_2" / "teacher_checkpoint.pth", weights_only=True)["teacher"].keys()
+    keys = torch.load(out / "eval" / "training_3" / "teacher_checkpoint.pth", weights_only=True)["teacher"].keys()
     assert "dino_head.last_layer.weight_g" in keys and not any("last_layers" in k for k in keys)
 
 
 def test_pretrained_weights_initialise_both_backbones(tiny_config, tmp_path):
     first = tmp_path / "first"
     trainer.main(["--config-file", str(tiny_config), "--output-dir", str(first), "optim.epochs=1"])
-    export = first / "eval" / "training_2" / "teacher_checkpoint.pth"
+    export = first / "eval" / "training_3" / "teacher_checkpoint.pth"
     cfg_args = ["--config-file", str(tiny_config), "--output-dir", str(tmp_path / "second")]
     args = trainer.get_args_parser().parse_args(cfg_args + [f"student.pretrained_weights={export}"])
     cfg = trainer.setup_run(args)
@@ -170,8 +190,8 @@ def test_nonfinite_loss_stops_with_the_term_name(tiny_config, tmp_path, monkeypa
 
     original = SSLMetaArch.compute_losses
 
-    def poisoned(self, batch, teacher_temp, stats=None):
-        losses = original(self, batch, teacher_temp, stats)
+    def poisoned(self, *args, **kwargs):
+        losses = original(self, *args, **kwargs)
         losses["koleo_loss"] = losses["koleo_loss"] * float("nan")
         return losses
 
@@ -185,8 +205,8 @@ def test_nonfinite_loss_between_log_steps_is_caught_before_the_next_checkpoint(t
 
     original, calls = SSLMetaArch.compute_losses, []
 
-    def poisoned_once(self, batch, teacher_temp, stats=None):
-        losses = original(self, batch, teacher_temp, stats)
+    def poisoned_once(self, *args, **kwargs):
+        losses = original(self, *args, **kwargs)
         calls.append(1)
         if len(calls) == 5:  # iteration 4: between the log steps 0 and 5 (log_period=5), before checkpoint 6
             losses["ibot_loss"] = losses["ibot_loss"] * float("inf")

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 
 from franca.checkpoint.consolidate import main as consolidate_main
 from franca.hub import load_backbone
@@ -39,19 +39,13 @@ evaluation: {eval_period_iterations: 0}
 TERMS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss", "lr", "mom")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def command(config: Path, out: Path, ranks: int, *overrides: str) -> list[str]:
     batch = f"train.batch_size_per_gpu={8 // ranks}"
     train = ["-m", "franca.train", "--config-file", str(config), "--output-dir", str(out), batch, *overrides]
     if ranks == 1:
         return [sys.executable, *train]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks)]
-    return [*launcher, "--master-port", str(_free_port()), *train]
+    return [*launcher, "--master-port", str(free_port()), *train]
 
 
 def run(config: Path, out: Path, ranks: int, *overrides: str) -> None:
@@ -92,8 +86,8 @@ def test_two_ranks_give_the_single_process_losses_and_rank_zero_writes(runs):
     assert {"rng_rank0.pth", "rng_rank1.pth", "train_state.pth"} <= {p.name for p in dcp_dir.iterdir()}
     assert (runs["two"] / "logs" / "log.rank1.txt").is_file()
     assert "Training [" not in (runs["two"] / "logs" / "log.rank1.txt").read_text()  # progress: rank 0 only
-    a = torch.load(runs["one"] / "eval" / "training_8" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
-    b = torch.load(runs["two"] / "eval" / "training_8" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+    a = torch.load(runs["one"] / "eval" / "training_9" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+    b = torch.load(runs["two"] / "eval" / "training_9" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5) for k in a)
 
 
@@ -112,7 +106,7 @@ def test_resume_at_another_world_size_continues_the_run(runs, tmp_path, source, 
 
 def test_consolidate_a_two_rank_checkpoint_matches_the_run_export(runs, tmp_path):
     assert consolidate_main([str(runs["two"]), str(tmp_path / "release")]) == 0
-    exported = torch.load(runs["two"] / "eval" / "training_8" / "teacher_checkpoint.pth", weights_only=True)
+    exported = torch.load(runs["two"] / "eval" / "training_9" / "teacher_checkpoint.pth", weights_only=True)
     consolidated = torch.load(tmp_path / "release" / "teacher_checkpoint.pth", weights_only=True)
     assert exported["teacher"].keys() == consolidated["teacher"].keys()
     assert all(torch.equal(exported["teacher"][k], v) for k, v in consolidated["teacher"].items())

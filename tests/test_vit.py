@@ -1,4 +1,4 @@
-"""The ViT backbone against independent float64 computations (reference §2.2, §2.4, §2.5)."""
+"""The ViT backbone against independent float64 computations."""
 
 import math
 
@@ -18,7 +18,7 @@ def tiny(**kw):
 
 
 def reference_forward(model, x, masks=None):
-    """Float64 re-implementation of the pre-norm ViT of §2.2 from the model's parameters (no module calls)."""
+    """Float64 re-implementation of the pre-norm ViT from the model's parameters (no module calls)."""
     p = {k: v.double() for k, v in model.state_dict().items()}
     x = x.double()
     B, _, H, W = x.shape

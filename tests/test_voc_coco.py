@@ -2,42 +2,11 @@
 
 import numpy as np
 import pytest
-import skimage.data
-from PIL import Image
+from eval_data import SEGMENTATION_PHOTOS, class_mask, make_voc, photo
 
 from franca.data import make_dataset
 from franca.data.datasets.coco import COCOImages
-from franca.data.datasets.voc import IGNORE_INDEX, NUM_CLASSES, VOCSegmentation
-
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
-
-
-def photo(name: str, size: int = 48) -> Image.Image:
-    return Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize((size, size))
-
-
-def class_mask(seed: int, size: int = 48) -> np.ndarray:
-    mask = np.random.default_rng(seed).integers(0, NUM_CLASSES, (size, size)).astype(np.uint8)
-    mask[0, :] = IGNORE_INDEX
-    return mask
-
-
-def make_voc(root, with_aug: bool = True):
-    """VOC2012-like folder: JPEGImages, palette masks in SegmentationClass, L masks in SegmentationClassAug."""
-    for folder in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation"):
-        (root / folder).mkdir(parents=True, exist_ok=True)
-    ids = [f"2007_{i:06d}" for i in range(len(PHOTOS))]
-    for i, (image_id, name) in enumerate(zip(ids, PHOTOS)):
-        photo(name).save(root / "JPEGImages" / f"{image_id}.jpg")
-        palette_mask = Image.fromarray(class_mask(i), mode="L").convert("P")
-        palette_mask.putpalette([v for c in range(256) for v in ((c * 37) % 256, (c * 91) % 256, (c * 13) % 256)])
-        palette_mask.save(root / "SegmentationClass" / f"{image_id}.png")
-        Image.fromarray(class_mask(100 + i), mode="L").save(root / "SegmentationClassAug" / f"{image_id}.png")
-    (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(ids[:2]) + "\n")
-    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(ids[2:]) + "\n")
-    if with_aug:
-        (root / "ImageSets/Segmentation/trainaug.txt").write_text("\n".join(ids) + "\n")
-    return ids
+from franca.data.datasets.voc import VOCSegmentation
 
 
 def test_voc_val_gives_images_and_palette_indices(tmp_path):
@@ -81,14 +50,14 @@ def test_voc_errors_name_the_fix(tmp_path):
 
 def test_coco_split_images_unlabelled(tmp_path):
     (tmp_path / "val2017").mkdir()
-    for i, name in enumerate(PHOTOS[:3]):
+    for i, name in enumerate(SEGMENTATION_PHOTOS[:3]):
         photo(name).save(tmp_path / "val2017" / f"{i:012d}.jpg")
     dataset = make_dataset(f"COCO:root={tmp_path}:split=val2017")
     assert isinstance(dataset, COCOImages) and len(dataset) == 3
     image, target = dataset[0]
     assert target == -1
     np.testing.assert_allclose(
-        np.asarray(image, dtype=float).mean(), np.asarray(photo(PHOTOS[0]), float).mean(), atol=3
+        np.asarray(image, dtype=float).mean(), np.asarray(photo(SEGMENTATION_PHOTOS[0]), float).mean(), atol=3
     )
     with pytest.raises(FileNotFoundError, match="train2017"):
         make_dataset(f"COCO:root={tmp_path}:split=train2017")

@@ -19,15 +19,14 @@ from franca.data.datasets import TooManyUnreadableImagesError, UnreadableImageWa
 from franca.data.datasets.webdataset import (
     SAMPLES_PER_SHARD_LIMIT,
     WebDatasetShards,
-    WebDatasetTrainStream,
     count_shard_samples,
     expand_braces,
-    make_webdataset_train_loader,
     resolve_shards,
     write_sample_counts,
 )
 from franca.data.loaders import make_dataset
 from franca.data.masking import build_mask_generator
+from franca.data.streams import WebDatasetTrainStream, make_webdataset_train_loader
 
 skimage_data = pytest.importorskip("skimage.data")
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")

@@ -7,7 +7,8 @@ number of ranks, or a single-process ``model_*.pth`` — and writes into the fol
 
 * ``teacher_checkpoint.pth``: the teacher in the release format ``{"teacher": ..., "backbone_config": ...}``
   (as the trainer's teacher exports), loadable by the hub and the original code;
-* ``backbone/``: the teacher backbone as a safetensors folder (:func:`franca.export.safetensors.export_safetensors`).
+* ``backbone/``: the teacher backbone as a safetensors folder (:mod:`franca.models.safetensors_folder`, the folder
+  ``python -m franca.export.safetensors`` writes).
 
 Only the teacher's tensors are read from a DCP folder (not the student nor the optimizer). Without ``--iteration``,
 an unreadable newest checkpoint (truncated, empty, refused by the weights-only reader) is reported and the next older
@@ -30,8 +31,13 @@ from franca.checkpoint.distributed import (
     read_dcp_tensors,
 )
 from franca.checkpoint.release import save_teacher_release
+from franca.models.config import ViTConfig
+from franca.models.safetensors_folder import export_safetensors
+from franca.models.vision_transformer import DinoVisionTransformer
+from franca.models.weights import load_strict
 
 TEACHER_PREFIX = "teacher."
+BACKBONE_PREFIX = "backbone."
 
 
 def find_checkpoints(run_dir: str | os.PathLike, iteration: int | None = None) -> list[Path]:
@@ -89,21 +95,29 @@ def _run_config(run_dir: Path, stored_yaml: str | None) -> DictConfig:
     return OmegaConf.load(path)
 
 
+def build_teacher_backbone(
+    cfg: DictConfig, teacher_state: dict[str, torch.Tensor], source: str
+) -> DinoVisionTransformer:
+    """The teacher backbone of a run (the trainer's ``cfg.student`` ViT at the global-crop size, no stochastic depth)
+    with the checkpoint's ``backbone.*`` tensors loaded strictly; built from the models layer, so the checkpoint
+    package needs nothing from ``franca.train`` (docs/architecture.md)."""
+    config = ViTConfig.from_student_config(cfg.student, img_size=cfg.crops.global_crops_size, drop_path=False)
+    backbone = DinoVisionTransformer(config)
+    state = {k[len(BACKBONE_PREFIX) :]: v for k, v in teacher_state.items() if k.startswith(BACKBONE_PREFIX)}
+    hint = "the run's config.yaml must be the one the checkpoint was trained with"
+    load_strict(backbone, state, source, "the teacher backbone of the run's config", hint)
+    return backbone
+
+
 def consolidate(run_dir: str | os.PathLike, out_dir: str | os.PathLike, iteration: int | None = None) -> Path:
     """Write ``OUT/teacher_checkpoint.pth`` and ``OUT/backbone/`` from a checkpoint of ``run_dir``; returns OUT."""
-    from franca.export.safetensors import export_safetensors
-    from franca.train.ssl_meta_arch import build_model_dict
-
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     checkpoint, state, stored_yaml = load_newest_teacher(run_dir, iteration)
     cfg = _run_config(run_dir, stored_yaml)
-    teacher = build_model_dict(cfg, drop_path=False)
-    teacher.load_state_dict(state)
+    backbone = build_teacher_backbone(cfg, state, str(checkpoint))
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_teacher_release(
-        state, teacher["backbone"].build_config(), out_dir / "teacher_checkpoint.pth", cfg.student.block_chunks
-    )
-    export_safetensors(teacher["backbone"], out_dir / "backbone")
+    save_teacher_release(state, backbone.build_config(), out_dir / "teacher_checkpoint.pth", cfg.student.block_chunks)
+    export_safetensors(backbone, out_dir / "backbone")
     print(f"consolidated {checkpoint} into {out_dir / 'teacher_checkpoint.pth'} and {out_dir / 'backbone'}")
     return out_dir
 

@@ -1,4 +1,5 @@
-"""Training checkpoints that resume at any world size (reference §4.8, fixing §10 item 13).
+"""Training checkpoints that resume at any world size (the original
+``FSDPCheckpointer`` of valeoai/Franca ``franca/fsdp/__init__.py`` needed the same world size).
 
 One in-memory format for every world size: the model and optimizer state dicts keyed by parameter names (FQNs), from
 ``torch.distributed.checkpoint.state_dict.get_{model,optimizer}_state_dict``: sharded DTensors under FSDP2, plain
@@ -42,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from franca.checkpoint.resumable import CHECKPOINT_PATTERN, atomic_torch_save, capture_rng_state
 from franca.distributed import any_rank, barrier, broadcast_object, get_rank, get_world_size, is_main_process
-from franca.models.vision_transformer import resize_pos_embed
+from franca.models.weights import check_fits, fit_pos_embed
 from franca.utils.atomic import sweep_stale_temporaries
 
 DCP_PATTERN = re.compile(r"^dcp_(\d{7})$")
@@ -131,17 +132,11 @@ def read_checkpoint_file(path: Path) -> dict:
 
 def _check_fits(stored: dict[str, torch.Size], own: dict[str, torch.Size], path: Path) -> None:
     """Raise :class:`CheckpointMismatchError` when the stored model tensors do not match the model's names/shapes."""
-    missing = sorted(k for k in own if k not in stored)
-    unexpected = sorted(k for k in stored if k not in own)
-    mismatched = sorted(k for k in own if k in stored and tuple(stored[k]) != tuple(own[k]))
-    if not (missing or unexpected or mismatched):
-        return
-    shapes = ", ".join(f"{k}: {tuple(stored[k])} stored vs {tuple(own[k])} configured" for k in mismatched[:4])
-    raise CheckpointMismatchError(
-        f"checkpoint {path} does not fit the configured model: missing {missing[:4]}, unexpected {unexpected[:4]}, "
-        f"shape mismatches [{shapes}]. It was written with another architecture or config (student.*, dino.*, "
-        "ibot.*, crops.global_crops_size); use the config it was trained with, or a new --output-dir / --no-resume"
+    hint = (
+        "It was written with another architecture or config (student.*, dino.*, ibot.*, crops.global_crops_size); "
+        "use the config it was trained with, or a new --output-dir / --no-resume"
     )
+    check_fits(own, stored, str(path), "the configured model", hint, error=CheckpointMismatchError)
 
 
 def _model_shapes(model: nn.Module) -> dict[str, torch.Size]:
@@ -388,9 +383,6 @@ def load_model_weights(model: nn.Module, state: dict[str, torch.Tensor], source:
         if key.endswith("backbone.pos_embed") and key in own and tensor.shape != own[key]:
             backbone = model.get_submodule(key.removesuffix(".pos_embed"))
             grid = backbone.img_size // backbone.patch_size
-            resized = resize_pos_embed(
-                tensor, (grid, grid), backbone.interpolate_offset, backbone.interpolate_antialias
-            )
-            state[key] = resized.to(tensor.dtype)
+            state[key] = fit_pos_embed(tensor, grid, backbone.interpolate_offset, backbone.interpolate_antialias)
     _check_fits({k: v.shape for k, v in state.items()}, own, Path(source))
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))

@@ -1,9 +1,9 @@
 """The teacher in the release format: ``{"teacher": {"backbone.<key>", "dino_head.<key>", "ibot_head.<key>"}}``.
 
 Backbone keys use the released chunked naming (``blocks.{c}.{i}.``) so a file we write loads in the original code as
-well as in our hub (reference §2.6, §4.2 step 6). Beside ``teacher`` we store ``backbone_config`` (the ViT constructor
-keywords): the original loaders ignore it, and our hub uses it to rebuild models whose head count the weights cannot
-tell (any non-standard width).
+well as in our hub (the original ``do_train`` writes ``{"teacher": state_dict}``). Beside ``teacher`` we store
+``backbone_config`` (the ViT constructor keywords): the original loaders ignore it, and our hub uses it to rebuild
+models whose head count the weights cannot tell (any non-standard width).
 """
 
 import os
@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 
 from franca.checkpoint.resumable import atomic_torch_save
-from franca.hub.keys import to_release_state_dict
+from franca.models.weights import to_release
 
 
 def release_state_dict_from(teacher_state: dict[str, torch.Tensor], block_chunks: int = 4) -> dict[str, torch.Tensor]:
     """Release keys from a teacher ModuleDict state dict (``backbone.<flat key>``, ``dino_head.<key>``, ...)."""
     backbone = {k[len("backbone.") :]: v for k, v in teacher_state.items() if k.startswith("backbone.")}
-    state = to_release_state_dict(backbone, block_chunks=block_chunks, prefix="backbone.")
+    state = to_release(backbone, block_chunks=block_chunks, prefix="backbone.")
     state.update({k: v for k, v in teacher_state.items() if not k.startswith("backbone.")})
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 

@@ -1,7 +1,8 @@
-"""Image transforms: Franca's multi-crop augmentation (reference §4.4) and the classification transforms (§6).
+"""Image transforms: Franca's multi-crop augmentation (valeoai/Franca ``franca/data/augmentations.py``,
+``DataAugmentationDINO``) and the classification transforms (original ``franca/data/transforms.py``).
 
 All randomness is drawn from torch's global RNG (torchvision.transforms.v2 does the same), so a sample's crops are
-fixed by seeding that RNG, which :class:`franca.data.datasets.SeededTransformDataset` does per sample.
+fixed by seeding that RNG, which :class:`franca.data.seeded_transform.SeededTransformDataset` does per sample.
 """
 
 from typing import Any, Sequence
@@ -11,8 +12,8 @@ from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# The photometric settings of reference §4.4, shared by the per-image transform and the batched one
-# (franca.data.batched_augmentations), which must draw and apply the same parameters.
+# The photometric settings of the original ``DataAugmentationDINO``, shared by the per-image transform and the batched
+# one (franca.data.batched_augmentations), which must draw and apply the same parameters.
 COLOUR_JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1}
 COLOUR_JITTER_PROBABILITY = 0.8
 GRAYSCALE_PROBABILITY = 0.2
@@ -68,7 +69,7 @@ def _blur(probability: float) -> v2.RandomApply:
 
 def crop_transforms(size: int, scale: Sequence[float]) -> list[Any]:
     """Bicubic antialiased RandomResizedCrop to ``size``² with area fraction in ``scale``, then a horizontal flip
-    (p 0.5): the geometry of every multi-crop crop (reference §4.4)."""
+    (p 0.5): the geometry of every multi-crop crop."""
     return [
         v2.RandomResizedCrop(size, scale=tuple(scale), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(p=0.5),
@@ -76,13 +77,13 @@ def crop_transforms(size: int, scale: Sequence[float]) -> list[Any]:
 
 
 class MultiCropSettings:
-    """The checked settings of a multi-crop transform (reference §4.4), shared by the per-image
+    """The checked settings of a multi-crop transform, shared by the per-image
     :class:`DataAugmentationDINO` and the split :class:`~franca.data.batched_augmentations.SplitDataAugmentationDINO`.
 
     Two global crops of ``global_crops_size``² with area fraction in ``global_crops_scale`` and
     ``local_crops_number`` local crops of ``local_crops_size``² in ``local_crops_scale``. Blur probabilities: with
     ``blur_quirk=True`` those the original actually uses (global-1 0.0, global-2 0.9, local 0.5; DINOv2's inverted
-    ``RandomApply(p=1-p)``, reference §10 item 7), otherwise the intended 1.0 / 0.1 / 0.5.
+    ``RandomApply(p=1-p)`` in the original ``GaussianBlur``), otherwise the intended 1.0 / 0.1 / 0.5.
     """
 
     def __init__(
@@ -114,7 +115,7 @@ class MultiCropSettings:
 
 
 class DataAugmentationDINO(MultiCropSettings):
-    """Two global and ``local_crops_number`` local crops of one image, augmented per image (reference §4.4).
+    """Two global and ``local_crops_number`` local crops of one image, augmented per image (as the original).
 
     Each crop: bicubic RandomResizedCrop + horizontal flip, colour jitter (p 0.8), grayscale (p 0.2), Gaussian blur
     (kernel 9, σ ∈ [0.1, 2], probabilities as :class:`MultiCropSettings`) and, on the second global crop,
@@ -152,7 +153,7 @@ class DataAugmentationDINO(MultiCropSettings):
 
 
 def make_classification_eval_transform(resize_size: int = 256, crop_size: int = 224) -> v2.Compose:
-    """Evaluation transform of reference §6: bicubic Resize(shorter side) → CenterCrop → normalise."""
+    """Evaluation transform (original ``transforms.py``): bicubic Resize(shorter side) → CenterCrop → normalise."""
     return v2.Compose(
         [
             v2.Resize(resize_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
@@ -163,7 +164,8 @@ def make_classification_eval_transform(resize_size: int = 256, crop_size: int = 
 
 
 def make_classification_train_transform(crop_size: int = 224, hflip_probability: float = 0.5) -> v2.Compose:
-    """Linear-probe training transform of reference §6: bicubic RandomResizedCrop + horizontal flip → normalise."""
+    """Linear-probe training transform (original ``transforms.py``): bicubic RandomResizedCrop + horizontal flip →
+    normalise."""
     return v2.Compose(
         [
             v2.RandomResizedCrop(crop_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),

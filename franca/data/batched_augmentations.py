@@ -1,15 +1,15 @@
-"""Multi-crop augmentation split in two (reference §4.4): geometry and parameter draws per sample, photometric ops on
-crop batches.
+"""Multi-crop augmentation split in two (the original ``DataAugmentationDINO``): geometry and parameter draws per
+sample, photometric ops on crop batches.
 
 :class:`DataAugmentationDINO` does everything per image in the loader workers, which caps the loader at about 20
 img/s per CPU core (benchmarks/RESULTS.md, Data pipeline). Here the workers keep what must be per image, decoding and
 the per-crop geometry (RandomResizedCrop + flip), and only *draw* each crop's photometric parameters: colour jitter
 (its factors and its random order of the four operations), grayscale, blur σ and solarisation. The draws use torch's
-global RNG with the same calls in the same order as the per-image transform, so under the same per-sample seed
-(:class:`~franca.data.datasets.SeededTransformDataset`) both paths give the same crops and parameters, and resume and
-world-size independence stay exact. The collate stacks the uint8 crops and their parameter vectors crop-major; on the
-training device :func:`apply_photometric` applies the parameters to whole crop batches with torchvision's formulas in
-float32 (no uint8 rounding between the operations, docs/deviations.md).
+global RNG with the same calls in the same order as the per-image transform, so under the same per-sample
+seed (:class:`~franca.data.seeded_transform.SeededTransformDataset`) both paths give the same crops and parameters,
+and resume and world-size independence stay exact. The collate stacks the uint8 crops and their parameter vectors
+crop-major; on the training device :func:`apply_photometric` applies the parameters to whole crop batches with
+torchvision's formulas in float32 (no uint8 rounding between the operations, docs/deviations.md).
 """
 
 from typing import Any, Callable

@@ -1,4 +1,5 @@
-"""Batching of multi-crop samples with iBOT masks (reference §4.5).
+"""Batching of multi-crop samples with iBOT masks (valeoai/Franca ``franca/data/collate.py``,
+``collate_data_and_cast``).
 
 A sample is a tuple ``(crops, target, ...)`` where ``crops`` is the dict from
 :class:`franca.data.augmentations.DataAugmentationDINO` or, on the split path, from
@@ -30,25 +31,22 @@ def _stratified_masks(
     mask_probability: float,
     mask_generator: BlockMask,
     rng: np.random.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masks [n_images, N] and per-image upper bounds [n_images]: int(n_images·p) images get ratios stratified over
-    (r_min, r_max), the rest none.
+) -> torch.Tensor:
+    """Masks [n_images, N]: int(n_images·p) images get ratios stratified over (r_min, r_max), the rest none.
 
-    Image i < n_masked gets int(N·U(r_i, r_{i+1})) masked patches with r = linspace(r_min, r_max, n_masked + 1) and the
-    bound int(N·r_{i+1}); the image order is then shuffled (reference §4.5).
+    Image i < n_masked gets int(N·U(r_i, r_{i+1})) masked patches with r = linspace(r_min, r_max, n_masked + 1); the
+    image order is then shuffled (as the original).
     """
     n_tokens = mask_generator.num_patches
     n_masked_images = int(n_images * mask_probability)
     ratios = np.linspace(mask_ratio_tuple[0], mask_ratio_tuple[1], n_masked_images + 1)
-    masks, bounds = [], []
+    masks = []
     for i in range(n_masked_images):
         num_masked = int(n_tokens * rng.uniform(ratios[i], ratios[i + 1]))
         masks.append(mask_generator(num_masked, rng).flatten())
-        bounds.append(int(n_tokens * ratios[i + 1]))
     masks += [torch.zeros(n_tokens, dtype=torch.bool)] * (n_images - n_masked_images)
-    bounds += [0] * (n_images - n_masked_images)
     order = torch.from_numpy(rng.permutation(n_images))
-    return torch.stack(masks)[order], torch.tensor(bounds, dtype=torch.long)[order]
+    return torch.stack(masks)[order]
 
 
 def _rank_rows(n_crops: int, batch_size: int, rank: int, world_size: int) -> torch.Tensor:
@@ -68,7 +66,8 @@ def collate_data_and_cast(
     rank: int = 0,
     world_size: int = 1,
 ) -> dict[str, Any]:
-    """Stacks crops crop-major, casts them to ``dtype`` and draws the masks of the global crops (reference §4.5).
+    """Stacks crops crop-major, casts them to ``dtype`` and draws the masks of the global crops (original
+    ``collate_data_and_cast``).
 
     The masks are drawn for the global batch of ``world_size`` ranks (this rank's B samples being global samples
     rank·B … rank·B + B − 1) and this rank keeps its rows, so the masks of an iteration do not depend on the world
@@ -80,8 +79,8 @@ def collate_data_and_cast(
 
     Returns ``collated_global_crops`` [G·B, 3, S, S], ``collated_local_crops`` [L·B, 3, s, s], ``collated_masks``
     [G·B, N] bool, ``mask_indices_list`` (flat indices into G·B·N), ``masks_weight`` (1 / #masked of the token's
-    image, one per masked token), ``upperbound`` (int ≥ number of masked tokens), ``n_masked_patches`` (long [1]) and
-    ``targets`` (long [B]).
+    image, one per masked token). The original's ``upperbound``, ``n_masked_patches`` and ``targets`` are left out:
+    no step reads them (the number of masked tokens is ``mask_indices_list.numel()``).
     """
     if not samples:
         raise ValueError("collate_data_and_cast got an empty batch; the loader must yield at least one sample")
@@ -100,11 +99,9 @@ def collate_data_and_cast(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     n_global_crops = len(global_crops) // len(samples)
-    all_masks, all_bounds = _stratified_masks(
-        len(global_crops) * world_size, (r_min, r_max), mask_probability, mask_generator, rng
-    )
+    all_masks = _stratified_masks(len(global_crops) * world_size, (r_min, r_max), mask_probability, mask_generator, rng)
     rows = _rank_rows(n_global_crops, len(samples), rank, world_size)
-    masks, upperbound = all_masks[rows], int(all_bounds[rows].sum())
+    masks = all_masks[rows]
     mask_indices = masks.flatten().nonzero().flatten()
     masked_per_image = masks.sum(dim=-1, keepdim=True).clamp(min=1).to(torch.float32)
     masks_weight = (1.0 / masked_per_image).expand_as(masks)[masks]
@@ -115,9 +112,6 @@ def collate_data_and_cast(
         "collated_masks": masks,
         "mask_indices_list": mask_indices,
         "masks_weight": masks_weight,
-        "upperbound": upperbound,
-        "n_masked_patches": torch.tensor([mask_indices.numel()], dtype=torch.long),
-        "targets": torch.tensor([int(sample[1]) for sample in samples], dtype=torch.long),
     }
     if split:
         batch["photometric_params"] = {

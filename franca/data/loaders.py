@@ -1,4 +1,4 @@
-"""Dataset strings (reference §6) and the training / evaluation data loaders.
+"""Dataset strings (as valeoai/Franca ``franca/data/loaders.py``) and the training / evaluation data loaders.
 
 A dataset string is ``Name:key=value:key=value...``; a duplicate key keeps its last value (the original's IN21K configs
 contain ``root=TRAIN:root=<path>``). A part that is not ``identifier=...`` continues the previous value, so values may
@@ -12,10 +12,10 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from franca.data.datasets import SeededTransformDataset
 from franca.data.datasets.registry import get_dataset_spec, registered_dataset_names
 from franca.data.image_decoding import ImageDecoding
 from franca.data.samplers import InfiniteSampleKeySampler
+from franca.data.seeded_transform import SeededTransformDataset
 
 _KEY_VALUE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.DOTALL)
 

@@ -1,4 +1,5 @@
-"""Patch masks for iBOT: block, inverse block and CyclicMask (reference §4.6).
+"""Patch masks for iBOT: block, inverse block and CyclicMask (paper arXiv 2507.14137, Sec. 3; valeoai/Franca
+``franca/data/masking.py``).
 
 Every generator is called with a number of patches ``n`` and returns a bool tensor [H, W] with exactly ``n`` True
 (True = masked). Randomness comes only from a ``numpy.random.Generator``: the one given at construction, or the one
@@ -19,7 +20,7 @@ def _grid_size(input_size: int | tuple[int, int]) -> tuple[int, int]:
 
 
 class BlockMask:
-    """Masks one rectangular block of exactly ``n`` patches (reference §4.6 step 2).
+    """Masks one rectangular block of exactly ``n`` patches (the original ``BlockMasking``).
 
     The block's log-aspect ratio is uniform in [log min_aspect, log max_aspect] (clipped so the block fits the grid);
     the rectangle is filled in row-major order up to ``n`` patches, so its last row may be partial. With ``roll`` the
@@ -98,7 +99,7 @@ class BlockMask:
 
 
 class InverseBlockMask(BlockMask):
-    """Masks everything outside one visible block of ``H·W − n`` patches (reference §4.6 steps 1, 2 and 4).
+    """Masks everything outside one visible block of ``H·W − n`` patches (the original inverse block mode).
 
     Without ``roll`` the masked region hugs the borders (corners are almost always masked, the centre almost never).
     """
@@ -115,7 +116,7 @@ class InverseBlockMask(BlockMask):
 
 
 class CyclicMask(InverseBlockMask):
-    """Franca's CyclicMask: an inverse block mask circularly shifted on the torus (reference §4.6).
+    """Franca's CyclicMask: an inverse block mask circularly shifted on the torus (original ``CyclicMask``).
 
     The visible block may wrap around the image borders; per-position mask frequency is uniform.
     """

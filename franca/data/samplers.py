@@ -1,4 +1,5 @@
-"""Deterministic, resumable sample order for training (replaces the original's ShardedInfiniteSampler, reference §6).
+"""Deterministic, resumable sample order for training (replaces the original's ShardedInfiniteSampler,
+valeoai/Franca ``franca/data/samplers.py``).
 
 The run reads an infinite stream: pass ``p`` is a permutation of the dataset seeded by (seed, p), and the passes are
 concatenated (a pass boundary may fall inside a batch). Iteration ``i`` consumes stream positions

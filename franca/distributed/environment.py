@@ -1,4 +1,5 @@
-"""Detection of the distributed environment: torchrun, SLURM, or one local process (reference §4.10).
+"""Detection of the distributed environment: torchrun, SLURM, or one local process (the original,
+valeoai/Franca ``franca/distributed/``, knew SLURM and torchrun only).
 
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. A SLURM task (``srun``, or
 a submitit job) has SLURM_JOB_ID, SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and SLURM_JOB_NODELIST; its master is the

@@ -1,7 +1,7 @@
 """Rank-aware console output: rank 0 prints (and keeps ``logs/log.txt``), other ranks write ``logs/log.rank<r>.txt``.
 
-Reference §4.10: printing is restricted to rank 0 and every rank keeps a log file. Other ranks' stderr is left alone so
-that a traceback on any rank still reaches the console.
+As in valeoai/Franca ``franca/logging/``, printing is restricted to rank 0 and every rank keeps a log file. Other ranks'
+stderr is left alone so that a traceback on any rank still reaches the console.
 """
 
 import atexit

@@ -1,8 +1,9 @@
 """HummingBird in-context segmentation (Balažević et al. 2023, "Towards In-context Scene Understanding"), following
-the settings of the open re-implementation (open-hummingbird-eval) through which Franca reports it (reference §7, §9).
+the settings of the open re-implementation (open-hummingbird-eval) through which Franca reports it (its README).
 
 1. Memory: every train image (``--augmentation-epochs`` passes of random resized crops, scale (0.5, 2.0), plus colour
-   jitter; 0 = one pass of plain resizing) is resized to ``--input-size`` and encoded; each patch keeps its
+   jitter; 0 = one pass of plain resizing) is resized to ``--image-size`` (default: the size the checkpoint was
+   trained at; ``--protocol open-hummingbird``: 504×504) and encoded; each patch keeps its
    L2-normalised feature and its soft label = the share of each class among the labelled pixels of the patch.
    ``--patches-per-image`` patches are kept per image and pass, by default ``memory_size // (n_images · passes)``
    (``--memory-size`` 1,024,000 = 1024·10³, the middle column of the open protocol's table). Patches are picked
@@ -24,14 +25,25 @@ an exact chunked matmul + top-k in torch (on the GPU when there is one); ``--nn-
 import argparse
 import importlib.util
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
-from franca.eval.common import load_backbone_for_eval, write_results
+from franca.eval.common import (
+    EvalSettings,
+    add_eval_arguments,
+    eval_settings,
+    load_backbone_for_eval,
+    parse_eval_args,
+    run_metadata,
+    write_results,
+)
 from franca.eval.features import default_device
+from franca.eval.pictures import denormalise, label_grid, png_bytes
 from franca.eval.segmentation import (
     IGNORE_INDEX,
     PairedTransformDataset,
@@ -40,14 +52,30 @@ from franca.eval.segmentation import (
     confusion_matrix,
     dataset_num_classes,
     iterate_dense_batches,
-    parse_size,
     patch_label_distribution,
     segmentation_metrics,
 )
+from franca.utils.atomic import atomic_write
 
 DEFAULT_MEMORY_SIZE = 1_024_000
 DEFAULT_NEIGHBOURS = 30
 DEFAULT_TEMPERATURE = 0.02
+PROTOCOLS = {"open-hummingbird": (504, 504)}
+PREDICTIONS_FILE = "hummingbird_predictions.png"
+
+
+@dataclass(frozen=True)
+class HummingbirdSettings:
+    """The retrieval protocol's own settings (module docstring); ``patches_per_image`` None = memory size / (images ·
+    passes)."""
+
+    memory_size: int = DEFAULT_MEMORY_SIZE
+    patches_per_image: int | None = None
+    augmentation_epochs: int = 2
+    num_neighbours: int = DEFAULT_NEIGHBOURS
+    temperature: float = DEFAULT_TEMPERATURE
+    eval_resolution: str = "input"
+    nn_backend: str = "auto"
 
 
 def rare_class_first_indices(distribution: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -67,26 +95,23 @@ def build_memory(
     backbone: nn.Module,
     train_dataset: Dataset,
     num_classes: int,
-    input_size: tuple[int, int],
+    settings: EvalSettings,
     patches_per_image: int,
     augmentation_epochs: int = 2,
-    batch_size: int = 32,
-    num_workers: int = 0,
     device: torch.device | None = None,
-    use_rasa_head: bool = False,
-    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Memory features [M, D] (L2-normalised, fp32, CPU) and soft labels [M, C] from a raw (image, mask) dataset."""
     device = device or default_device()
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(settings.seed)
     passes = max(1, augmentation_epochs)
-    transform = SegmentationTransform(input_size, input_size, augment=augmentation_epochs > 0)
+    size = settings.image_size
+    transform = SegmentationTransform(size, size, augment=augmentation_epochs > 0)
     features, labels = [], []
     for epoch in range(passes):
-        dataset = PairedTransformDataset(train_dataset, transform, seed=seed, epoch=epoch)
+        dataset = PairedTransformDataset(train_dataset, transform, seed=settings.seed, epoch=epoch)
         name = f"memory pass {epoch + 1}/{passes}"
         for dense, masks in iterate_dense_batches(
-            backbone, dataset, batch_size, device, name, num_workers, use_rasa_head
+            backbone, dataset, settings.batch_size, device, name, settings.num_workers, settings.use_rasa_head
         ):
             distribution = patch_label_distribution(torch.stack(masks), backbone.patch_size, num_classes)
             dense = F.normalize(dense.flatten(1, 2), dim=-1).cpu()
@@ -161,33 +186,77 @@ def evaluate_hummingbird(
     memory_features: torch.Tensor,
     memory_labels: torch.Tensor,
     num_classes: int,
-    input_size: tuple[int, int],
-    k: int = DEFAULT_NEIGHBOURS,
-    temperature: float = DEFAULT_TEMPERATURE,
-    eval_resolution: str = "input",
-    nn_backend: str = "auto",
-    batch_size: int = 32,
-    num_workers: int = 0,
+    settings: EvalSettings,
+    hummingbird: HummingbirdSettings = HummingbirdSettings(),
     device: torch.device | None = None,
-    use_rasa_head: bool = False,
 ) -> dict:
     """Segments every val image by retrieval from the memory; returns :func:`segmentation_metrics`."""
     device = device or default_device()
-    if eval_resolution not in ("input", "original"):
-        raise ValueError(f"eval_resolution={eval_resolution!r}; choose input or original")
-    search = NearestNeighbours(memory_features, choose_nn_backend(nn_backend, device), device)
-    mask_size = input_size if eval_resolution == "input" else None
-    dataset = PairedTransformDataset(val_dataset, SegmentationTransform(input_size, mask_size))
+    if hummingbird.eval_resolution not in ("input", "original"):
+        raise ValueError(f"eval_resolution={hummingbird.eval_resolution!r}; choose input or original")
+    search = NearestNeighbours(memory_features, choose_nn_backend(hummingbird.nn_backend, device), device)
+    dataset = _val_pairs(val_dataset, settings, hummingbird)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     memory_labels = memory_labels.to(device)
-    for dense, masks in iterate_dense_batches(backbone, dataset, batch_size, device, "val", num_workers, use_rasa_head):
-        b, h, w, d = dense.shape
-        scores = retrieve_class_scores(dense.reshape(-1, d), memory_labels, search, k, temperature)
-        scores = scores.reshape(b, h, w, num_classes).permute(0, 3, 1, 2)
-        for image_scores, mask in zip(scores, masks):
-            logits = F.interpolate(image_scores[None], size=tuple(mask.shape), mode="bilinear", align_corners=False)
-            confusion += confusion_matrix(logits[0].argmax(0).cpu(), mask, num_classes)
+    for dense, masks in iterate_dense_batches(
+        backbone, dataset, settings.batch_size, device, "val", settings.num_workers, settings.use_rasa_head
+    ):
+        for prediction, mask in zip(predict_masks(dense, masks, memory_labels, search, hummingbird), masks):
+            confusion += confusion_matrix(prediction, mask, num_classes)
     return segmentation_metrics(confusion)
+
+
+def _val_pairs(val_dataset: Dataset, settings: EvalSettings, hummingbird: HummingbirdSettings) -> Dataset:
+    mask_size = settings.image_size if hummingbird.eval_resolution == "input" else None
+    return PairedTransformDataset(val_dataset, SegmentationTransform(settings.image_size, mask_size))
+
+
+def predict_masks(
+    dense: torch.Tensor,
+    masks: list[torch.Tensor],
+    memory_labels: torch.Tensor,
+    search: "NearestNeighbours",
+    hummingbird: HummingbirdSettings,
+) -> list[torch.Tensor]:
+    """Per image of a batch of dense features [B, h, w, D]: the retrieved class scores upsampled bilinearly to its
+    mask's size and arg-maxed (a CPU label map)."""
+    b, h, w, d = dense.shape
+    scores = retrieve_class_scores(
+        dense.reshape(-1, d), memory_labels, search, hummingbird.num_neighbours, hummingbird.temperature
+    )
+    scores = scores.reshape(b, h, w, memory_labels.shape[1]).permute(0, 3, 1, 2)
+    return [
+        F.interpolate(image_scores[None], size=tuple(mask.shape), mode="bilinear", align_corners=False)[0]
+        .argmax(0)
+        .cpu()
+        for image_scores, mask in zip(scores, masks)
+    ]
+
+
+def save_prediction_examples(
+    path: Path,
+    backbone: nn.Module,
+    val_dataset: Dataset,
+    memory_features: torch.Tensor,
+    memory_labels: torch.Tensor,
+    settings: EvalSettings,
+    hummingbird: HummingbirdSettings,
+    count: int,
+    device: torch.device,
+) -> Path:
+    """A PNG with one row per val image (the first ``count``): the input, its ground truth and the prediction, label
+    maps in a fixed palette (ignored pixels black)."""
+    search = NearestNeighbours(memory_features, choose_nn_backend(hummingbird.nn_backend, device), device)
+    pairs = _val_pairs(val_dataset, settings, hummingbird)
+    subset = Subset(pairs, range(min(count, len(pairs))))
+    rows = []
+    for dense, masks in iterate_dense_batches(
+        backbone, subset, settings.batch_size, device, "examples", 0, settings.use_rasa_head
+    ):
+        predictions = predict_masks(dense, masks, memory_labels.to(device), search, hummingbird)
+        rows += list(zip(masks, predictions))
+    images = [denormalise(pairs[i][0]) for i in range(len(rows))]
+    return atomic_write(path, png_bytes(label_grid(images, rows)))
 
 
 def run_hummingbird(
@@ -195,63 +264,57 @@ def run_hummingbird(
     train_dataset: Dataset,
     val_dataset: Dataset,
     num_classes: int,
-    input_size: tuple[int, int] = (504, 504),
-    memory_size: int = DEFAULT_MEMORY_SIZE,
-    patches_per_image: int | None = None,
-    augmentation_epochs: int = 2,
-    k: int = DEFAULT_NEIGHBOURS,
-    temperature: float = DEFAULT_TEMPERATURE,
-    eval_resolution: str = "input",
-    nn_backend: str = "auto",
-    batch_size: int = 32,
-    num_workers: int = 0,
+    settings: EvalSettings,
+    hummingbird: HummingbirdSettings = HummingbirdSettings(),
     device: torch.device | None = None,
-    use_rasa_head: bool = False,
-    seed: int = 0,
+    examples_path: Path | None = None,
+    examples: int = 0,
 ) -> dict:
-    """Memory from ``train_dataset``, retrieval segmentation of ``val_dataset``: metrics and the settings used."""
-    check_input_size(input_size, backbone.patch_size)
-    grid_patches = (input_size[0] // backbone.patch_size) * (input_size[1] // backbone.patch_size)
-    passes = max(1, augmentation_epochs)
+    """Memory from ``train_dataset``, retrieval segmentation of ``val_dataset``: metrics and the settings used; with
+    ``examples`` > 0 also the picture of :func:`save_prediction_examples` at ``examples_path``."""
+    size, patch = settings.image_size, backbone.patch_size
+    check_input_size(size, patch)
+    passes = max(1, hummingbird.augmentation_epochs)
+    patches_per_image = hummingbird.patches_per_image
     if patches_per_image is None:
-        patches_per_image = max(1, memory_size // (len(train_dataset) * passes))
-    patches_per_image = min(patches_per_image, grid_patches)
+        patches_per_image = max(1, hummingbird.memory_size // (len(train_dataset) * passes))
+    patches_per_image = min(patches_per_image, (size[0] // patch) * (size[1] // patch))
     start = time.perf_counter()
     memory_features, memory_labels = build_memory(
-        backbone, train_dataset, num_classes, input_size, patches_per_image, augmentation_epochs, batch_size,
-        num_workers, device, use_rasa_head, seed,
-    )  # fmt: skip
+        backbone, train_dataset, num_classes, settings, patches_per_image, hummingbird.augmentation_epochs, device
+    )
     memory_seconds = time.perf_counter() - start
     metrics = evaluate_hummingbird(
-        backbone, val_dataset, memory_features, memory_labels, num_classes, input_size, k, temperature,
-        eval_resolution, nn_backend, batch_size, num_workers, device, use_rasa_head,
-    )  # fmt: skip
-    settings = {
-        "input_size": list(input_size),
+        backbone, val_dataset, memory_features, memory_labels, num_classes, settings, hummingbird, device
+    )
+    if examples > 0 and examples_path is not None:
+        save_prediction_examples(
+            examples_path, backbone, val_dataset, memory_features, memory_labels, settings, hummingbird, examples,
+            device or default_device(),
+        )  # fmt: skip
+    used = {
+        "input_size": list(size),
         "num_classes": num_classes,
         "memory_entries": len(memory_features),
-        "memory_size_requested": memory_size,
+        "memory_size_requested": hummingbird.memory_size,
         "patches_per_image": patches_per_image,
-        "augmentation_epochs": augmentation_epochs,
-        "num_neighbours": k,
-        "temperature": temperature,
-        "eval_resolution": eval_resolution,
+        "augmentation_epochs": hummingbird.augmentation_epochs,
+        "num_neighbours": hummingbird.num_neighbours,
+        "temperature": hummingbird.temperature,
+        "eval_resolution": hummingbird.eval_resolution,
         "memory_seconds": memory_seconds,
         "total_seconds": time.perf_counter() - start,
     }
-    return {**settings, **metrics}
+    return {**used, **metrics}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         "franca.eval.hummingbird", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument("--weights", required=True, help="hub name (franca_vitb14[:IN21K]) or checkpoint path")
-    p.add_argument("--rasa-weights", default=None, help="RASA head file: retrieve with RASA-debiased patch tokens")
+    add_eval_arguments(p, batch_size=32, old_size_names=("--input-size",), protocols=PROTOCOLS)
     p.add_argument("--train-dataset", required=True, help="memory images, e.g. VOC:root=R:split=trainaug")
     p.add_argument("--val-dataset", required=True, help="evaluated images, e.g. VOC:root=R:split=val")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--input-size", type=int, nargs="+", default=[504], help="S or H W; a multiple of the patch size")
     p.add_argument("--memory-size", type=int, default=DEFAULT_MEMORY_SIZE)
     p.add_argument("--patches-per-image", type=int, default=None, help="default: memory size / (images · passes)")
     p.add_argument("--augmentation-epochs", type=int, default=2, help="augmented passes; 0 = one plain pass")
@@ -260,23 +323,34 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-resolution", choices=("input", "original"), default="input")
     p.add_argument("--nn-backend", choices=("auto", "faiss", "torch"), default="auto")
     p.add_argument("--num-classes", type=int, default=None, help="default: from the dataset")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--save-predictions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write hummingbird_predictions.png: the first N val images, ground truth, prediction (default 0)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = get_args_parser().parse_args(argv)
+    args = parse_eval_args(get_args_parser(), argv)
     from franca.data.loaders import make_dataset
 
     backbone = load_backbone_for_eval(args.weights, args.rasa_weights)
-    train_dataset, val_dataset = make_dataset(args.train_dataset), make_dataset(args.val_dataset)
+    settings = eval_settings(args, backbone, PROTOCOLS)
+    train_dataset = make_dataset(args.train_dataset, decoding=settings.decoding)
+    val_dataset = make_dataset(args.val_dataset, decoding=settings.decoding)
     num_classes = dataset_num_classes(train_dataset, args.num_classes)
+    hummingbird = HummingbirdSettings(
+        args.memory_size, args.patches_per_image, args.augmentation_epochs, args.num_neighbours, args.temperature,
+        args.eval_resolution, args.nn_backend,
+    )  # fmt: skip
+    device = default_device()
+    examples_path = Path(args.output_dir) / PREDICTIONS_FILE
     results = run_hummingbird(
-        backbone, train_dataset, val_dataset, num_classes, parse_size(args.input_size), args.memory_size,
-        args.patches_per_image, args.augmentation_epochs, args.num_neighbours, args.temperature, args.eval_resolution,
-        args.nn_backend, args.batch_size, args.num_workers, default_device(), args.rasa_weights is not None, args.seed,
+        backbone, train_dataset, val_dataset, num_classes, settings, hummingbird, device, examples_path,
+        args.save_predictions,
     )  # fmt: skip
     record = {
         "weights": args.weights,
@@ -286,7 +360,8 @@ def main(argv: list[str] | None = None) -> dict:
         "ignore_index": IGNORE_INDEX,
         **results,
     }
-    write_results(args.output_dir, "hummingbird", record)
+    datasets = {"train": args.train_dataset, "val": args.val_dataset}
+    write_results(args.output_dir, "hummingbird", record, run_metadata(args, settings, datasets))
     print(f"hummingbird: mIoU {results['mIoU']:.2f}  pixel accuracy {results['pixel_accuracy']:.2f}")
     return record
 

@@ -1,4 +1,4 @@
-"""Weighted k-NN classification on frozen features (reference §7; the DINO protocol).
+"""Weighted k-NN classification on frozen features (the DINO protocol; docs/evaluation.md).
 
 Features are L2-normalised; each test sample takes its k most cosine-similar training samples, weights each by
 exp(sim / T) (T = 0.07) and sums the weights per class; the class with the largest vote wins. Top-1 and top-5 accuracy
@@ -12,7 +12,16 @@ import argparse
 
 import torch
 
-from franca.eval.common import add_backbone_arguments, extract_labelled_features, load_backbone_for_eval, write_results
+from franca.eval.common import (
+    CLASSIFICATION_PROTOCOLS,
+    add_backbone_arguments,
+    eval_settings,
+    extract_labelled_features,
+    load_backbone_for_eval,
+    parse_eval_args,
+    run_metadata,
+    write_results,
+)
 from franca.eval.metrics import topk_accuracy
 from franca.eval.models import FeatureModel
 from franca.utils.knn import DEFAULT_KS, knn_classify
@@ -48,14 +57,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = get_args_parser().parse_args(argv)
+    args = parse_eval_args(get_args_parser(), argv)
     backbone = load_backbone_for_eval(args.weights, args.rasa_weights)
-    model = FeatureModel(backbone, use_rasa_head=args.rasa_weights is not None)
-    train = extract_labelled_features(model, args.train_dataset, args, "train")
-    val = extract_labelled_features(model, args.val_dataset, args, "val")
+    settings = eval_settings(args, backbone, CLASSIFICATION_PROTOCOLS, classification=True)
+    model = FeatureModel(backbone, use_rasa_head=settings.use_rasa_head)
+    train = extract_labelled_features(model, args.train_dataset, settings, "train")
+    val = extract_labelled_features(model, args.val_dataset, settings, "val")
     results = knn_accuracies(*train, *val, ks=tuple(args.nb_knn), temperature=args.temperature)
     record = {"weights": args.weights, "rasa_weights": args.rasa_weights, "temperature": args.temperature, **results}
-    path = write_results(args.output_dir, "knn", record)
+    datasets = {"train": args.train_dataset, "val": args.val_dataset}
+    path = write_results(args.output_dir, "knn", record, run_metadata(args, settings, datasets))
     for k, r in results.items():
         print(f"k={k}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%")
     print(f"results: {path}")

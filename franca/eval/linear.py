@@ -1,4 +1,5 @@
-"""Linear probing of a frozen backbone with a grid of classifiers trained together (reference §7, DINOv2 protocol).
+"""Linear probing of a frozen backbone with a grid of classifiers trained together (DINOv2 protocol, valeoai/Franca
+``franca/eval/linear.py``).
 
 Each classifier reads the CLS tokens of the last ``n`` blocks (layer-normed, concatenated in block order) and, with
 ``avgpool``, the mean patch token of the last block; the grid is n ∈ {1, 4} × avgpool ∈ {False, True} × 13 learning
@@ -27,11 +28,14 @@ from torch.utils.data import Dataset
 
 from franca.checkpoint.resumable import atomic_torch_save
 from franca.eval.common import (
+    CLASSIFICATION_PROTOCOLS,
     add_backbone_arguments,
+    eval_settings,
     extract_labelled_features,
-    image_decoding_from_args,
     load_backbone_for_eval,
+    parse_eval_args,
     require_labels,
+    run_metadata,
     write_results,
 )
 from franca.eval.features import default_device
@@ -133,7 +137,7 @@ def evaluate_grid(grid: ClassifierGrid, tokens: torch.Tensor, labels: torch.Tens
 
 def make_optimizer(grid: ClassifierGrid, batch_size: int, total_iterations: int):
     """SGD (momentum 0.9, no weight decay), one parameter group per classifier at lr·batch_size/256, and a
-    per-iteration cosine decay to 0 over ``total_iterations`` (reference §7)."""
+    per-iteration cosine decay to 0 over ``total_iterations`` (as the original)."""
     groups = [
         {"params": clf.parameters(), "lr": s.lr * batch_size / 256.0} for s, clf in zip(grid.settings, grid.classifiers)
     ]
@@ -247,26 +251,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-last-blocks", type=int, nargs="+", default=list(DEFAULT_N_LAST_BLOCKS))
     p.add_argument("--precompute-features", action="store_true", help="extract train features once, no augmentation")
     p.add_argument("--num-classes", type=int, default=None, help="default: from the training labels")
-    p.add_argument("--seed", type=int, default=0)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = get_args_parser().parse_args(argv)
+    args = parse_eval_args(get_args_parser(), argv)
     from franca.data import make_classification_train_transform, make_dataset
 
     torch.manual_seed(args.seed)
     backbone = load_backbone_for_eval(args.weights, args.rasa_weights)
-    features = ProbeFeatures(backbone, max(args.n_last_blocks), args.rasa_weights is not None).to(default_device())
-    val_tokens, val_labels = extract_labelled_features(features, args.val_dataset, args, "val")
+    evaluation = eval_settings(args, backbone, CLASSIFICATION_PROTOCOLS, classification=True)
+    features = ProbeFeatures(backbone, max(args.n_last_blocks), evaluation.use_rasa_head).to(default_device())
+    val_tokens, val_labels = extract_labelled_features(features, args.val_dataset, evaluation, "val")
     if args.precompute_features:
-        train_tokens, train_labels = extract_labelled_features(features, args.train_dataset, args, "train")
+        train_tokens, train_labels = extract_labelled_features(features, args.train_dataset, evaluation, "train")
         num_classes = args.num_classes or int(train_labels.max()) + 1
         batches = precomputed_batches(train_tokens, train_labels, args.train_batch_size, args.seed)
     else:
-        train_set = make_dataset(args.train_dataset, decoding=image_decoding_from_args(args))
+        train_set = make_dataset(args.train_dataset, decoding=evaluation.decoding)
         num_classes = args.num_classes or int(dataset_labels(train_set, args.train_dataset).max()) + 1
-        transform = make_classification_train_transform(args.crop_size)
+        transform = make_classification_train_transform(evaluation.image_size[0])
         batches = augmented_batches(features, train_set, transform, args.train_batch_size, args.seed, args.num_workers)
     num_classes = max(num_classes, int(val_labels.max()) + 1)
     settings = make_settings(tuple(args.n_last_blocks), DEFAULT_AVGPOOLS, tuple(args.learning_rates))
@@ -296,7 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
         "classifiers": [{"name": s.name, **asdict(s), **r} for s, r in zip(settings, results)],
         "history": history,
     }
-    path = write_results(args.output_dir, "linear", record)
+    datasets = {"train": args.train_dataset, "val": args.val_dataset}
+    path = write_results(args.output_dir, "linear", record, run_metadata(args, evaluation, datasets))
     print(f"linear probe: best {settings[best].name} top-1 {results[best]['top1']:.2f}% -> {path}")
     return record
 

@@ -1,4 +1,5 @@
-"""Linear semantic segmentation on frozen patch features (reference §7, §9: Franca's "ADE20K lin. seg." column).
+"""Linear semantic segmentation on frozen patch features (Franca's "ADE20K lin. seg." column,
+valeoai/Franca README v1.0.0).
 
 The head is BatchNorm + a 1×1 convolution (one linear map per patch; BN only rescales and shifts each channel, as
 DINOv2's linear segmentation head) on the final normed patch tokens, or with ``--n-last-blocks 4`` on the normed patch
@@ -9,14 +10,16 @@ cosine learning-rate decay to 0, its logits upsampled bilinearly to the training
 Two protocols, which differ by several mIoU points on ADE20K, so a number is only comparable within one:
 
 - ``franca`` (as Franca reports linear segmentation; the Leopart/NeCo protocol of its authors): images resized to
-  448×448; train and val masks resized by nearest neighbour to 100×100; logits upsampled bilinearly to 100×100; mIoU
-  over the val set at 100×100.
+  448×448 (without ``--protocol``: to the size the checkpoint was trained at, or ``--image-size``); train and val
+  masks resized by nearest neighbour to 100×100; logits upsampled bilinearly to 100×100; mIoU over the val set at
+  100×100.
 - ``dinov2`` (full-resolution evaluation as DINOv2's linear segmentation): images resized to 504×504, train masks
   resized by nearest neighbour to 504×504; val logits upsampled bilinearly to each image's original mask size and mIoU
   computed there. (DINOv2 trains on random 512² crops and tests with a sliding window; here one resized view.)
 
 ``python -m franca.eval.linear_seg --weights W [--rasa-weights R] --train-dataset STR --val-dataset STR
---output-dir D [--protocol franca|dinov2]``
+--output-dir D [--protocol franca|dinov2]``. Without ``--protocol`` the ``franca`` mask sizes are used at the
+checkpoint's own image size; naming a protocol also takes its image size.
 """
 
 import argparse
@@ -29,7 +32,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from franca.eval.common import load_backbone_for_eval, write_results
+from franca.eval.common import (
+    EvalSettings,
+    add_eval_arguments,
+    eval_settings,
+    load_backbone_for_eval,
+    parse_eval_args,
+    run_metadata,
+    write_results,
+)
 from franca.eval.features import default_device
 from franca.eval.segmentation import (
     IGNORE_INDEX,
@@ -39,7 +50,6 @@ from franca.eval.segmentation import (
     confusion_matrix,
     dataset_num_classes,
     iterate_dense_batches,
-    parse_size,
     segmentation_metrics,
 )
 from franca.utils.logging import Progress
@@ -59,6 +69,19 @@ PROTOCOLS = {
     "franca": Protocol("franca", (448, 448), (100, 100), (100, 100)),
     "dinov2": Protocol("dinov2", (504, 504), None, None),
 }
+DEFAULT_PROTOCOL = "franca"
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    """How the linear head is trained (module docstring)."""
+
+    n_last_blocks: int = 1
+    epochs: int = 10
+    train_batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer_name: str = "adamw"
 
 
 def make_protocol(name: str, input_size: tuple[int, int] | None = None) -> Protocol:
@@ -191,60 +214,48 @@ def run_linear_segmentation(
     train_dataset: Dataset,
     val_dataset: Dataset,
     num_classes: int,
-    protocol: Protocol,
-    n_last_blocks: int = 1,
-    epochs: int = 10,
-    train_batch_size: int = 16,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-4,
-    optimizer_name: str = "adamw",
-    batch_size: int = 32,
-    num_workers: int = 0,
+    settings: EvalSettings,
+    protocol_name: str = DEFAULT_PROTOCOL,
+    head_settings: HeadSettings = HeadSettings(),
     device: torch.device | None = None,
-    use_rasa_head: bool = False,
-    seed: int = 0,
 ) -> dict:
-    """Features of ``train_dataset`` → trained head → metrics on ``val_dataset``, with the settings used."""
+    """Features of ``train_dataset`` → trained head → metrics on ``val_dataset``, with the settings used. The
+    protocol's mask sizes apply at ``settings.image_size``."""
     device = device or default_device()
+    protocol = make_protocol(protocol_name, settings.image_size)
     check_input_size(protocol.input_size, backbone.patch_size)
+    loader = (settings.batch_size, device, settings.num_workers, settings.use_rasa_head, head_settings.n_last_blocks)
     start = time.perf_counter()
-    features, masks = precompute_train_features(
-        backbone, train_dataset, protocol, batch_size, device, num_workers, use_rasa_head, n_last_blocks
-    )
+    features, masks = precompute_train_features(backbone, train_dataset, protocol, *loader)
     head, last_loss = train_linear_head(
-        features, masks, num_classes, epochs, train_batch_size, lr, weight_decay, optimizer_name, device, seed
-    )
-    metrics = evaluate_linear_head(
-        backbone, head, val_dataset, protocol, num_classes, batch_size, device, num_workers, use_rasa_head,
-        n_last_blocks,
+        features, masks, num_classes, head_settings.epochs, head_settings.train_batch_size, head_settings.lr,
+        head_settings.weight_decay, head_settings.optimizer_name, device, settings.seed,
     )  # fmt: skip
-    settings = {
+    metrics = evaluate_linear_head(backbone, head, val_dataset, protocol, num_classes, *loader)
+    used = {
         "protocol": {key: list(v) if isinstance(v, tuple) else v for key, v in asdict(protocol).items()},
         "num_classes": num_classes,
-        "n_last_blocks": n_last_blocks,
+        "n_last_blocks": head_settings.n_last_blocks,
         "feature_dim": features.shape[1],
-        "epochs": epochs,
-        "train_batch_size": train_batch_size,
-        "optimizer": optimizer_name,
-        "lr": lr,
-        "weight_decay": weight_decay,
+        "epochs": head_settings.epochs,
+        "train_batch_size": head_settings.train_batch_size,
+        "optimizer": head_settings.optimizer_name,
+        "lr": head_settings.lr,
+        "weight_decay": head_settings.weight_decay,
         "final_train_loss": last_loss,
         "total_seconds": time.perf_counter() - start,
     }
-    return {**settings, **metrics}
+    return {**used, **metrics}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         "franca.eval.linear_seg", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument("--weights", required=True, help="hub name (franca_vitb14[:IN21K]) or checkpoint path")
-    p.add_argument("--rasa-weights", default=None, help="RASA head file: train on RASA-debiased patch tokens")
+    protocol_sizes = {name: protocol.input_size for name, protocol in PROTOCOLS.items()}
+    add_eval_arguments(p, batch_size=32, old_size_names=("--input-size",), protocols=protocol_sizes)
     p.add_argument("--train-dataset", required=True, help="e.g. ADE20K:root=R:split=training")
     p.add_argument("--val-dataset", required=True, help="e.g. ADE20K:root=R:split=validation")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="franca")
-    p.add_argument("--input-size", type=int, nargs="+", default=None, help="S or H W (default: the protocol's)")
     p.add_argument("--n-last-blocks", type=int, default=1, help="concatenate the patch tokens of the last n blocks")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--train-batch-size", type=int, default=16, help="images per optimisation step")
@@ -252,25 +263,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--num-classes", type=int, default=None, help="default: from the dataset")
-    p.add_argument("--batch-size", type=int, default=32, help="images per feature-extraction batch")
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = get_args_parser().parse_args(argv)
+    args = parse_eval_args(get_args_parser(), argv)
     from franca.data.loaders import make_dataset
 
-    protocol = make_protocol(args.protocol, parse_size(args.input_size) if args.input_size else None)
     backbone = load_backbone_for_eval(args.weights, args.rasa_weights)
-    train_dataset, val_dataset = make_dataset(args.train_dataset), make_dataset(args.val_dataset)
+    settings = eval_settings(args, backbone, {name: p.input_size for name, p in PROTOCOLS.items()})
+    train_dataset = make_dataset(args.train_dataset, decoding=settings.decoding)
+    val_dataset = make_dataset(args.val_dataset, decoding=settings.decoding)
     num_classes = dataset_num_classes(train_dataset, args.num_classes)
+    head_settings = HeadSettings(
+        args.n_last_blocks, args.epochs, args.train_batch_size, args.lr, args.weight_decay, args.optimizer
+    )
+    protocol_name = args.protocol or DEFAULT_PROTOCOL
     results = run_linear_segmentation(
-        backbone, train_dataset, val_dataset, num_classes, protocol, args.n_last_blocks, args.epochs,
-        args.train_batch_size, args.lr, args.weight_decay, args.optimizer, args.batch_size, args.num_workers,
-        default_device(), args.rasa_weights is not None, args.seed,
-    )  # fmt: skip
+        backbone, train_dataset, val_dataset, num_classes, settings, protocol_name, head_settings, default_device()
+    )
     record = {
         "weights": args.weights,
         "rasa_weights": args.rasa_weights,
@@ -279,8 +290,10 @@ def main(argv: list[str] | None = None) -> dict:
         "ignore_index": IGNORE_INDEX,
         **results,
     }
-    write_results(args.output_dir, "linear_seg", record)
-    print(f"linear_seg ({protocol.name}): mIoU {results['mIoU']:.2f}  pixel accuracy {results['pixel_accuracy']:.2f}")
+    datasets = {"train": args.train_dataset, "val": args.val_dataset}
+    mask_sizes = {key: results["protocol"][key] for key in ("train_mask_size", "eval_mask_size")}
+    write_results(args.output_dir, "linear_seg", record, run_metadata(args, settings, datasets, mask_sizes))
+    print(f"linear_seg ({protocol_name}): mIoU {results['mIoU']:.2f}  pixel accuracy {results['pixel_accuracy']:.2f}")
     return record
 
 

@@ -1,30 +1,86 @@
-"""L2 logistic regression on frozen CLS features (reference §7, the DINOv2 ``log_regression`` protocol).
+"""L2 logistic regression on frozen CLS features: the DINOv2 protocol (valeoai/Franca ``franca/eval/log_regression.py``,
+``sweep_C_values`` and ``eval_log_regression``), made to finish on a CPU and to survive being stopped.
 
-C is chosen over 10^linspace(−6, 5, 45) by top-1 accuracy on a held-out 10% of the training set (a seeded random
-split); the model is then refitted on the whole training set at the best C and scored on the validation set.
-Features are used as extracted (no normalisation), in float64. With ``--rasa-weights`` the feature is the mean
-RASA-debiased patch token instead of the CLS token (RASA does not touch the CLS token).
+C is chosen by top-1 accuracy on a held-out 10% of the training set (a seeded random split); the model is then
+refitted on the whole training set at the best C and scored on the validation set. Features are used as extracted
+(no normalisation), in float64. With ``--rasa-weights`` the feature is the mean RASA-debiased patch token instead of
+the CLS token (RASA does not touch the CLS token).
+
+The default search is scaled to the data (docs/evaluation.md, "Logistic regression"):
+- grid: the original range 10^[-6, 5] with clamp(log10(holdout size) - 1, 1, 4) values per decade, so 14 values for
+  a 150-sample holdout and the original 45 from 100,000 holdout samples on;
+- solver tolerance: 1e-5 times the largest gradient component of the objective at W = 0;
+- C ascending, each fit warm-started from the previous solution, stopping once the holdout accuracy has left its
+  starting value and not improved for ``--patience`` C values (or reached 100%, which no larger C can beat);
+- a progress line per C, and the results file rewritten atomically after each C with ``"complete": false``.
+``--original-protocol`` runs the original search instead: all 45 C values, the backend's original tolerance, each fit
+from zero.
 
 ``python -m franca.eval.log_regression --weights W --train-dataset STR --val-dataset STR --output-dir D``
 """
 
 import argparse
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from franca.eval.common import add_backbone_arguments, extract_labelled_features, load_backbone_for_eval, write_results
+from franca.eval.common import (
+    CLASSIFICATION_PROTOCOLS,
+    add_backbone_arguments,
+    eval_settings,
+    extract_labelled_features,
+    load_backbone_for_eval,
+    parse_eval_args,
+    run_metadata,
+    write_results,
+)
 from franca.eval.logreg_backends import BACKENDS, LinearModel, make_backend
 from franca.eval.metrics import topk_accuracy
 from franca.eval.models import FeatureModel
-from franca.utils.logging import Progress
+from franca.utils.logging import Progress, format_duration
+
+ORIGINAL_GRID_SIZE = 45
+C_LOG10_RANGE = (-6.0, 5.0)
+RELATIVE_TOLERANCE = 1e-5
+DEFAULT_PATIENCE = 3
 
 
-def c_grid(size: int = 45, log10_min: float = -6.0, log10_max: float = 5.0) -> list[float]:
+def c_grid(size: int = ORIGINAL_GRID_SIZE, log10_min: float = -6.0, log10_max: float = 5.0) -> list[float]:
     """The inverse regularisation strengths C = 10^linspace(log10_min, log10_max, size)."""
     if size < 1:
         raise ValueError(f"the C grid needs at least one value, got size={size}")
     return [float(c) for c in np.logspace(log10_min, log10_max, size)]
+
+
+def scaled_grid_size(n_holdout: int, log10_min: float = -6.0, log10_max: float = 5.0) -> int:
+    """Number of C values for a holdout of ``n_holdout`` samples: clamp(log10(n_holdout) - 1, 1, 4) per decade.
+
+    A holdout of n samples measures accuracy in steps of 1/n, so a small one cannot tell close C values apart and a
+    fine grid only adds fits; from 100,000 holdout samples (ImageNet-1k's 128k) the grid is the original 45 values.
+    """
+    per_decade = min(4.0, max(1.0, math.log10(max(n_holdout, 1)) - 1.0))
+    return round(per_decade * (log10_max - log10_min)) + 1
+
+
+def scaled_tolerance(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, relative: float = RELATIVE_TOLERANCE
+) -> float:
+    """Solver gradient tolerance relative to the problem: ``relative`` × the sup norm of the gradient at W = 0, b = 0.
+
+    The solvers minimise the per-sample mean objective and stop when every gradient component is below the
+    tolerance; at zero that gradient is (1/K − onehot(y))ᵀ[x, 1] / n (the penalty adds nothing there), so the
+    tolerance follows the scale of the features and of the class imbalance instead of being a fixed 1e-7.
+    """
+    x = features.double()
+    n = len(labels)
+    class_sums = torch.zeros(num_classes, x.shape[1], dtype=torch.float64).index_add_(0, labels, x)
+    grad_weight = x.mean(0) / num_classes - class_sums / n
+    grad_bias = 1.0 / num_classes - torch.bincount(labels, minlength=num_classes).double() / n
+    return relative * max(grad_weight.abs().max().item(), grad_bias.abs().max().item())
 
 
 def holdout_split(n: int, fraction: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,6 +94,39 @@ def holdout_split(n: int, fraction: float = 0.1, seed: int = 0) -> tuple[torch.T
     return order[n_holdout:], order[:n_holdout]
 
 
+def best_c_of(holdout_top1: dict[str, float]) -> float:
+    """The C with the best holdout top-1; ties go to the smaller C (the stronger regularisation)."""
+    return float(max(holdout_top1, key=lambda c: (holdout_top1[c], -float(c))))
+
+
+def search_should_stop(accuracies: list[float], patience: int | None) -> bool:
+    """Whether the ascending C search can stop, given the holdout accuracies so far (in C order).
+
+    With ``patience`` None it never stops. Otherwise it stops at 100% (a larger C can at best tie, and ties go to the
+    smaller C), and once the accuracy has risen above its first value (strong regularisation often starts on a
+    plateau of constant predictions) without beating its best for ``patience`` C values.
+    """
+    if patience is None:
+        return False
+    best = max(accuracies)
+    if best >= 100.0:
+        return True
+    since_best = len(accuracies) - 1 - accuracies.index(best)
+    return best > accuracies[0] and since_best >= patience
+
+
+@dataclass
+class SearchStep:
+    """The C search after one more fit: what the progress line shows and what partial results are made of."""
+
+    done: int
+    c: float
+    holdout_top1: dict[str, float]
+    best_c: float
+    best_model: LinearModel
+    elapsed_s: float
+
+
 def select_c_and_fit(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -47,25 +136,51 @@ def select_c_and_fit(
     seed: int = 0,
     num_classes: int | None = None,
     name: str = "logistic regression",
+    tol: float | None = None,
+    patience: int | None = None,
+    warm_start: bool = True,
+    on_step: Callable[[SearchStep], None] | None = None,
 ) -> tuple[LinearModel, float, dict[str, float]]:
     """Choose C by holdout top-1 accuracy (ties: the smaller C), then refit on all of train at that C.
 
-    Returns the final model, the chosen C and the holdout accuracy of every C.
+    C values are fitted in ascending order; with ``warm_start`` (and a backend that can) each fit starts from the
+    previous solution and the refit from the chosen one. ``tol`` overrides the backend's gradient tolerance,
+    ``patience`` enables the early exit of :func:`search_should_stop`, ``on_step`` is called after every C.
+    Returns the final model, the chosen C and the holdout accuracy of every C fitted.
     """
+    if not c_values:
+        raise ValueError("no C values to choose from: c_values is empty; pass at least one, e.g. c_grid()")
     num_classes = num_classes or int(train_labels.max()) + 1
+    warm_start = warm_start and backend.warm_start
     fit_idx, holdout_idx = holdout_split(len(train_features), holdout_fraction, seed)
     x_fit, y_fit = train_features[fit_idx], train_labels[fit_idx]
     x_hold, y_hold = train_features[holdout_idx], train_labels[holdout_idx]
+    c_sorted = sorted(c_values)
     holdout_top1: dict[str, float] = {}
-    progress = Progress(f"{name}: choosing C", len(c_values))
-    model = None
-    for i, c in enumerate(sorted(c_values)):
-        model = backend.fit(x_fit, y_fit, c, num_classes, init=model if backend.warm_start else None)
+    progress = Progress(f"{name}: choosing C", len(c_sorted))
+    start = time.perf_counter()
+    model = best_model = None
+    for done, c in enumerate(c_sorted, start=1):
+        model = backend.fit(x_fit, y_fit, c, num_classes, init=model if warm_start else None, tol=tol)
         holdout_top1[repr(c)] = topk_accuracy(model.logits(x_hold), y_hold, 1)
-        progress.print(i + 1, f"C={c:.3g} holdout top-1 {holdout_top1[repr(c)]:.2f}%")
-    best_c = float(max(holdout_top1, key=lambda c: (holdout_top1[c], -float(c))))
+        best_c = best_c_of(holdout_top1)
+        best_model = model if best_c == c else best_model
+        elapsed = time.perf_counter() - start
+        progress.print(
+            done,
+            f"C={c:.3g} holdout top-1 {holdout_top1[repr(c)]:.2f}% (best {holdout_top1[repr(best_c)]:.2f}% at "
+            f"C={best_c:.3g}) elapsed {format_duration(elapsed)}",
+        )
+        if on_step is not None:
+            on_step(SearchStep(done, c, dict(holdout_top1), best_c, best_model, elapsed))
+        if search_should_stop(list(holdout_top1.values()), patience):
+            if done < len(c_sorted):
+                print(f"{name}: stopping after {done}/{len(c_sorted)} C values (patience {patience})", flush=True)
+            break
     print(f"{name}: best C={best_c:.4g}, refitting on all {len(train_features)} training samples", flush=True)
-    final = backend.fit(train_features, train_labels, best_c, num_classes)
+    final = backend.fit(
+        train_features, train_labels, best_c, num_classes, init=best_model if warm_start else None, tol=tol
+    )
     return final, best_c, holdout_top1
 
 
@@ -79,11 +194,29 @@ def log_regression_eval(
     holdout_fraction: float = 0.1,
     seed: int = 0,
     name: str = "logistic regression",
+    tol: float | None = None,
+    patience: int | None = None,
+    warm_start: bool = True,
+    on_step: Callable[[SearchStep], None] | None = None,
 ) -> dict:
-    """The whole protocol on features already extracted: {best_c, top1, top5, holdout_top1 per C}."""
+    """The whole protocol on features already extracted: {best_c, top1, top5, holdout_top1 per C fitted}.
+
+    ``tol``, ``patience``, ``warm_start`` and ``on_step`` as in :func:`select_c_and_fit`.
+    """
     num_classes = int(max(train_labels.max(), val_labels.max())) + 1
     model, best_c, holdout = select_c_and_fit(
-        train_features, train_labels, c_values, backend, holdout_fraction, seed, num_classes, name
+        train_features,
+        train_labels,
+        c_values,
+        backend,
+        holdout_fraction,
+        seed,
+        num_classes,
+        name,
+        tol=tol,
+        patience=patience,
+        warm_start=warm_start,
+        on_step=on_step,
     )
     logits = model.logits(val_features)
     return {
@@ -94,6 +227,101 @@ def log_regression_eval(
     }
 
 
+@dataclass
+class SearchSettings:
+    """The C search a command line asks for: ``original`` or ``scaled`` (see the module docstring)."""
+
+    protocol: str
+    c_values: list[float]
+    tol: float | None
+    patience: int | None
+    warm_start: bool
+
+
+def original_search() -> SearchSettings:
+    """valeoai/Franca ``sweep_C_values``: all 45 C values, the backend's own tolerance, every fit from zero."""
+    return SearchSettings("original", c_grid(ORIGINAL_GRID_SIZE, *C_LOG10_RANGE), None, None, False)
+
+
+def scaled_search(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    num_classes: int,
+    holdout_fraction: float = 0.1,
+    grid_size: int | None = None,
+    c_log10_range: tuple[float, float] = C_LOG10_RANGE,
+    tol: float | None = None,
+    patience: int = DEFAULT_PATIENCE,
+) -> SearchSettings:
+    """The default search: grid of :func:`scaled_grid_size` values and tolerance of :func:`scaled_tolerance` unless
+    given, warm starts, early exit after ``patience`` C values without improvement (0: none)."""
+    n_holdout = max(1, round(holdout_fraction * len(train_labels)))
+    size = grid_size or scaled_grid_size(n_holdout, *c_log10_range)
+    tol = scaled_tolerance(train_features, train_labels, num_classes) if tol is None else tol
+    return SearchSettings("scaled", c_grid(size, *c_log10_range), tol, patience or None, True)
+
+
+def search_settings(
+    args: argparse.Namespace, train_features: torch.Tensor, train_labels: torch.Tensor, num_classes: int
+) -> SearchSettings:
+    """The :class:`SearchSettings` of the parsed flags on this training set."""
+    if args.original_protocol:
+        explicit = [
+            flag
+            for flag, value in (("--c-grid-size", args.c_grid_size), ("--tol", args.tol), ("--patience", args.patience))
+            if value is not None
+        ]
+        explicit += ["--c-log10-range"] if tuple(args.c_log10_range) != C_LOG10_RANGE else []
+        if explicit:
+            raise ValueError(
+                f"--original-protocol fixes the C grid, tolerance and patience, so it cannot be combined with "
+                f"{', '.join(explicit)}; drop --original-protocol to set them yourself"
+            )
+        return original_search()
+    return scaled_search(
+        train_features,
+        train_labels,
+        num_classes,
+        args.holdout_fraction,
+        args.c_grid_size,
+        tuple(args.c_log10_range),
+        args.tol,
+        DEFAULT_PATIENCE if args.patience is None else args.patience,
+    )
+
+
+class PartialResults:
+    """Rewrites ``results_eval_log_regression.json`` after each C with ``"complete": false`` and the best C so far, so
+    a run stopped by Ctrl-C, SIGTERM or a kill leaves its best result. The val accuracies in it are those of the
+    model fitted on the 90% split at that C (``*_before_refit``): the refit on all of train happens at the end."""
+
+    def __init__(
+        self,
+        output_dir: str,
+        record: dict,
+        val_features: torch.Tensor,
+        val_labels: torch.Tensor,
+        metadata: Callable[[], dict],
+    ):
+        self.output_dir, self.record, self.metadata = output_dir, record, metadata
+        self.val_features, self.val_labels = val_features, val_labels
+        self.path = None
+
+    def __call__(self, step: SearchStep) -> None:
+        logits = step.best_model.logits(self.val_features)
+        partial = {
+            **self.record,
+            "complete": False,
+            "c_fitted": step.done,
+            "search_s": round(step.elapsed_s, 3),
+            "best_c": step.best_c,
+            "holdout_top1": step.holdout_top1,
+            "top1_before_refit": topk_accuracy(logits, self.val_labels, 1),
+            "top5_before_refit": topk_accuracy(logits, self.val_labels, 5),
+        }
+        self.path = write_results(self.output_dir, "log_regression", partial, self.metadata())
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         "franca.eval.log_regression", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -102,22 +330,46 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-dataset", required=True, help="dataset string, e.g. ImageNet:split=TRAIN:root=R")
     p.add_argument("--val-dataset", required=True, help="dataset string, e.g. ImageNet:split=VAL:root=R")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="auto: cuML, else scikit-learn, else torch")
-    p.add_argument("--c-grid-size", type=int, default=45, help="number of C values in 10^linspace(min, max)")
-    p.add_argument("--c-log10-range", type=float, nargs=2, default=(-6.0, 5.0), metavar=("MIN", "MAX"))
+    p.add_argument(
+        "--c-grid-size",
+        type=int,
+        default=None,
+        help="number of C values in 10^linspace(min, max) (default: scaled to the holdout size; the original: 45)",
+    )
+    p.add_argument("--c-log10-range", type=float, nargs=2, default=C_LOG10_RANGE, metavar=("MIN", "MAX"))
     p.add_argument("--holdout-fraction", type=float, default=0.1, help="share of train held out to choose C")
     p.add_argument("--max-iter", type=int, default=1000, help="solver iterations per fit")
-    p.add_argument("--seed", type=int, default=0, help="seed of the holdout split")
+    p.add_argument(
+        "--tol",
+        type=float,
+        default=None,
+        help=f"solver gradient tolerance (default: {RELATIVE_TOLERANCE:g} x the largest gradient component at W = 0)",
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help=f"stop after this many C values without a better holdout accuracy; 0: fit every C "
+        f"(default: {DEFAULT_PATIENCE})",
+    )
+    p.add_argument(
+        "--original-protocol",
+        action="store_true",
+        help="the original search: all 45 C values in 10^[-6, 5], the backend's own tolerance, each fit from zero",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = get_args_parser().parse_args(argv)
+    args = parse_eval_args(get_args_parser(), argv)
     backend = make_backend(args.backend, max_iter=args.max_iter)
-    model = FeatureModel(load_backbone_for_eval(args.weights, args.rasa_weights), args.rasa_weights is not None)
-    train = extract_labelled_features(model, args.train_dataset, args, "train")
-    val = extract_labelled_features(model, args.val_dataset, args, "val")
-    c_values = c_grid(args.c_grid_size, *args.c_log10_range)
-    results = log_regression_eval(*train, *val, c_values, backend, args.holdout_fraction, args.seed)
+    backbone = load_backbone_for_eval(args.weights, args.rasa_weights)
+    evaluation = eval_settings(args, backbone, CLASSIFICATION_PROTOCOLS, classification=True)
+    model = FeatureModel(backbone, evaluation.use_rasa_head)
+    train = extract_labelled_features(model, args.train_dataset, evaluation, "train")
+    val = extract_labelled_features(model, args.val_dataset, evaluation, "val")
+    num_classes = int(max(train[1].max(), val[1].max())) + 1
+    settings = search_settings(args, *train, num_classes)
     record = {
         "weights": args.weights,
         "rasa_weights": args.rasa_weights,
@@ -125,10 +377,33 @@ def main(argv: list[str] | None = None) -> dict:
         "val_dataset": args.val_dataset,
         "backend": backend.name,
         "holdout_fraction": args.holdout_fraction,
-        "c_values": c_values,
-        **results,
+        "protocol": settings.protocol,
+        "tol": backend.tol if settings.tol is None else settings.tol,
+        "patience": settings.patience,
+        "warm_start": settings.warm_start and backend.warm_start,
+        "c_values": settings.c_values,
     }
-    path = write_results(args.output_dir, "log_regression", record)
+    datasets = {"train": args.train_dataset, "val": args.val_dataset}
+    partial = PartialResults(args.output_dir, record, *val, lambda: run_metadata(args, evaluation, datasets))
+    try:
+        results = log_regression_eval(
+            *train,
+            *val,
+            settings.c_values,
+            backend,
+            args.holdout_fraction,
+            args.seed,
+            tol=settings.tol,
+            patience=settings.patience,
+            warm_start=settings.warm_start,
+            on_step=partial,
+        )
+    except KeyboardInterrupt:
+        if partial.path is not None:
+            print(f'stopped: the best result so far is in {partial.path} ("complete": false)', flush=True)
+        raise
+    record = {**record, "complete": True, "c_fitted": len(results["holdout_top1"]), **results}
+    path = write_results(args.output_dir, "log_regression", record, run_metadata(args, evaluation, datasets))
     print(
         f"logistic regression ({backend.name}): C={results['best_c']:.4g} top-1 {results['top1']:.2f}% "
         f"top-5 {results['top5']:.2f}% -> {path}"

@@ -1,11 +1,16 @@
-"""L2-regularised multinomial logistic regression, three interchangeable solvers (reference §7, log_regression).
+"""L2-regularised multinomial logistic regression, three interchangeable solvers.
+
+The solvers of the logistic-regression protocol (valeoai/Franca ``franca/eval/log_regression.py``, which fits cuML
+only; docs/evaluation.md, "Logistic regression").
 
 All solve  min_{W,b}  Σ_i CE(W x_i + b, y_i) + ‖W‖² / (2C)  (intercept not penalised, scikit-learn's objective):
 - ``cuml``: cuML's GPU quasi-Newton solver with the original's settings (tol 1e-12, 50 line-search steps);
 - ``sklearn``: scikit-learn's L-BFGS;
 - ``torch``: L-BFGS with strong-Wolfe line search in float64 on the default device (GPU when present), loss
-  accumulated over row chunks so large feature sets fit; each fit may warm-start from the previous solution.
-Every backend returns a :class:`LinearModel`; predictions are made from it the same way for all.
+  accumulated over row chunks so large feature sets fit.
+``sklearn`` and ``torch`` can start a fit from a previous solution (``init``, the warm start along the C path); every
+fit takes an optional gradient tolerance ``tol`` overriding the backend's own. Every backend returns a
+:class:`LinearModel`; predictions are made from it the same way for all.
 With two classes scikit-learn and cuML fit one logit (w = w₁ − w₀) while ``torch`` fits two; the torch optimum then
 equals theirs at 2C.
 """
@@ -51,18 +56,41 @@ def _from_estimator(coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray
     return LinearModel(weight, bias)
 
 
+def _to_estimator(init: LinearModel, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(coef_, intercept_) of a scikit-learn estimator over ``classes`` starting at ``init`` (inverse of
+    :func:`_from_estimator`); a class ``init`` never saw (bias −inf) starts at 0."""
+    weight = init.weight[torch.as_tensor(classes, dtype=torch.long)]
+    bias = torch.nan_to_num(init.bias[torch.as_tensor(classes, dtype=torch.long)], neginf=0.0)
+    if len(classes) == 2:
+        weight, bias = (weight[1] - weight[0])[None], (bias[1] - bias[0])[None]
+    return weight.numpy().copy(), bias.numpy().copy()
+
+
 class SklearnBackend:
     name = "sklearn"
-    warm_start = False
+    warm_start = True
 
     def __init__(self, max_iter: int = 1000, tol: float = 1e-7):
         self.max_iter, self.tol = max_iter, tol
 
-    def fit(self, features: torch.Tensor, labels: torch.Tensor, C: float, num_classes: int, init=None) -> LinearModel:
+    def fit(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        C: float,
+        num_classes: int,
+        init: LinearModel | None = None,
+        tol: float | None = None,
+    ) -> LinearModel:
         from sklearn.linear_model import LogisticRegression
 
-        model = LogisticRegression(C=C, max_iter=self.max_iter, tol=self.tol)
-        model.fit(features.double().numpy(), labels.numpy())
+        y = labels.numpy()
+        model = LogisticRegression(
+            C=C, max_iter=self.max_iter, tol=self.tol if tol is None else tol, warm_start=init is not None
+        )
+        if init is not None:
+            model.coef_, model.intercept_ = _to_estimator(init, np.unique(y))
+        model.fit(features.double().numpy(), y)
         return _from_estimator(model.coef_, model.intercept_, model.classes_, num_classes)
 
 
@@ -73,11 +101,25 @@ class CumlBackend:
     def __init__(self, max_iter: int = 1000, tol: float = 1e-12):
         self.max_iter, self.tol = max_iter, tol
 
-    def fit(self, features: torch.Tensor, labels: torch.Tensor, C: float, num_classes: int, init=None) -> LinearModel:
+    def fit(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        C: float,
+        num_classes: int,
+        init: LinearModel | None = None,
+        tol: float | None = None,
+    ) -> LinearModel:
+        """``init`` is ignored: cuML's solver always starts from zero."""
         from cuml.linear_model import LogisticRegression
 
         model = LogisticRegression(
-            penalty="l2", C=C, tol=self.tol, max_iter=self.max_iter, linesearch_max_iter=50, output_type="numpy"
+            penalty="l2",
+            C=C,
+            tol=self.tol if tol is None else tol,
+            max_iter=self.max_iter,
+            linesearch_max_iter=50,
+            output_type="numpy",
         )
         model.fit(features.double().numpy(), labels.numpy())
         return _from_estimator(model.coef_, model.intercept_, model.classes_, num_classes)
@@ -107,6 +149,7 @@ class TorchBackend:
         C: float,
         num_classes: int,
         init: LinearModel | None = None,
+        tol: float | None = None,
     ) -> LinearModel:
         if C <= 0:
             raise ValueError(f"C={C} must be > 0 (the inverse of the L2 regularisation strength)")
@@ -125,7 +168,7 @@ class TorchBackend:
             lr=1.0,
             max_iter=self.max_iter,
             max_eval=2 * self.max_iter,
-            tolerance_grad=self.tol,
+            tolerance_grad=self.tol if tol is None else tol,
             tolerance_change=1e-15,
             history_size=20,
             line_search_fn="strong_wolfe",

@@ -1,8 +1,8 @@
 """k-NN (and optionally logistic-regression) accuracy on the first d features of the CLS token (paper Figure 4).
 
-Franca's Matryoshka heads (reference §3.1) train the nested prefixes x[:d] of the backbone feature, so a prefix should
-classify nearly as well as the whole feature. Features are extracted once; for each d in {D, D/2, …, D/64} (halving
-while d ≥ 1, or a given list) the prefix is L2-normalised again and classified with the weighted k-NN of
+Franca's Matryoshka heads (paper arXiv 2507.14137, Sec. 3) train the nested prefixes x[:d] of the backbone feature, so a
+prefix should classify nearly as well as the whole feature. Features are extracted once; for each d in {D, D/2, …, D/64}
+(halving while d ≥ 1, or a given list) the prefix is L2-normalised again and classified with the weighted k-NN of
 :mod:`franca.eval.knn` (``--linear`` adds the logistic-regression protocol of :mod:`franca.eval.log_regression`).
 Writes ``results_eval_matryoshka.json`` and ``matryoshka.png`` (accuracy against d, log2 axis).
 
@@ -12,15 +12,20 @@ Writes ``results_eval_matryoshka.json`` and ``matryoshka.png`` (accuracy against
 import argparse
 import importlib.util
 import io
+import textwrap
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from franca.eval.common import (
+    CLASSIFICATION_PROTOCOLS,
     add_backbone_arguments,
+    eval_settings,
     extract_labelled_features,
     load_backbone_for_eval,
+    parse_eval_args,
+    run_metadata,
     write_results,
 )
 from franca.eval.knn import DEFAULT_KS, knn_accuracies
@@ -28,6 +33,8 @@ from franca.eval.log_regression import c_grid, log_regression_eval
 from franca.eval.logreg_backends import BACKENDS, make_backend
 from franca.eval.models import FeatureModel
 from franca.utils.atomic import atomic_write
+
+TITLE_WRAP_CHARACTERS = 70
 
 
 def matryoshka_dims(embed_dim: int, max_halvings: int = 6) -> list[int]:
@@ -105,7 +112,9 @@ def format_table(knn: dict, linear: dict | None = None) -> str:
 
 
 def plot_matryoshka(path: str | Path, knn: dict, linear: dict | None = None, title: str = "") -> None:
-    """Top-1 accuracy against the prefix size d (log2 axis), one line per k (and logistic regression); PNG."""
+    """Top-1 accuracy against the prefix size d (log2 axis), one line per k (and logistic regression); PNG.
+
+    A long title (a checkpoint path) is wrapped to the figure's width so that none of it is cut off."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,12 +130,12 @@ def plot_matryoshka(path: str | Path, knn: dict, linear: dict | None = None, tit
     ax.set_xticks(dims, [str(d) for d in dims])
     ax.set_xlabel("feature dimensions used (first d)")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title or "Matryoshka slices")
+    ax.set_title(textwrap.fill(title or "Matryoshka slices", TITLE_WRAP_CHARACTERS), fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     atomic_write(path, buffer.getvalue())
 
@@ -144,18 +153,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--linear", action="store_true", help="also logistic regression on each prefix")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="logistic-regression backend for --linear")
     p.add_argument("--c-grid-size", type=int, default=45, help="C values in 10^linspace(-6, 5) for --linear")
-    p.add_argument("--seed", type=int, default=0)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = get_args_parser().parse_args(argv)
+    args = parse_eval_args(get_args_parser(), argv)
     if importlib.util.find_spec("matplotlib") is None:
         raise ImportError("franca.eval.matryoshka draws matryoshka.png with matplotlib: pip install matplotlib")
     backbone = load_backbone_for_eval(args.weights, args.rasa_weights)
-    model = FeatureModel(backbone, args.rasa_weights is not None)
-    train = extract_labelled_features(model, args.train_dataset, args, "train")
-    val = extract_labelled_features(model, args.val_dataset, args, "val")
+    settings = eval_settings(args, backbone, CLASSIFICATION_PROTOCOLS, classification=True)
+    model = FeatureModel(backbone, settings.use_rasa_head)
+    train = extract_labelled_features(model, args.train_dataset, settings, "train")
+    val = extract_labelled_features(model, args.val_dataset, settings, "val")
     dims = _check_dims(args.dims or matryoshka_dims(train[0].shape[1]), train[0].shape[1])
     knn = matryoshka_knn(*train, *val, dims, tuple(args.nb_knn), args.temperature)
     record = {
@@ -174,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
         record["linear"] = {"backend": backend.name, **{str(d): r for d, r in linear.items()}}
     out = Path(args.output_dir)
     plot_matryoshka(out / "matryoshka.png", knn, linear, title=f"Matryoshka slices: {args.weights}")
-    path = write_results(out, "matryoshka", record)
+    datasets = {"train": args.train_dataset, "val": args.val_dataset}
+    path = write_results(out, "matryoshka", record, run_metadata(args, settings, datasets))
     print(format_table(knn, linear))
     print(f"-> {path} and {out / 'matryoshka.png'}")
     return record

@@ -19,14 +19,18 @@ import torch
 import torch.nn.functional as F
 
 from franca.eval.common import (
+    CLASSIFICATION_PROTOCOLS,
+    EvalSettings,
     add_backbone_arguments,
+    eval_settings,
+    extract_eval_features,
     extract_labelled_features,
-    image_decoding_from_args,
     load_backbone_for_eval,
-    make_eval_dataset,
+    parse_eval_args,
+    run_metadata,
     write_results,
 )
-from franca.eval.features import default_device, extract_features
+from franca.eval.features import default_device
 from franca.eval.log_regression import c_grid, select_c_and_fit
 from franca.eval.logreg_backends import BACKENDS, LinearModel, make_backend
 from franca.eval.metrics import ood_metrics, topk_accuracy
@@ -96,11 +100,9 @@ def ood_evaluation(
     return results
 
 
-def extract_ood_features(model: torch.nn.Module, dataset_str: str, args: argparse.Namespace, name: str) -> torch.Tensor:
+def extract_ood_features(model: torch.nn.Module, dataset_str: str, settings: EvalSettings, name: str) -> torch.Tensor:
     """Features of an OOD set; its labels are not used (an unlabelled ImageFolder is fine)."""
-    dataset = make_eval_dataset(dataset_str, args.resize_size, args.crop_size, image_decoding_from_args(args))
-    feats, _ = extract_features(model, dataset, args.batch_size, args.num_workers, default_device(), name=name)
-    return feats
+    return extract_eval_features(model, dataset_str, settings, name)[0]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -113,18 +115,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-probe", action="store_true", help="skip the linear probe (MSP and energy scores)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="logistic-regression backend of the probe")
     p.add_argument("--c-grid-size", type=int, default=12, help="probe C values in 10^linspace(-6, 5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the probe's holdout split")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = get_args_parser().parse_args(argv)
-    model = FeatureModel(load_backbone_for_eval(args.weights, args.rasa_weights), args.rasa_weights is not None)
-    train_feats, train_labels = extract_labelled_features(model, args.train_dataset, args, "in-distribution train")
-    in_feats, in_labels = extract_labelled_features(model, args.test_dataset, args, "in-distribution test")
+    args = parse_eval_args(get_args_parser(), argv)
+    backbone = load_backbone_for_eval(args.weights, args.rasa_weights)
+    settings = eval_settings(args, backbone, CLASSIFICATION_PROTOCOLS, classification=True)
+    model = FeatureModel(backbone, settings.use_rasa_head)
+    train_feats, train_labels = extract_labelled_features(model, args.train_dataset, settings, "in-distribution train")
+    in_feats, in_labels = extract_labelled_features(model, args.test_dataset, settings, "in-distribution test")
     ood_feats = {}
     for i, dataset_str in enumerate(args.ood_dataset):
-        ood_feats[dataset_str] = extract_ood_features(model, dataset_str, args, f"ood {i + 1}/{len(args.ood_dataset)}")
+        name = f"ood {i + 1}/{len(args.ood_dataset)}"
+        ood_feats[dataset_str] = extract_ood_features(model, dataset_str, settings, name)
     record = {
         "weights": args.weights,
         "rasa_weights": args.rasa_weights,
@@ -151,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
             "in_distribution_top1": topk_accuracy(probe.logits(in_feats), in_labels, 1),
         }
     record["results"] = ood_evaluation(train_feats, in_feats, ood_feats, tuple(args.knn_k), probe)
-    path = write_results(args.output_dir, "ood", record)
+    datasets = {"train": args.train_dataset, "test": args.test_dataset, "ood": list(args.ood_dataset)}
+    path = write_results(args.output_dir, "ood", record, run_metadata(args, settings, datasets))
     for name, scores in record["results"].items():
         for score, m in scores.items():
             print(f"{name} {score}: AUROC {m['auroc']:.2f}%  FPR@95 {m['fpr95']:.2f}%")

@@ -1,5 +1,5 @@
-"""PCA pictures of patch features (the paper's Figure 3; reference §7 ``visualize_PCA.py``), for the full features and
-for Matryoshka slices (the first d channels, d ∈ {D, D/2, …, D/16}; reference §3.1).
+"""PCA pictures of patch features (the paper's Figure 3; valeoai/Franca ``visualize_PCA.py``), for the full features and
+for Matryoshka slices (the first d channels, d ∈ {D, D/2, …, D/16}; paper arXiv 2507.14137, Sec. 3).
 
 For one image set and one feature slice (:func:`pca_rgb`):
 1. PCA of all patch features of the set; the first component, min-max scaled over the set, marks the background
@@ -15,12 +15,14 @@ For one image set and one feature slice (:func:`pca_rgb`):
 Pictures are PNG grids, rows = images, columns = image, full features, each slice.
 
 ``python -m franca.eval.pca --weights W [--rasa-weights R] (--images P [P ...] | --dataset STR --max-images N)
---output-dir D [--input-size 448] [--slices 384 192 96 48]``
+--output-dir D [--image-size 448] [--slices 384 192 96 48]``; the image size defaults to the size the checkpoint was
+trained at (``--protocol franca``: 448, the paper's pictures).
 """
 
 import argparse
 import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +33,34 @@ from torch import nn
 from torchvision.transforms import v2
 
 from franca.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
-from franca.eval.common import load_backbone_for_eval, write_results
+from franca.eval.common import (
+    EvalSettings,
+    add_eval_arguments,
+    eval_settings,
+    load_backbone_for_eval,
+    parse_eval_args,
+    run_metadata,
+    write_results,
+)
 from franca.eval.features import default_device
-from franca.eval.segmentation import check_input_size, dense_features, parse_size
+from franca.eval.segmentation import check_input_size, dense_features
 from franca.utils.atomic import atomic_write
 from franca.utils.logging import Progress
 
 DEFAULT_THRESHOLD = 0.35
 HEADER_HEIGHT = 16
 GAP = 2
+PROTOCOLS = {"franca": (448, 448)}
+
+
+@dataclass(frozen=True)
+class PCASettings:
+    """What the pictures show: ``slices`` None = D/2 … D/16 (:func:`default_slices`)."""
+
+    slices: list[int] | None = None
+    threshold: float = DEFAULT_THRESHOLD
+    remove_background: bool = True
+    rows_per_grid: int = 8
 
 
 def principal_components(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +148,7 @@ def save_png_atomic(image: Image.Image, path: Path) -> Path:
 
 
 def default_slices(dim: int) -> list[int]:
-    """D/2, D/4, D/8, D/16: the Matryoshka nesting levels below the full dimension (reference §3.1)."""
+    """D/2, D/4, D/8, D/16: the Matryoshka nesting levels below the full dimension."""
     return [dim // divisor for divisor in (2, 4, 8, 16) if dim // divisor > 0]
 
 
@@ -140,24 +161,21 @@ def pca_pictures(
     backbone: nn.Module,
     images: list[Image.Image],
     output_dir: str | os.PathLike,
-    input_size: tuple[int, int] = (448, 448),
-    slices: list[int] | None = None,
-    threshold: float = DEFAULT_THRESHOLD,
-    remove_background: bool = True,
-    rows_per_grid: int = 8,
-    batch_size: int = 16,
+    settings: EvalSettings,
+    pictures: PCASettings = PCASettings(),
     device: torch.device | None = None,
-    use_rasa_head: bool = False,
 ) -> dict:
     """Writes ``pca_grid_<k>.png`` files (rows = images) to ``output_dir``; returns what was written."""
     device = device or default_device()
+    input_size, slices, threshold = settings.image_size, pictures.slices, pictures.threshold
+    remove_background, rows_per_grid = pictures.remove_background, pictures.rows_per_grid
     check_input_size(input_size, backbone.patch_size)
     backbone = backbone.to(device).eval()
     pixels = torch.stack([make_pca_transform(input_size)(image) for image in images])
     normalize = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     progress, chunks = Progress("pca features", len(images)), []
-    for batch in pixels.split(batch_size):
-        chunks.append(dense_features(backbone, normalize(batch).to(device), use_rasa_head).cpu())
+    for batch in pixels.split(settings.batch_size):
+        chunks.append(dense_features(backbone, normalize(batch).to(device), settings.use_rasa_head).cpu())
         progress.print(sum(len(chunk) for chunk in chunks))
     features = torch.cat(chunks)
     dim = features.shape[-1]
@@ -191,41 +209,36 @@ def pca_pictures(
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("franca.eval.pca", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--weights", required=True, help="hub name (franca_vitb14[:IN21K]) or checkpoint path")
-    p.add_argument("--rasa-weights", default=None, help="RASA head file: PCA of RASA-debiased patch tokens")
+    add_eval_arguments(p, batch_size=16, old_size_names=("--input-size",), protocols=PROTOCOLS)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", nargs="+", help="image files")
     source.add_argument("--dataset", help="dataset string, e.g. ImageFolder:root=R")
     p.add_argument("--max-images", type=int, default=8, help="images taken from --dataset")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--input-size", type=int, nargs="+", default=[448], help="S or H W; a multiple of the patch size")
     p.add_argument("--slices", type=int, nargs="*", default=None, help="feature counts (default D/2 D/4 D/8 D/16)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="background: scaled PC1 > threshold")
     p.add_argument("--keep-background", action="store_true", help="one PCA of all patches, no foreground step")
     p.add_argument("--rows-per-grid", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=16)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = get_args_parser().parse_args(argv)
+    args = parse_eval_args(get_args_parser(), argv)
     from franca.data.datasets import decode_image
     from franca.data.loaders import make_dataset
 
+    backbone = load_backbone_for_eval(args.weights, args.rasa_weights)
+    settings = eval_settings(args, backbone, PROTOCOLS)
     if args.images:
-        names, images = list(args.images), [decode_image(path) for path in args.images]
+        names, images = list(args.images), [decode_image(path, settings.decoding) for path in args.images]
     else:
-        dataset = make_dataset(args.dataset)
+        dataset = make_dataset(args.dataset, decoding=settings.decoding)
         count = min(args.max_images, len(dataset))
         names, images = [f"{args.dataset}[{i}]" for i in range(count)], [dataset[i][0] for i in range(count)]
-    backbone = load_backbone_for_eval(args.weights, args.rasa_weights)
-    results = pca_pictures(
-        backbone, images, args.output_dir, parse_size(args.input_size), args.slices, args.threshold,
-        not args.keep_background, args.rows_per_grid, args.batch_size, default_device(),
-        args.rasa_weights is not None,
-    )  # fmt: skip
+    pictures = PCASettings(args.slices, args.threshold, not args.keep_background, args.rows_per_grid)
+    results = pca_pictures(backbone, images, args.output_dir, settings, pictures, default_device())
     record = {"weights": args.weights, "rasa_weights": args.rasa_weights, "images": names, **results}
-    write_results(args.output_dir, "pca", record)
+    datasets = {"images": names} if args.images else {"dataset": args.dataset, "images": names}
+    write_results(args.output_dir, "pca", record, run_metadata(args, settings, datasets))
     print(f"pca: wrote {', '.join(results['grids'])} to {args.output_dir}")
     return record
 

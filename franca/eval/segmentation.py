@@ -22,10 +22,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from franca.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
-from franca.data.datasets.seeded_transform import seeded_global_rngs
+from franca.data.datasets.base import IGNORE_INDEX
+from franca.data.seeded_transform import seeded_global_rngs
 from franca.utils.logging import Progress
-
-IGNORE_INDEX = 255
 
 
 # --------------------------------------------------------------------------------------------------------- metrics
@@ -106,15 +105,6 @@ def patch_label_distribution(
     flat = patch_index[valid] * num_classes + mask[valid]
     counts = torch.bincount(flat, minlength=b * gh * gw * num_classes).float().reshape(b, gh, gw, num_classes)
     return counts / counts.sum(-1, keepdim=True).clamp_min(1)
-
-
-def patch_majority_labels(
-    mask: torch.Tensor, patch_size: int, num_classes: int, ignore_index: int = IGNORE_INDEX
-) -> torch.Tensor:
-    """Most frequent labelled class of each patch, [B, H/p, W/p] int64; ``ignore_index`` where nothing is labelled."""
-    distribution = patch_label_distribution(mask, patch_size, num_classes, ignore_index)
-    labels = distribution.argmax(-1)
-    return torch.where(distribution.sum(-1) > 0, labels, torch.full_like(labels, ignore_index))
 
 
 # ----------------------------------------------------------------------------------------------------------- data

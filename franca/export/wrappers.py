@@ -3,9 +3,9 @@
 ONNX and Core ML want a module whose forward takes one tensor and returns tensors, with no Python branching on
 shapes. :class:`ExportableBackbone` takes the weights of a :class:`DinoVisionTransformer` and returns
 ``(cls_token [B, D], patch_tokens [B, N, D])``, plus ``patch_tokens_rasa [B, N, D]`` when a RASA head is attached
-(folded into one D×D matrix, reference §8.1).
+(folded into one D×D matrix; valeoai/Franca ``rasa/src/rasa_head.py``, ``RASAHead.forward``).
 
-Position embeddings (reference §2.3) come in two forms:
+Position embeddings (valeoai/Franca ``DinoVisionTransformer.interpolate_pos_encoding``) come in two forms:
 
 * fixed size: the embeddings for that one image size are computed once with the model's own interpolation and stored
   as a constant, so the graph holds no resize at all;
@@ -95,8 +95,9 @@ def bicubic_resize_matrix(
     """Matrix A [out_size, in_size] (float32) with ``A @ g`` = bicubic resize of g along one axis, as the model does.
 
     Reproduces ``F.interpolate(mode="bicubic", align_corners=False, antialias=False)`` along one axis for
-    ``scale_factor = (out_size + offset) / in_size`` (offset > 0) or ``size = out_size`` (offset None), reference
-    §2.3: the inverse scale is computed in float64 and rounded to float32 as PyTorch does; the source coordinate
+    ``scale_factor = (out_size + offset) / in_size`` (offset > 0) or ``size = out_size`` (offset None), as the
+    original ``interpolate_pos_encoding``: the inverse scale is computed in float64 and rounded to float32 as
+    PyTorch does; the source coordinate
     ``inverse_scale · (i + 0.5) − 0.5`` is rounded once to float32 (PyTorch's CPU kernel evaluates it as a fused
     multiply-add; two roundings would move some taps by an ulp of the coordinate, ~1e-6); the four taps
     ``floor − 1 … floor + 2`` are clamped to the grid and weighted by Keys' cubic (a = −0.75), evaluated in float64.
@@ -174,7 +175,7 @@ class ExportableBackbone(nn.Module):
         self.register_buffer("interpolate_offset", offset_tensor, persistent=False)
 
     def position_embeddings(self, h0: int | torch.SymInt, w0: int | torch.SymInt) -> torch.Tensor:
-        """[1, 1 + h0·w0, D] position embeddings for an h0×w0 patch grid (reference §2.3)."""
+        """[1, 1 + h0·w0, D] position embeddings for an h0×w0 patch grid (``interpolate_pos_encoding``)."""
         if self.fixed_size is not None:
             return self.pos_embed
         side, dim = self.grid_side, self.pos_grid.shape[-1]

@@ -1,22 +1,15 @@
 """Backbone entry points: ``franca_vitb14`` / ``franca_vitl14`` / ``franca_vitg14`` and ``load_backbone``.
 
-The hub entries build the Franca ViT of reference §2.1 (patch 14, SwiGLU, LayerScale 1e-5, no registers,
-interpolation offset 0.1, no antialias) at the image size of the checkpoint's ``pos_embed`` and load it strictly: a
-checkpoint of another architecture is refused with its missing, unexpected and mis-shaped keys. ``load_backbone``
-builds any of our ViTs from an arbitrary checkpoint, reading the architecture off its keys.
+The hub entries build the Franca ViT of valeoai/Franca ``franca/hub/backbones.py`` (patch 14, SwiGLU, LayerScale 1e-5,
+no registers, interpolation offset 0.1, no antialias) at the image size of the checkpoint's ``pos_embed`` and load it
+strictly: a checkpoint of another architecture is refused with its missing, unexpected and mis-shaped keys.
+``load_backbone`` builds any of our ViTs from an arbitrary checkpoint, reading the architecture off its keys.
 """
 
-import inspect
 import os
 
 import torch
 
-from franca.hub.keys import (
-    extract_rasa_state_dict,
-    infer_architecture,
-    infer_image_size,
-    normalize_backbone_state_dict,
-)
 from franca.hub.loading import is_url, load_checkpoint_file, load_multipart_checkpoint, read_export_config
 from franca.hub.registry import (
     DEFAULT_WEIGHTS,
@@ -26,23 +19,10 @@ from franca.hub.registry import (
     get_weights,
     is_weights_name,
 )
-from franca.models.vision_transformer import ARCHITECTURES, DinoVisionTransformer
-from rasa.head import RASAHead
-
-FRANCA_VIT_CONFIG = {
-    "patch_size": 14,
-    "ffn_layer": "swiglufused",
-    "layerscale": 1e-5,
-    "num_register_tokens": 0,
-    "qkv_bias": True,
-    "proj_bias": True,
-    "ffn_bias": True,
-    "interpolate_offset": 0.1,
-    "interpolate_antialias": False,
-}
-
-_VIT_KEYWORDS = set(inspect.signature(DinoVisionTransformer.__init__).parameters) - {"self"}
-
+from franca.layers.rasa_head import RASAHead
+from franca.models.config import ARCHITECTURES, ViTConfig
+from franca.models.vision_transformer import DinoVisionTransformer
+from franca.models.weights import extract_rasa_state_dict, from_release, infer_config, infer_image_size, load_strict
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading sources
@@ -72,7 +52,7 @@ def load_rasa_head(
 
 
 def _rasa_head_from_state(state: dict, embed_dim: int | None, source: str) -> RASAHead:
-    head = RASAHead.from_state_dict(state)
+    head = RASAHead.from_state_dict(state, source)
     if embed_dim is not None and head.input_dim != embed_dim:
         raise ValueError(
             f"the RASA head from {source} is for embedding size {head.input_dim}, but the backbone's is {embed_dim}; "
@@ -121,77 +101,39 @@ def _attach_rasa(
 # Building and strict loading
 
 
-def _check_keywords(config: dict) -> None:
-    unknown = sorted(set(config) - _VIT_KEYWORDS)
-    if unknown:
-        raise TypeError(f"unknown ViT keyword(s) {unknown}; DinoVisionTransformer accepts {sorted(_VIT_KEYWORDS)}")
-
-
 def _architecture_hint(state_dict: dict) -> str:
     try:
-        spec = infer_architecture(state_dict)
+        spec = infer_config(state_dict)
     except ValueError as err:
         return f"its architecture could not be read ({err})"
     name = spec.arch or "an unnamed ViT"
     return (
         f"the checkpoint looks like {name} (embed_dim={spec.embed_dim}, depth={spec.depth}, "
         f"patch_size={spec.patch_size}, ffn_layer={spec.ffn_layer}); load it with the matching hub entry or "
-        "franca.hub.load_backbone(path), which reads the architecture off the file"
+        "franca.hub.load_backbone(path) (torch.hub: franca_from_checkpoint), which reads the architecture off the file"
     )
 
 
-def _mismatch_report(expected: dict, state_dict: dict) -> str:
-    """Missing, unexpected and mis-shaped keys, each in state-dict order (first few of each)."""
-    missing = [key for key in expected if key not in state_dict]
-    unexpected = [key for key in state_dict if key not in expected]
-    mismatched = [
-        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in expected
-        if key in state_dict and state_dict[key].shape != expected[key].shape
-    ]
-    parts = [
-        f"{len(items)} {label} {items[:6]}{' …' if len(items) > 6 else ''}"
-        for label, items in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches", mismatched),
-        )
-        if items
-    ]
-    return "; ".join(parts)
-
-
-def build_loaded_vit(config: dict, state_dict: dict, source: str) -> DinoVisionTransformer:
+def build_loaded_vit(config: ViTConfig, state_dict: dict, source: str) -> DinoVisionTransformer:
     """Build a ViT from ``config`` and load ``state_dict`` strictly (built on ``meta``: no wasted random init)."""
-    _check_keywords(config)
     with torch.device("meta"):
-        model = DinoVisionTransformer(**config)
-    expected = model.state_dict()
-    report = _mismatch_report(expected, state_dict)
-    if report:
-        described = ", ".join(
-            f"{k}={config[k]}" for k in ("embed_dim", "depth", "patch_size", "ffn_layer") if k in config
-        )
-        raise ValueError(
-            f"checkpoint {source} does not fit the requested ViT ({described}): {report}. "
-            f"{_architecture_hint(state_dict)}"
-        )
-    cast = {key: tensor.to(dtype=expected[key].dtype) for key, tensor in state_dict.items()}
-    model.load_state_dict(cast, strict=True, assign=True)
+        model = DinoVisionTransformer(config)
+    described = ", ".join(f"{k}={getattr(config, k)}" for k in ("embed_dim", "depth", "patch_size", "ffn_layer"))
+    target = f"the requested ViT ({described})"
+    load_strict(model, state_dict, source, target, hint=_architecture_hint(state_dict), assign=True)
     return model
 
 
-def _apply_image_size(config: dict, checkpoint_img_size: int) -> None:
+def _checkpoint_image_size(requested: int | None, checkpoint_img_size: int) -> int:
     """Build at the checkpoint's own grid; an ``img_size=`` keyword that disagrees is refused (a resized grid would
     change the outputs at every other input size, while the model already runs at any size divisible by the patch)."""
-    requested = config.pop("img_size", None) or checkpoint_img_size
-    if requested != checkpoint_img_size:
+    if requested and requested != checkpoint_img_size:
         raise ValueError(
             f"img_size={requested} conflicts with the checkpoint's position grid (built for {checkpoint_img_size}px); "
             "leave img_size out: the model runs at any input size divisible by the patch size. To change the grid "
             "itself (high-resolution finetuning), use scripts/modify_ckpt_highres.py"
         )
-    config["img_size"] = checkpoint_img_size
+    return checkpoint_img_size
 
 
 def _hub_model(
@@ -203,21 +145,20 @@ def _hub_model(
     kwargs: dict,
 ) -> DinoVisionTransformer:
     release = get_weights(arch, str(weights)) if is_weights_name(str(weights)) else None
-    dims = dict(zip(("embed_dim", "depth", "num_heads"), ARCHITECTURES[arch], strict=True))
-    config = {**dims, **FRANCA_VIT_CONFIG, **kwargs}
+    kwargs = dict(kwargs)
+    requested_size = kwargs.pop("img_size", None)
+    config = ViTConfig.for_arch(arch, **kwargs)
     if not pretrained:
         if use_rasa_head and rasa_weights is None:
             raise ValueError("pretrained=False with use_rasa_head=True needs rasa_weights= (a RASA head file)")
         default_size = (release or get_weights(arch, DEFAULT_WEIGHTS[arch])).img_size
-        config.setdefault("img_size", default_size)
-        _check_keywords(config)
-        model = DinoVisionTransformer(**config)
+        model = DinoVisionTransformer(config.with_overrides(img_size=requested_size or default_size))
         _attach_rasa(model, arch, False, rasa_weights, None, {})
         return model
     raw = _read_release(release) if release is not None else load_checkpoint_file(weights)
-    state_dict, embedded_rasa = normalize_backbone_state_dict(raw)
-    _apply_image_size(config, infer_image_size(state_dict, config["patch_size"]))
-    model = build_loaded_vit(config, state_dict, _describe_source(weights, release))
+    state_dict, embedded_rasa = from_release(raw)
+    img_size = _checkpoint_image_size(requested_size, infer_image_size(state_dict, config.patch_size))
+    model = build_loaded_vit(config.with_overrides(img_size=img_size), state_dict, _describe_source(weights, release))
     _attach_rasa(model, arch, use_rasa_head, rasa_weights, release, embedded_rasa)
     return model
 
@@ -271,21 +212,25 @@ def _resolve_arch(arch: str | None) -> str | None:
     raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHITECTURES)} or {sorted(HUB_ENTRIES)}")
 
 
-def _generic_config(weights: str | os.PathLike, state_dict: dict, arch: str | None, stored: dict | None) -> dict:
-    """ViT keywords for an arbitrary checkpoint: an export folder's config.json or the ``backbone_config`` our
-    trainer stores beside the teacher, else read off the keys."""
+def _generic_config(
+    weights: str | os.PathLike, state_dict: dict, arch: str | None, stored: dict | None, kwargs: dict
+) -> ViTConfig:
+    """The ViTConfig of an arbitrary checkpoint: an export folder's config.json or the ``backbone_config`` our
+    trainer stores beside the teacher, else read off the keys; then ``arch``'s width/depth/heads, then ``kwargs``."""
     if stored is None and not is_url(str(weights)) and os.path.isdir(weights):
         stored = read_export_config(weights)
     if stored is not None:
-        config = dict(stored)
-        arch = arch or config.pop("arch", None)
-        config.pop("arch", None)
+        config = ViTConfig.from_dict(stored, source=f"the backbone config of {weights}")
     else:
-        config = infer_architecture(state_dict).model_kwargs()
+        config = infer_config(state_dict, num_heads=kwargs.get("num_heads"))
     if arch is not None:
-        config.update(zip(("embed_dim", "depth", "num_heads"), ARCHITECTURES[arch], strict=True))
-    config["img_size"] = infer_image_size(state_dict, config.get("patch_size", 14))
-    return config
+        named = ViTConfig.for_arch(arch)
+        config = config.with_overrides(embed_dim=named.embed_dim, depth=named.depth, num_heads=named.num_heads)
+    kwargs = dict(kwargs)
+    requested_size = kwargs.pop("img_size", None)
+    config = config.with_overrides(**kwargs)
+    img_size = _checkpoint_image_size(requested_size, infer_image_size(state_dict, config.patch_size))
+    return config.with_overrides(img_size=img_size)
 
 
 def load_backbone(
@@ -314,10 +259,22 @@ def load_backbone(
         return _hub_model(arch, True, weights, use_rasa_head, rasa_weights, kwargs)
     raw = load_checkpoint_file(weights)
     stored = raw.get("backbone_config") if isinstance(raw, dict) else None
-    state_dict, embedded_rasa = normalize_backbone_state_dict(raw)
-    config = _generic_config(weights, state_dict, arch, stored)
-    config = {**config, **kwargs}
-    _apply_image_size(config, infer_image_size(state_dict, config.get("patch_size", 14)))
+    state_dict, embedded_rasa = from_release(raw)
+    config = _generic_config(weights, state_dict, arch, stored, kwargs)
     model = build_loaded_vit(config, state_dict, str(weights))
     _attach_rasa(model, arch, use_rasa_head, rasa_weights, None, embedded_rasa)
     return model
+
+
+def franca_from_checkpoint(
+    weights: str | os.PathLike,
+    arch: str | None = None,
+    use_rasa_head: bool = False,
+    rasa_weights: str | os.PathLike | None = None,
+    **kwargs,
+) -> DinoVisionTransformer:
+    """Any Franca backbone in one call, architecture read off the file: a release ``.pth`` (with or without
+    ``backbone_config``), a ``teacher_checkpoint.pth``, a training checkpoint ``model_*.pth`` (its teacher backbone),
+    a safetensors export folder or file, a URL of one of those, or a hub name such as ``franca_vitb14:IN21K_224``.
+    ``num_heads=`` fixes the head count of a non-standard width stored without a config; see :func:`load_backbone`."""
+    return load_backbone(weights, arch=arch, rasa_weights=rasa_weights, use_rasa_head=use_rasa_head, **kwargs)

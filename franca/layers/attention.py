@@ -1,7 +1,8 @@
 """Multi-head self-attention through ``F.scaled_dot_product_attention``.
 
 SDPA picks the Flash / cuDNN / memory-efficient kernel itself on GPU and has a CPU kernel, so no xFormers is needed
-(reference §2.2: the original's ``MemEffAttention`` computes the same softmax(q·kᵀ/√d)·v).
+(valeoai/Franca ``franca/layers/attention.py``: the original's ``MemEffAttention`` computes the same
+softmax(q·kᵀ/√d)·v).
 """
 
 import torch

@@ -1,6 +1,7 @@
 """Pre-norm transformer block with LayerScale and batch-subset stochastic depth.
 
-Stochastic depth follows the original's training path (reference §2.5, list path): when a rate r > 0 is active in
+Stochastic depth follows the original's training path (valeoai/Franca ``franca/layers/block.py``,
+``NestedTensorBlock``, list path): when a rate r > 0 is active in
 training, each residual branch is computed for a random subset of ⌊B(1−r)⌋ (≥ 1) samples only and added back scaled
 by B/subset. Its expectation equals the classic per-sample DropPath, and it skips r of the branch compute.
 """

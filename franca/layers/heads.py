@@ -1,7 +1,8 @@
 """Projection heads that turn a backbone feature into prototype logits: DINOv2's head and Franca's Matryoshka head.
 
 Both return a list with one logits tensor per nesting level (the plain head is a single level), so the
-meta-architecture, the losses and the Sinkhorn-Knopp targets treat them alike. Reference §3.1-3.2.
+meta-architecture, the losses and the Sinkhorn-Knopp targets treat them alike. Paper arXiv 2507.14137, Sec. 3;
+valeoai/Franca ``franca/layers/mrl_dino_head.py``, ``MRLDINOHead``.
 """
 
 import math
@@ -46,7 +47,7 @@ def build_mlp(in_dim: int, hidden_dim: int, bottleneck_dim: int, nlayers: int, g
     """Linear(in→hidden), GELU, (nlayers−2)×[Linear(hidden→hidden), GELU], Linear(hidden→bottleneck) [, GELU].
 
     With nlayers=3 the Linear layers are at indices 0, 2, 4 as in the released checkpoints. Franca's Matryoshka
-    branches end with a GELU after the bottleneck, DINOv2's head does not (§3.2).
+    branches end with a GELU after the bottleneck, DINOv2's head does not (original ``MRLDINOHead``).
     """
     if nlayers < 1:
         raise ValueError(f"head nlayers={nlayers} must be >= 1 (the released configs use 3)")
@@ -121,7 +122,8 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def default_nesting_list(in_dim: int) -> list[int]:
-    """Franca's nesting dims [D/16, D/8, D/4, D/2, D] (§3.1), e.g. [48, 96, 192, 384, 768] for ViT-B."""
+    """Franca's nesting dims [D/16, D/8, D/4, D/2, D] (original ``SSLMetaArch.__init__``), e.g.
+    [48, 96, 192, 384, 768] for ViT-B."""
     return [in_dim // 16, in_dim // 8, in_dim // 4, in_dim // 2, in_dim]
 
 
@@ -133,7 +135,7 @@ def check_nesting_list(nesting_list: list[int], in_dim: int) -> None:
 
 
 class MatryoshkaHead(nn.Module):
-    """Franca's nested (Matryoshka) head: one independent branch per nesting level l (§3.1-3.2).
+    """Franca's nested (Matryoshka) head: one independent branch per nesting level l (original ``MRLDINOHead``).
 
     Branch l reads ``x[..., :d_l]`` (``input_mode="slice"``, the paper and release v1.1) or all of x
     (``"project"``, release v1.0.0), applies ``matryoshka_projections.{l}`` → d_l, ``mlps.{l}`` (GELU after the

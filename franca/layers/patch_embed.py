@@ -1,4 +1,4 @@
-"""Image to patch tokens: a stride-P convolution, flattened to [B, N, D] (reference §2.2 step 1)."""
+"""Image to patch tokens: a stride-P convolution, flattened to [B, N, D] (valeoai/Franca ``PatchEmbed``)."""
 
 import torch
 from torch import nn

@@ -1,7 +1,8 @@
 """SwiGLU feed-forward (``ffn_layer: swiglu`` / ``swiglufused``).
 
-The original maps both names to the same layer (reference §2.1): one packed ``w12`` projection whose first half is the
-gate, ``out = w3(silu(x1) * x2)``, hidden width rounded to a multiple of 8. Keys ``w12``/``w3`` match the releases.
+The original maps both names to the same layer (valeoai/Franca ``franca/models/vision_transformer.py``): one
+packed ``w12`` projection whose first half is the gate, ``out = w3(silu(x1) * x2)``, hidden width rounded to a
+multiple of 8. Keys ``w12``/``w3`` match the releases.
 """
 
 import torch

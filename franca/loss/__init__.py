@@ -8,7 +8,7 @@ from franca.loss.chunked import DenseTargets, TargetRows
 from franca.loss.dino_clstoken import DINOLoss, chunked_dino_cross_entropy, dino_cross_entropy
 from franca.loss.ibot_patch import IBOTPatchLoss, chunked_token_cross_entropy
 from franca.loss.koleo import koleo_loss
-from franca.loss.sinkhorn import SinkhornTargets, sinkhorn_knopp, sinkhorn_knopp_levels, sinkhorn_knopp_streaming
+from franca.loss.sinkhorn import SinkhornTargets, sinkhorn_knopp, sinkhorn_knopp_streaming
 
 __all__ = [
     "DINOLoss",
@@ -22,6 +22,5 @@ __all__ = [
     "dino_cross_entropy",
     "koleo_loss",
     "sinkhorn_knopp",
-    "sinkhorn_knopp_levels",
     "sinkhorn_knopp_streaming",
 ]

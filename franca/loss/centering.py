@@ -1,8 +1,8 @@
 """Softmax centering of teacher logits (DINO's ``centering: centering``), one centre per Matryoshka level.
 
 The original keeps a single [1, K] centre that cannot be subtracted from the smaller levels (broken with MRL,
-reference §3.3 and §10 item 5); here level l has its own centre [1, K_l]. Targets use the current centres; call
-``update`` afterwards with the same teacher logits, as DINOv2 does.
+valeoai/Franca ``franca/loss/mrl_dino_loss.py``; docs/deviations.md); here level l has its own centre [1, K_l]. Targets
+use the current centres; call ``update`` afterwards with the same teacher logits, as DINOv2 does.
 """
 
 import torch

@@ -1,4 +1,4 @@
-"""Soft cross-entropy computed chunk by chunk over rows, for [tokens × K] logits with K up to 131,072 (reference §3.4).
+"""Soft cross-entropy computed chunk by chunk over rows, for [tokens × K] logits with K up to 131,072 (Franca's losses).
 
 The plain DINO and iBOT losses hold the student's fp32 log-softmax and the teacher's fp32 targets whole, for each
 Matryoshka level. Here both exist one chunk of rows at a time: targets come from a :class:`TargetRows` (for

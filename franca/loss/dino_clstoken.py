@@ -1,4 +1,5 @@
-"""DINO cross-entropy between teacher targets and student CLS logits over crop pairs (reference §3.4).
+"""DINO cross-entropy between teacher targets and student CLS logits over crop pairs (valeoai/Franca
+``franca/loss/mrl_dino_loss.py``, ``MRLDINOLoss``).
 
 CE(t, s) = −Σ_k t_k log softmax(s/τ_s)_k. For one level, the loss sums over (student crop, teacher crop) pairs the
 batch mean of CE; the original sums the Matryoshka levels with equal weight. The meta-architecture divides the
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from franca.loss.chunked import Chunk, TargetRows, chunk_bounds, soft_cross_entropy
+from franca.loss.precision import at_least_fp32
 
 
 def _check_crop_major(name: str, shape: torch.Size, n_crops: int) -> int:
@@ -52,9 +54,9 @@ def dino_cross_entropy(
     batch_size = _check_crop_pairs(student_logits.shape, teacher_probs.shape, n_student_crops, n_teacher_crops)
     n_prototypes = student_logits.shape[1]
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
-        student_log_probs = (student_logits.float() / student_temp).log_softmax(dim=-1)
+        student_log_probs = (at_least_fp32(student_logits) / student_temp).log_softmax(dim=-1)
         student_log_probs = student_log_probs.reshape(n_student_crops, batch_size * n_prototypes)
-        teacher = teacher_probs.float().reshape(n_teacher_crops, batch_size * n_prototypes)
+        teacher = at_least_fp32(teacher_probs).reshape(n_teacher_crops, batch_size * n_prototypes)
         # Σ_{s,t} ⟨T_t, log P_s⟩ = ⟨Σ_t T_t, Σ_s log P_s⟩: elementwise in fp32 (no TF32 matmul), O(B·K) memory.
         cross_sum = (teacher.sum(dim=0) * student_log_probs.sum(dim=0)).sum()
         if skip_same_view:

@@ -1,12 +1,13 @@
-"""iBOT masked-patch loss over Matryoshka levels (reference §3.4).
+"""iBOT masked-patch loss over Matryoshka levels (valeoai/Franca ``franca/loss/mrl_ibot_patch_loss.py``,
+``MRLiBOTPatchLoss``).
 
 L = Σ_l w_l · (−Σ_m masks_weight_m Σ_k T_l[m, k] log softmax(S_l[m]/τ_s)_k) / n_global_images, where m runs over the
 masked patch tokens of this rank only and masks_weight_m = 1 / (number of masked tokens in the image of m). The
 original's ``/(2B) × 2 × ½`` is this with n_global_images = 2B, the global crops on the rank, masked or not.
 
 The inputs hold the real masked tokens only. The original applies the teacher head to a zero-padded buffer and lets
-the padding rows into its Sinkhorn-Knopp (§10 item 2); here the targets come from ``sinkhorn_knopp_levels`` on the
-real rows, so padding cannot shift them.
+the padding rows into its Sinkhorn-Knopp (original ``SSLMetaArch.forward_backward``); here the targets come from
+Sinkhorn-Knopp of each level on the real rows, so padding cannot shift them.
 """
 
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from torch import nn
 
 from franca.loss.chunked import Chunk, TargetRows, chunk_bounds, soft_cross_entropy
 from franca.loss.dino_clstoken import level_weights_for
+from franca.loss.precision import at_least_fp32
 
 
 class IBOTPatchLoss(nn.Module):
@@ -47,7 +49,7 @@ class IBOTPatchLoss(nn.Module):
                     "(no padding rows)"
                 )
         with torch.autocast(device_type=masks_weight.device.type, enabled=False):
-            token_weights = masks_weight.float()
+            token_weights = at_least_fp32(masks_weight)
             total = 0.0
             for weight, student, teacher in zip(weights, student_levels, teacher_levels, strict=True):
                 total = total + weight * self._weighted_token_loss(student, teacher, token_weights)
@@ -59,8 +61,8 @@ class IBOTPatchLoss(nn.Module):
         """Σ_m masks_weight_m · CE(T[m], S[m]) of one level; chunk by chunk when the targets are ``TargetRows``."""
         if isinstance(teacher, TargetRows):
             return chunked_token_cross_entropy(student, teacher, token_weights, self.student_temp)
-        log_probs = (student.float() / self.student_temp).log_softmax(dim=-1)
-        token_losses = -(teacher.float() * log_probs).sum(dim=-1)
+        log_probs = (at_least_fp32(student) / self.student_temp).log_softmax(dim=-1)
+        token_losses = -(at_least_fp32(teacher) * log_probs).sum(dim=-1)
         return (token_weights * token_losses).sum()
 
 

@@ -1,4 +1,5 @@
-"""KoLeo regulariser (Sablayrolles et al. 2019) on the backbone CLS features of one global view (reference §3.4).
+"""KoLeo regulariser (Sablayrolles et al. 2019) on the backbone CLS features of one global view (valeoai/Franca
+``franca/loss/koleo_loss.py``).
 
 KoLeo(X) = −mean_i log(‖x̂_i − x̂_nn(i)‖₂ + eps), x̂ the L2-normalised rows and nn(i) the other row of largest cosine
 similarity. It spreads the features of a batch uniformly over the sphere. Computed in fp32 with autocast off.
@@ -6,6 +7,8 @@ similarity. It spreads the features of a batch uniformly over the sphere. Comput
 
 import torch
 import torch.nn.functional as F
+
+from franca.loss.precision import at_least_fp32
 
 
 def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -18,7 +21,7 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
             "or set dino.koleo_loss_weight=0"
         )
     with torch.autocast(device_type=x.device.type, enabled=False):
-        unit = F.normalize(x.float(), p=2, dim=-1, eps=eps)
+        unit = F.normalize(at_least_fp32(x), p=2, dim=-1, eps=eps)
         with torch.no_grad():
             cosine = unit @ unit.T
             cosine.fill_diagonal_(float("-inf"))

@@ -1,4 +1,5 @@
-"""Sinkhorn-Knopp teacher targets (reference §3.3), exact in value and safe for any logit scale.
+"""Sinkhorn-Knopp teacher targets (valeoai/Franca ``sinkhorn_knopp_teacher`` of ``MRLDINOLoss`` and
+``MRLiBOTPatchLoss``), exact in value and safe for any logit scale.
 
 The original builds Q = exp(t/τ)ᵀ [K, B] and repeats three times: divide each prototype row by its (all-reduced)
 sum and by K, then each sample column by its sum and by the global sample count, finally multiplying that count
@@ -41,8 +42,8 @@ def all_reduce_if_distributed(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType 
 def sinkhorn_knopp(logits: torch.Tensor, temperature: float, n_iterations: int = 3) -> torch.Tensor:
     """Teacher targets [B, K] from logits [B, K] (samples × prototypes); each row (sample) sums to 1.
 
-    Equal in exact arithmetic to the original's loop (§3.3) on the samples of all ranks together; computed in fp32
-    whatever the input dtype, with autocast disabled.
+    Equal in exact arithmetic to the original's loop (``sinkhorn_knopp_teacher``) on the samples of all ranks together;
+    computed in fp32 whatever the input dtype, with autocast disabled.
     """
     _check_arguments("sinkhorn_knopp", logits, temperature, n_iterations)
     with torch.autocast(device_type=logits.device.type, enabled=False):
@@ -153,10 +154,3 @@ def sinkhorn_knopp_streaming(
             mass = _streamed_prototype_mass(logits, temperature, prototype_max, log_scale, chunk_size)
             log_scale = -mass.log() if log_scale is None else log_scale - mass.log()
     return SinkhornTargets(logits, temperature, prototype_max, log_scale, chunk_size)
-
-
-def sinkhorn_knopp_levels(
-    logits_levels: list[torch.Tensor], temperature: float, n_iterations: int = 3
-) -> list[torch.Tensor]:
-    """Sinkhorn-Knopp targets for each Matryoshka level independently (§3.3: DINO and iBOT alike)."""
-    return [sinkhorn_knopp(logits, temperature, n_iterations) for logits in logits_levels]

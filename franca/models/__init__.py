@@ -1,7 +1,7 @@
 """Franca / DINOv2-compatible Vision Transformers."""
 
+from franca.models.config import ARCHITECTURES, ViTConfig
 from franca.models.vision_transformer import (
-    ARCHITECTURES,
     DinoVisionTransformer,
     build_vit,
     vit_base,
@@ -14,6 +14,7 @@ from franca.models.vision_transformer import (
 __all__ = [
     "ARCHITECTURES",
     "DinoVisionTransformer",
+    "ViTConfig",
     "build_vit",
     "vit_base",
     "vit_giant2",

@@ -1,8 +1,10 @@
-"""The Franca backbone: a DINOv2-style ViT (reference §2).
+"""The Franca backbone: a DINOv2-style ViT (valeoai/Franca ``franca/models/vision_transformer.py``,
+``DinoVisionTransformer``).
 
-Blocks are stored flat (``blocks.{i}``); the hub's key adapter also reads the released chunked ``blocks.{c}.{i}``
-keys. Token preparation, the output dict and the position-embedding interpolation reproduce the original exactly, so
-released weights give the original outputs at any input size divisible by the patch size.
+Blocks are stored flat (``blocks.{i}``); :mod:`franca.models.weights` also reads the released chunked
+``blocks.{c}.{i}`` keys. The constructor arguments are one :class:`~franca.models.config.ViTConfig`. Token
+preparation, the output dict and the position-embedding interpolation reproduce the original exactly, so released
+weights give the original outputs at any input size divisible by the patch size.
 """
 
 import math
@@ -14,17 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from franca.layers import Block, Mlp, PatchEmbed, SwiGLUFFN
+from franca.models.config import ARCHITECTURES as ARCHITECTURES  # re-exported: the names build_vit accepts
+from franca.models.config import ViTConfig
 
 FFN_LAYERS = {"mlp": Mlp, "swiglu": SwiGLUFFN, "swiglufused": SwiGLUFFN}
-
-# name -> (embed_dim, depth, num_heads); head dim is always embed_dim / num_heads.
-ARCHITECTURES = {
-    "vit_tiny": (192, 12, 3),
-    "vit_small": (384, 12, 6),
-    "vit_base": (768, 12, 12),
-    "vit_large": (1024, 24, 16),
-    "vit_giant2": (1536, 40, 24),
-}
 
 
 def resize_pos_embed(
@@ -58,58 +53,28 @@ def _init_linear(module: nn.Module) -> None:
 
 
 class DinoVisionTransformer(nn.Module):
-    def __init__(
-        self,
-        img_size: int = 224,
-        patch_size: int = 14,
-        in_chans: int = 3,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        proj_bias: bool = True,
-        ffn_bias: bool = True,
-        ffn_layer: str = "swiglufused",
-        layerscale: float | None = 1e-5,
-        drop_path_rate: float = 0.0,
-        drop_path_uniform: bool = True,
-        num_register_tokens: int = 0,
-        interpolate_offset: float = 0.1,
-        interpolate_antialias: bool = False,
-    ):
+    def __init__(self, config: ViTConfig | None = None, **kwargs):
+        """Build from a :class:`ViTConfig`, or from its fields as keywords (``DinoVisionTransformer(depth=2)``)."""
         super().__init__()
-        if ffn_layer not in FFN_LAYERS:
-            raise ValueError(f"ffn_layer={ffn_layer!r} is unknown; choose one of {sorted(FFN_LAYERS)}")
-        if img_size % patch_size:
-            raise ValueError(f"img_size={img_size} is not divisible by patch_size={patch_size}")
-        self.init_kwargs = {
-            "img_size": img_size,
-            "patch_size": patch_size,
-            "in_chans": in_chans,
-            "embed_dim": embed_dim,
-            "depth": depth,
-            "num_heads": num_heads,
-            "mlp_ratio": mlp_ratio,
-            "qkv_bias": qkv_bias,
-            "proj_bias": proj_bias,
-            "ffn_bias": ffn_bias,
-            "ffn_layer": ffn_layer,
-            "layerscale": layerscale,
-            "num_register_tokens": num_register_tokens,
-            "interpolate_offset": interpolate_offset,
-            "interpolate_antialias": interpolate_antialias,
-        }
+        if config is None:
+            config = ViTConfig().with_overrides(**kwargs)
+        elif kwargs:
+            raise TypeError(f"pass a ViTConfig or keywords, not both (got the keywords {sorted(kwargs)})")
+        if config.img_size % config.patch_size:
+            raise ValueError(f"img_size={config.img_size} is not divisible by patch_size={config.patch_size}")
+        self.config = config
+        img_size, patch_size, embed_dim, depth = config.img_size, config.patch_size, config.embed_dim, config.depth
+        num_register_tokens = config.num_register_tokens
         self.embed_dim = self.num_features = embed_dim
         self.n_blocks = depth
-        self.num_heads = num_heads
+        self.num_heads = config.num_heads
         self.patch_size = patch_size
         self.img_size = img_size
         self.num_register_tokens = num_register_tokens
-        self.interpolate_offset = interpolate_offset
-        self.interpolate_antialias = interpolate_antialias
+        self.interpolate_offset = config.interpolate_offset
+        self.interpolate_antialias = config.interpolate_antialias
 
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(patch_size, config.in_chans, embed_dim)
         grid = img_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
@@ -118,20 +83,21 @@ class DinoVisionTransformer(nn.Module):
         )
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
 
-        if drop_path_uniform or depth == 1:
-            rates = [drop_path_rate] * depth
+        max_rate = config.drop_path_rate
+        if config.drop_path_uniform or depth == 1:
+            rates = [max_rate] * depth
         else:
-            rates = [drop_path_rate * i / (depth - 1) for i in range(depth)]
-        ffn_cls = FFN_LAYERS[ffn_layer]
-        hidden = int(embed_dim * mlp_ratio)
+            rates = [max_rate * i / (depth - 1) for i in range(depth)]
+        ffn_cls = FFN_LAYERS[config.ffn_layer]
+        hidden = int(embed_dim * config.mlp_ratio)
         self.blocks = nn.ModuleList(
             Block(
                 embed_dim,
-                num_heads,
-                ffn_cls(embed_dim, hidden, bias=ffn_bias),
-                qkv_bias=qkv_bias,
-                proj_bias=proj_bias,
-                layerscale=layerscale,
+                config.num_heads,
+                ffn_cls(embed_dim, hidden, bias=config.ffn_bias),
+                qkv_bias=config.qkv_bias,
+                proj_bias=config.proj_bias,
+                layerscale=config.layerscale,
                 drop_path=rate,
             )
             for rate in rates
@@ -142,7 +108,7 @@ class DinoVisionTransformer(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """Initialisation of reference §2.4 (Linear trunc-normal .02, zero bias; conv/LayerNorm PyTorch defaults)."""
+        """The original's initialisation (Linear trunc-normal .02, zero bias; conv/LayerNorm PyTorch defaults)."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:
@@ -152,7 +118,7 @@ class DinoVisionTransformer(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------------------
     def interpolate_pos_encoding(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """Position embeddings for an h×w image, exactly as the original (reference §2.3): unchanged at the
+        """Position embeddings for an h×w image, exactly as the original method of that name: unchanged at the
         construction grid for square inputs, else :func:`resize_pos_embed` to (h/P, w/P), cast to ``x``'s dtype."""
         if x.shape[1] - 1 == self.pos_embed.shape[1] - 1 and h == w:
             return self.pos_embed
@@ -197,7 +163,7 @@ class DinoVisionTransformer(nn.Module):
         masks: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
         use_rasa_head: bool = False,
     ) -> dict | list[dict]:
-        """Token dict of reference §2.2; a list of image batches gives a list of dicts (one forward each)."""
+        """Token dict as the original ``forward_features``; a list of batches gives a list of dicts (one pass each)."""
         if isinstance(x, (list, tuple)):
             masks_list = masks if masks is not None else [None] * len(x)
             return [self.forward_features(xi, mi, use_rasa_head) for xi, mi in zip(x, masks_list)]
@@ -211,11 +177,8 @@ class DinoVisionTransformer(nn.Module):
         return out if is_training else self.head(out["x_norm_clstoken"])
 
     def build_config(self) -> dict:
-        """Constructor keywords that rebuild this backbone for inference, plus ``arch``: the name in
-        :data:`ARCHITECTURES` with the same (embed_dim, depth, num_heads), or None. Stochastic depth is left out."""
-        dims = (self.embed_dim, self.n_blocks, self.num_heads)
-        arch = next((name for name, spec in ARCHITECTURES.items() if tuple(spec) == dims), None)
-        return {"arch": arch, **self.init_kwargs}
+        """The stored ``backbone_config`` of this backbone: :meth:`ViTConfig.to_dict` without stochastic depth."""
+        return self.config.inference().to_dict()
 
     def attach_rasa_head(self, head: nn.Module | None) -> None:
         """Attach (or with None, remove) the post-hoc RASA positional-debiasing head."""
@@ -259,10 +222,7 @@ class DinoVisionTransformer(nn.Module):
 
 def build_vit(arch: str, **kwargs) -> DinoVisionTransformer:
     """Build one of :data:`ARCHITECTURES` by name; keyword arguments (``depth`` too) override its defaults."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
-    dim, depth, heads = ARCHITECTURES[arch]
-    return DinoVisionTransformer(**{"embed_dim": dim, "depth": depth, "num_heads": heads, **kwargs})
+    return DinoVisionTransformer(ViTConfig.for_arch(arch, **kwargs))
 
 
 vit_tiny = partial(build_vit, "vit_tiny")

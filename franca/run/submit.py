@@ -5,7 +5,7 @@ validates the config, then submits one job of N nodes × G tasks (one per GPU). 
 ``franca.train.train.main`` with the same arguments; the trainer finds its rank, world size and rendezvous in the
 SLURM_* variables (:mod:`franca.distributed`). Logs go to ``D/slurm/<job id>/``.
 
-Requeue (the original only had plain ``srun`` scripts, reference §4.10): submitit asks SLURM to send its preemption
+Requeue (the original only had plain ``srun`` scripts under ``scripts/``): submitit asks SLURM to send its preemption
 signal (USR2) ``--signal-delay`` seconds before the time limit. :class:`TrainingJob` relays it to the trainer as
 SIGUSR1, so the trainer finishes its iteration, writes a checkpoint and exits; then submitit's handler stores
 :meth:`TrainingJob.checkpoint` (the same command, without ``--no-resume``) and requeues the job, which resumes from

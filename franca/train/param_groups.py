@@ -1,4 +1,5 @@
-"""Optimizer parameter groups: layer-wise lr decay, patch-embedding lr, weight-decay exemptions (reference §4.3).
+"""Optimizer parameter groups: layer-wise lr decay, patch-embedding lr, weight-decay exemptions
+(valeoai/Franca ``franca/utils/``, ``get_params_groups_with_decay``).
 
 Each trainable parameter of one student submodule (backbone, DINO head or iBOT head) gets an ``lr_multiplier``, a
 ``wd_multiplier`` and an ``is_last_layer`` flag; parameters that share all three are fused into one optimizer group.
@@ -106,7 +107,7 @@ def fuse_params_groups(groups: Iterable[dict]) -> list[dict]:
 
 def apply_optim_schedule(optimizer: torch.optim.Optimizer, lr: float, wd: float, last_layer_lr: float) -> None:
     """Set each group's lr = (last_layer_lr if is_last_layer else lr) · lr_multiplier and weight_decay = wd ·
-    wd_multiplier (reference §4.2 step 1)."""
+    wd_multiplier, each iteration (as valeoai/Franca ``franca/train/train.py``, ``do_train``)."""
     for index, group in enumerate(optimizer.param_groups):
         missing = {"lr_multiplier", "wd_multiplier", "is_last_layer"} - group.keys()
         if missing:

@@ -1,4 +1,5 @@
-"""Per-iteration schedules of lr, weight decay, teacher momentum and teacher temperature (reference §4.3).
+"""Per-iteration schedules of lr, weight decay, teacher momentum and teacher temperature
+(valeoai/Franca ``franca/train/train.py`` with ``CosineScheduler`` of ``franca/utils/``).
 
 All lengths are counted in iterations; an "epoch" is ``train.OFFICIAL_EPOCH_LENGTH`` iterations, independent of the
 dataset size.
@@ -19,7 +20,8 @@ def _check_count(name: str, value: int) -> int:
 
 
 class CosineScheduler:
-    """Zeros for ``freeze_iters``, a linear warmup, then a half-cosine to ``final_value`` (reference §4.3).
+    """Zeros for ``freeze_iters``, a linear warmup, then a half-cosine to ``final_value`` (the original's
+    ``CosineScheduler``).
 
     Iterations ``[0, freeze_iters)`` give 0. The next ``warmup_iters`` go linearly from ``start_warmup_value`` to
     ``base_value``, both ends included (as the original). The ``n`` remaining iterations ``i = 0 … n−1`` give
@@ -69,7 +71,7 @@ class CosineScheduler:
 
 
 class ZeroedPrefix:
-    """``schedule`` with its first ``zero_iters`` values replaced by 0 (the frozen last-layer lr, reference §4.3)."""
+    """``schedule`` with its first ``zero_iters`` values replaced by 0 (the frozen last-layer lr)."""
 
     def __init__(self, schedule: CosineScheduler, zero_iters: int):
         self.schedule = schedule
@@ -84,7 +86,7 @@ class ZeroedPrefix:
 
 
 def build_schedules(cfg: DictConfig) -> dict[str, CosineScheduler | ZeroedPrefix]:
-    """The five training schedules of a validated config whose ``optim.lr`` is set (reference §4.3).
+    """The five training schedules of a validated config whose ``optim.lr`` is set (original ``franca/train/train.py``).
 
     Keys: ``lr`` (warmup 0 → lr, cosine → min_lr), ``wd`` and ``momentum`` (cosine, no warmup), ``teacher_temp``
     (linear warmup_teacher_temp → teacher_temp, then constant) and ``last_layer_lr`` (``lr`` with its first

@@ -1,6 +1,7 @@
 """The Franca meta-architecture: student and EMA teacher (backbone + DINO head + iBOT head) and their losses.
 
-One ``forward_backward`` computes the whole objective of reference §3–4.2 for a collated multi-crop batch:
+One ``forward_backward`` computes the whole objective (paper arXiv 2507.14137, Sec. 3; valeoai/Franca
+``franca/train/ssl_meta_arch.py``, ``SSLMetaArch.forward_backward``) for a collated multi-crop batch:
 - teacher (eval mode, no grad): global crops → CLS → DINO head → per-level targets; masked patch tokens → iBOT head →
   per-level targets (Sinkhorn-Knopp, or softmax centering);
 - student: global crops (with mask tokens) and local crops as two batches; CLS of all crops through the DINO head,
@@ -8,10 +9,19 @@ One ``forward_backward`` computes the whole objective of reference §3–4.2 for
   summed over Matryoshka levels, iBOT loss, KoLeo on the backbone CLS of each global view.
 The DINOv2 baseline is the same code with ``dino.MRL: false`` (one-level heads).
 
-``compute_precision.chunked_losses`` (auto = on CUDA) switches the targets and the DINO / iBOT cross-entropies to
-their chunked forms (``franca.loss.chunked``): the same values in exact arithmetic, without fp32 [tokens × K] tensors.
-On CPU the plain path stays the default; its numbers are the golden test's.
+The step runs in named phases (:data:`STEP_PHASES`): ``teacher_backbone`` → ``teacher_targets`` →
+``student_backbone`` → ``student_heads`` → ``assemble_losses`` → backward. ``compute_losses`` composes them and calls an
+optional ``on_phase`` hook after each (``benchmarks/train_step.py`` times and counts FLOPs with it), so the library
+holds the only copy of the loss assembly, checked in float64 in tests/test_loss_assembly.py.
+
+``Runtime.loss_chunk_size`` (``compute_precision.chunked_losses``, auto = on CUDA; ``franca.train.runtime``) switches
+the targets and the DINO / iBOT cross-entropies to their chunked forms (``franca.loss.chunked``): the same values in
+exact arithmetic, without fp32 [tokens × K] tensors. On CPU the plain path stays the default; its numbers are the
+golden test's.
 """
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig
@@ -28,33 +38,19 @@ from franca.loss import (
     sinkhorn_knopp,
     sinkhorn_knopp_streaming,
 )
-from franca.models import build_vit
-from franca.models.vision_transformer import resize_pos_embed
+from franca.models import DinoVisionTransformer, ViTConfig
+from franca.models.weights import from_release, load_strict
 from franca.train import health
+from franca.train.runtime import Runtime
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+# The marks ``on_phase`` receives, in order, during one ``forward_backward``.
+STEP_PHASES = ("teacher_backbone", "teacher_heads_targets", "student_backbone", "student_heads_losses", "backward")
 
 
 def build_backbone(cfg: DictConfig, drop_path: bool = True) -> nn.Module:
     """The ViT of ``cfg.student`` at the global-crop size (drop path only for the student)."""
-    s = cfg.student
-    overrides = {k: s[k] for k in ("embed_dim", "depth", "num_heads") if s[k]}
-    return build_vit(
-        s.arch,
-        **overrides,
-        img_size=cfg.crops.global_crops_size,
-        patch_size=s.patch_size,
-        ffn_layer=s.ffn_layer,
-        layerscale=s.layerscale,
-        drop_path_rate=s.drop_path_rate if drop_path else 0.0,
-        drop_path_uniform=s.drop_path_uniform,
-        qkv_bias=s.qkv_bias,
-        proj_bias=s.proj_bias,
-        ffn_bias=s.ffn_bias,
-        num_register_tokens=s.num_register_tokens,
-        interpolate_offset=s.interpolate_offset,
-        interpolate_antialias=s.interpolate_antialias,
-    )
+    config = ViTConfig.from_student_config(cfg.student, img_size=cfg.crops.global_crops_size, drop_path=drop_path)
+    return DinoVisionTransformer(config)
 
 
 def _build_head(cfg: DictConfig, head_cfg: DictConfig, embed_dim: int) -> nn.Module:
@@ -83,24 +79,51 @@ def build_model_dict(cfg: DictConfig, drop_path: bool) -> nn.ModuleDict:
     return models
 
 
-def resolve_autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """``compute_precision.dtype``: auto = bf16 on CUDA and fp32 (no autocast) on CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return AUTOCAST_DTYPES[name]
+@dataclass
+class TeacherTargets:
+    """The teacher's side of one step: per-level DINO targets of the global crops, per-level iBOT targets of the
+    masked patch tokens (None without iBOT), as tensors or as ``TargetRows`` (chunked losses), and its backbone CLS
+    (for the health statistics)."""
+
+    dino: list[torch.Tensor] | list[TargetRows]
+    ibot: list[torch.Tensor] | list[TargetRows] | None
+    cls: torch.Tensor
 
 
-def resolve_loss_chunk_size(chunked_losses: str, chunk_size: int, device: torch.device) -> int | None:
-    """Rows per chunk of the chunked losses, or None for the plain path (``compute_precision.chunked_losses``).
+@dataclass
+class StudentFeatures:
+    """The student backbone's outputs: the dict of the masked global crops and the CLS of the local crops (None
+    without local crops)."""
 
-    auto = chunked on CUDA (where the [tokens × K] fp32 tensors cost memory and time), plain elsewhere.
-    """
-    if chunked_losses not in ("auto", "true", "false"):
-        raise ValueError(f"compute_precision.chunked_losses={chunked_losses!r}; use auto, true or false")
-    if chunk_size < 1:
-        raise ValueError(f"compute_precision.loss_chunk_size={chunk_size} must be >= 1 (rows per chunk, e.g. 256)")
-    enabled = device.type == "cuda" if chunked_losses == "auto" else chunked_losses == "true"
-    return chunk_size if enabled else None
+    global_crops: dict[str, torch.Tensor]
+    local_cls: torch.Tensor | None
+
+
+@dataclass
+class StudentOutputs:
+    """The student's side of one step: per-level DINO head logits of the CLS rows [local crops; global crops], the
+    backbone CLS of the 2B global crops (KoLeo) and the per-level iBOT logits of the masked tokens (None without
+    iBOT). Rows are crop-major: crop c of image b is row c·B + b."""
+
+    dino_logits: list[torch.Tensor]
+    global_cls: torch.Tensor
+    ibot_logits: list[torch.Tensor] | None
+
+    @property
+    def n_local_rows(self) -> int:
+        return self.dino_logits[0].shape[0] - self.global_cls.shape[0]
+
+    @property
+    def local_logits(self) -> list[torch.Tensor]:
+        return [level[: self.n_local_rows] for level in self.dino_logits]
+
+    @property
+    def global_logits(self) -> list[torch.Tensor]:
+        return [level[self.n_local_rows :] for level in self.dino_logits]
+
+
+def _no_mark(phase: str) -> None:
+    """The default ``on_phase`` hook: nothing to record."""
 
 
 class SSLMetaArch(nn.Module):
@@ -134,42 +157,25 @@ class SSLMetaArch(nn.Module):
         models = self.student if which == "student" else self.teacher
         return models["ibot_head"] if "ibot_head" in models else models["dino_head"]
 
-    def load_pretrained_backbone(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Initialise both backbones from released-format weights (heads stay fresh: continued pretraining).
+    def load_pretrained_backbone(
+        self, state_dict: dict[str, torch.Tensor], source: str = "student.pretrained_weights"
+    ) -> None:
+        """Initialise both backbones from backbone weights in any checkpoint layout (heads stay fresh: continued
+        pretraining), through :func:`franca.models.weights.from_release`.
 
         A position grid of another size (e.g. 224 px weights for 518 px finetuning) is resized with the model's own
         run-time interpolation, the same as ``scripts/modify_ckpt_highres.py``: the initial model then reproduces the
         source model run at the new size.
         """
         backbone = self.student["backbone"]
-        own = backbone.state_dict()
-        state_dict = dict(state_dict)
-        pos = state_dict.get("pos_embed")
-        if pos is not None and pos.shape != own["pos_embed"].shape and pos.shape[-1] == own["pos_embed"].shape[-1]:
-            grid = backbone.img_size // backbone.patch_size
-            resized = resize_pos_embed(pos, (grid, grid), backbone.interpolate_offset, backbone.interpolate_antialias)
-            state_dict["pos_embed"] = resized.to(pos.dtype)
-        mismatched = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
-        missing = [k for k in own if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in own]
-        if mismatched or missing or unexpected:
-            shapes = ", ".join(f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched[:4])
-            raise ValueError(
-                f"student.pretrained_weights do not fit the configured backbone: shape mismatches [{shapes}], "
-                f"missing keys {missing[:8]}, unexpected keys {unexpected[:8]}; the checkpoint is for another "
-                "architecture than student.arch/embed_dim/depth/patch_size/ffn_layer"
-            )
-        backbone.load_state_dict(state_dict)
-        self.teacher["backbone"].load_state_dict(state_dict)
-
-    def loss_chunk_size(self, device: torch.device) -> int | None:
-        """Rows per chunk of the chunked losses on ``device``, None for the plain path."""
-        precision = self.cfg.compute_precision
-        return resolve_loss_chunk_size(precision.chunked_losses, precision.loss_chunk_size, device)
+        weights, _ = from_release(state_dict, config=backbone.config)
+        hint = "it is for another architecture than student.arch/embed_dim/depth/patch_size/ffn_layer"
+        for model in (backbone, self.teacher["backbone"]):
+            load_strict(model, weights, source, "the configured backbone (student.*)", hint)
 
     # ----------------------------------------------------------------------------------------------------------------
-    def _teacher_targets(
-        self, logits: list[torch.Tensor], temp: float, center: SoftmaxCentering | None, chunk_size: int | None = None
+    def _level_targets(
+        self, logits: list[torch.Tensor], temp: float, center: SoftmaxCentering | None, chunk_size: int | None
     ) -> list[torch.Tensor] | list[TargetRows]:
         """Per-level targets: tensors, or ``TargetRows`` served by chunks when ``chunk_size`` is set."""
         if center is None:
@@ -181,96 +187,136 @@ class SSLMetaArch(nn.Module):
         return targets if chunk_size is None else [DenseTargets(t, chunk_size) for t in targets]
 
     @torch.no_grad()
-    def _teacher_output(
-        self, global_crops: torch.Tensor, mask_indices: torch.Tensor, teacher_temp: float, chunk_size: int | None
-    ):
-        out = self.teacher["backbone"](global_crops, is_training=True)
-        cls_logits = self.teacher["dino_head"](out["x_norm_clstoken"])
-        patches = out["x_norm_patchtokens"].flatten(0, 1)[mask_indices]
+    def teacher_backbone(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Phase ``teacher_backbone``: the teacher backbone on the global crops (no gradient)."""
+        return self.teacher["backbone"](batch["collated_global_crops"], is_training=True)
+
+    @torch.no_grad()
+    def teacher_targets(
+        self, teacher_out: dict[str, torch.Tensor], batch: dict, teacher_temp: float, chunk_size: int | None = None
+    ) -> TeacherTargets:
+        """Phase ``teacher_heads_targets``: teacher heads on the CLS and masked patch tokens, then per-level targets
+        (Sinkhorn-Knopp, or softmax centering with ``train.centering=centering``)."""
+        cls_logits = self.teacher["dino_head"](teacher_out["x_norm_clstoken"])
+        patches = teacher_out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
         patch_logits = self._ibot_head("teacher")(patches) if self.use_ibot else None
         use_center = self.centering == "centering"
         dino_center = self.dino_center if use_center else None
-        dino_targets = self._teacher_targets(cls_logits, teacher_temp, dino_center, chunk_size)
+        dino_targets = self._level_targets(cls_logits, teacher_temp, dino_center, chunk_size)
         ibot_targets = None
         if patch_logits is not None:
             ibot_center = self.ibot_center if use_center else None
-            ibot_targets = self._teacher_targets(patch_logits, teacher_temp, ibot_center, chunk_size)
-        return dino_targets, ibot_targets, out["x_norm_clstoken"]
+            ibot_targets = self._level_targets(patch_logits, teacher_temp, ibot_center, chunk_size)
+        return TeacherTargets(dino_targets, ibot_targets, teacher_out["x_norm_clstoken"])
 
-    def compute_losses(self, batch: dict, teacher_temp: float, stats: dict | None = None) -> dict[str, torch.Tensor]:
-        """All loss terms for one collated batch (paper arXiv 2507.14137, Sec. 3); their sum is the training objective.
+    def student_backbone(self, batch: dict) -> StudentFeatures:
+        """Phase ``student_backbone``: the student backbone on the masked global crops, then on the local crops."""
+        backbone = self.student["backbone"]
+        global_out = backbone(batch["collated_global_crops"], masks=batch["collated_masks"], is_training=True)
+        local_cls = None
+        if self.n_local_crops:
+            local_cls = backbone(batch["collated_local_crops"], is_training=True)["x_norm_clstoken"]
+        return StudentFeatures(global_out, local_cls)
 
-        Given a dict, ``stats`` is filled with this rank's raw training-health statistics (``franca.train.health``):
-        device tensors computed from the targets and logits already made, reduced over ranks by
-        ``health.reduce_stats`` when the trainer writes a log line.
+    def student_heads(self, features: StudentFeatures, batch: dict) -> StudentOutputs:
+        """Student heads: DINO head on the CLS of all crops (one batch), iBOT head on the masked patch tokens."""
+        global_cls = features.global_crops["x_norm_clstoken"]
+        cls_rows = global_cls if features.local_cls is None else torch.cat([features.local_cls, global_cls])
+        dino_logits = self.student["dino_head"](cls_rows)
+        ibot_logits = None
+        if self.use_ibot:
+            patches = features.global_crops["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
+            ibot_logits = self._ibot_head("student")(patches)
+        return StudentOutputs(dino_logits, global_cls, ibot_logits)
+
+    def assemble_losses(
+        self, student: StudentOutputs, teacher: TeacherTargets, masks_weight: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The weighted loss terms of one step (paper arXiv 2507.14137, Sec. 3; the combination of DINOv2's
+        ``SSLMetaArch.forward_backward``), summed over Matryoshka levels with ``{dino,ibot}.level_weights``:
+
+        - DINO: cross-entropy of each local crop against both teacher global crops, and of each global crop against
+          the other view's target (same-view pairs skipped); both divided by the original's 2 + max(2L, 1) pairs
+          (2 + 2L with local crops, 3 without);
+        - KoLeo on the backbone CLS of each global view, summed over the two views;
+        - iBOT: masked tokens weighted by ``masks_weight`` (1 / masked tokens of their image), divided by the 2B
+          global crops of this rank.
         """
         cfg = self.cfg
-        global_crops = batch["collated_global_crops"]
-        local_crops = batch["collated_local_crops"]
-        masks = batch["collated_masks"]
-        mask_indices = batch["mask_indices_list"]
-        n_global_images = global_crops.shape[0]
         n_local = self.n_local_crops
-
-        chunk_size = self.loss_chunk_size(global_crops.device)
-        dino_targets, ibot_targets, teacher_cls = self._teacher_output(
-            global_crops, mask_indices, teacher_temp, chunk_size
-        )
-
-        backbone = self.student["backbone"]
-        s_global = backbone(global_crops, masks=masks, is_training=True)
-        global_cls = s_global["x_norm_clstoken"]
-        cls_parts = [global_cls]
-        if n_local:
-            cls_parts.insert(0, backbone(local_crops, is_training=True)["x_norm_clstoken"])
-        head_out = self.student["dino_head"](torch.cat(cls_parts))
-        n_local_rows = head_out[0].shape[0] - n_global_images
-        local_logits = [h[:n_local_rows] for h in head_out]
-        global_logits = [h[n_local_rows:] for h in head_out]
-
-        n_pairs = 2 + 2 * n_local
+        n_pairs = 2 + max(2 * n_local, 1)
         losses = {}
         if n_local:
-            local_loss = self.dino_loss(local_logits, dino_targets, n_local, 2)
+            local_loss = self.dino_loss(student.local_logits, teacher.dino, n_local, 2)
             losses["dino_local_crops_loss"] = cfg.dino.loss_weight * local_loss / n_pairs
-        global_loss = self.dino_loss(global_logits, dino_targets, 2, 2, skip_same_view=True)
+        global_loss = self.dino_loss(student.global_logits, teacher.dino, 2, 2, skip_same_view=True)
         losses["dino_global_crops_loss"] = cfg.dino.loss_weight * global_loss / n_pairs
         if cfg.dino.koleo_loss_weight > 0:
-            koleo = sum(koleo_loss(view) for view in global_cls.chunk(2))
+            koleo = sum(koleo_loss(view) for view in student.global_cls.chunk(2))
             losses["koleo_loss"] = cfg.dino.koleo_loss_weight * koleo
-        if ibot_targets is not None:
-            patches = s_global["x_norm_patchtokens"].flatten(0, 1)[mask_indices]
-            patch_logits = self._ibot_head("student")(patches)
-            ibot = self.ibot_loss(patch_logits, ibot_targets, batch["masks_weight"], n_global_images)
+        if teacher.ibot is not None:
+            n_global_images = student.global_cls.shape[0]
+            ibot = self.ibot_loss(student.ibot_logits, teacher.ibot, masks_weight, n_global_images)
             losses["ibot_loss"] = cfg.ibot.loss_weight * ibot
+        return losses
+
+    def compute_losses(
+        self,
+        batch: dict,
+        teacher_temp: float,
+        chunk_size: int | None = None,
+        stats: dict | None = None,
+        on_phase: Callable[[str], None] = _no_mark,
+    ) -> dict[str, torch.Tensor]:
+        """All loss terms for one collated batch (paper arXiv 2507.14137, Sec. 3); their sum is the training objective.
+
+        ``chunk_size``: rows per chunk of the chunked losses (``Runtime.loss_chunk_size``), None for the plain path.
+        Given a dict, ``stats`` is filled with this rank's raw training-health statistics (``franca.train.health``):
+        device tensors computed from the targets and logits already made, reduced over ranks by
+        ``health.reduce_stats`` when the trainer writes a log line. ``on_phase`` is called with each of the first four
+        :data:`STEP_PHASES` once that phase is done.
+        """
+        teacher_out = self.teacher_backbone(batch)
+        on_phase("teacher_backbone")
+        teacher = self.teacher_targets(teacher_out, batch, teacher_temp, chunk_size)
+        on_phase("teacher_heads_targets")
+        features = self.student_backbone(batch)
+        on_phase("student_backbone")
+        student = self.student_heads(features, batch)
+        losses = self.assemble_losses(student, teacher, batch["masks_weight"])
+        on_phase("student_heads_losses")
         if stats is not None:
             rows = chunk_size or health.DEFAULT_CHUNK_ROWS
-            stats.update(health.head_stats("dino", dino_targets, head_out, self.dino_loss.student_temp, rows))
-            if ibot_targets is not None:
-                stats.update(health.head_stats("ibot", ibot_targets, patch_logits, self.ibot_loss.student_temp, rows))
-            stats["teacher_cls_spread"] = health.spread_stats(teacher_cls)
+            dino_temp, ibot_temp = self.dino_loss.student_temp, self.ibot_loss.student_temp
+            stats.update(health.head_stats("dino", teacher.dino, student.dino_logits, dino_temp, rows))
+            if teacher.ibot is not None:
+                stats.update(health.head_stats("ibot", teacher.ibot, student.ibot_logits, ibot_temp, rows))
+            stats["teacher_cls_spread"] = health.spread_stats(teacher.cls)
         return losses
 
     def forward_backward(
         self,
         batch: dict,
         teacher_temp: float,
-        autocast_dtype: torch.dtype | None = None,
+        runtime: Runtime,
         scaler=None,
         stats: dict | None = None,
+        on_phase: Callable[[str], None] = _no_mark,
     ) -> dict[str, torch.Tensor]:
-        """Compute the losses under autocast and backpropagate their sum; returns the detached loss terms.
+        """Compute the losses under the runtime's autocast and backpropagate their sum; returns the detached terms.
 
-        ``stats``: a dict to fill with the training-health statistics (see ``compute_losses``)."""
-        device_type = batch["collated_global_crops"].device.type
-        with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            losses = self.compute_losses(batch, teacher_temp, stats)
+        ``stats``: a dict to fill with the training-health statistics (see ``compute_losses``); ``on_phase``: called
+        with each of :data:`STEP_PHASES` once that phase is done."""
+        with runtime.autocast():
+            losses = self.compute_losses(batch, teacher_temp, runtime.loss_chunk_size, stats, on_phase)
         total = sum(losses.values())
         (scaler.scale(total) if scaler is not None else total).backward()
+        on_phase("backward")
         return {k: v.detach() for k, v in losses.items()}
 
     def clip_gradients(self, max_norm: float) -> dict[str, torch.Tensor]:
-        """Clip each student submodule's gradient norm separately (reference §4.2 step 4); returns the norms.
+        """Clip each student submodule's gradient norm separately (as the original
+        ``SSLMetaArch``); returns the norms.
 
         Works on FSDP2-sharded (DTensor) gradients too: ``clip_grad_norm_`` then reduces the norm over the shards.
         """

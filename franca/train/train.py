@@ -1,16 +1,17 @@
 """Pretraining entry point: ``python -m franca.train --config-file F --output-dir D [--no-resume] [key=value ...]``.
 
-Owns the loop of reference §4.2: schedules → forward/backward → per-submodule clipping → AdamW step → EMA teacher,
-with a progress line, ``training_metrics.json``, resumable checkpoints every ``train.saveckp_freq`` epochs of
-``train.OFFICIAL_EPOCH_LENGTH`` iterations (and on SIGTERM/SIGUSR1), and release-format teacher exports.
+Owns the loop of valeoai/Franca ``franca/train/train.py``, ``do_train``: schedules → forward/backward →
+per-submodule clipping → AdamW step → EMA teacher, with a progress line, ``training_metrics.json``, resumable
+checkpoints every ``train.saveckp_freq`` epochs of ``train.OFFICIAL_EPOCH_LENGTH`` iterations (and on
+SIGTERM/SIGUSR1), and release-format teacher exports.
 
 The same command runs as one process, under ``torchrun`` or as SLURM tasks (:mod:`franca.distributed` detects which):
 the model goes through :func:`franca.parallel.parallelize` (FSDP2 / DDP / compile / activation checkpointing), each
 rank reads its slice of the world-size-independent global batch, logged losses are averaged over ranks, rank 0 alone
 writes metrics, plots and teacher exports, and a stop signal on any rank leads every rank to one collective
-checkpoint. KoLeo stays per rank (as the original, reference §10 item 6); the iBOT loss is normalised per rank by the
-rank's 2B global crops (reference §3.4), and gradients are averaged over ranks, so it equals the single-process loss
-on the concatenated batch when the masks are the same.
+checkpoint. KoLeo stays per rank (as the original ``franca/loss/koleo_loss.py``); the iBOT loss is normalised
+per rank by the rank's 2B global crops (original ``franca/loss/mrl_ibot_patch_loss.py``), and gradients are averaged
+over ranks, so it equals the single-process loss on the concatenated batch when the masks are the same.
 """
 
 import argparse
@@ -40,10 +41,11 @@ from franca.config import apply_scaling_rules, load_config, save_config
 from franca.data.augmentations import DataAugmentationDINO
 from franca.data.batched_augmentations import SplitDataAugmentationDINO, apply_photometric_to_batch
 from franca.data.collate import MaskingCollator
-from franca.data.datasets import WebDatasetShards, make_webdataset_train_loader
+from franca.data.datasets import WebDatasetShards
 from franca.data.image_decoding import ImageDecoding
 from franca.data.loaders import make_dataset, make_train_data_loader
 from franca.data.masking import build_mask_generator
+from franca.data.streams import make_webdataset_train_loader
 from franca.distributed import (
     all_reduce_mean,
     any_rank,
@@ -57,8 +59,9 @@ from franca.parallel import parallelize
 from franca.train.health import HealthMonitor, format_health, reduce_stats
 from franca.train.knn_monitor import build_knn_monitor
 from franca.train.param_groups import apply_optim_schedule, fuse_params_groups, get_params_groups
+from franca.train.runtime import Runtime
 from franca.train.schedules import build_schedules
-from franca.train.ssl_meta_arch import SSLMetaArch, resolve_autocast_dtype
+from franca.train.ssl_meta_arch import SSLMetaArch
 from franca.utils.atomic import sweep_stale_temporaries
 from franca.utils.logging import MetricsWriter, Progress
 
@@ -118,16 +121,9 @@ def build_optimizer(cfg: DictConfig, model: SSLMetaArch, device: torch.device) -
     return torch.optim.AdamW(fuse_params_groups(groups), betas=betas, **fast)
 
 
-def resolve_batched_photometric(setting: str, device: torch.device) -> bool:
-    """``crops.batched_photometric``: auto = on CUDA, off elsewhere; true / false force it."""
-    if setting not in ("auto", "true", "false"):
-        raise ValueError(f"crops.batched_photometric={setting!r}; use auto, true or false")
-    return device.type == "cuda" if setting == "auto" else setting == "true"
-
-
 def build_transform(cfg: DictConfig, batched_photometric: bool):
-    """The multi-crop transform of the loader workers: all of it per image, or its split worker half (reference
-    §4.4; the photometric half then runs in :func:`prepare_batch`)."""
+    """The multi-crop transform of the loader workers: all of it per image, or its split worker half (original
+    ``DataAugmentationDINO``; the photometric half then runs in :func:`prepare_batch`)."""
     augmentation = SplitDataAugmentationDINO if batched_photometric else DataAugmentationDINO
     return augmentation(
         cfg.crops.global_crops_scale,
@@ -297,27 +293,26 @@ class NonFiniteTracker:
         )
 
 
-def export_teacher_collective(model: SSLMetaArch, out_dir: Path, iteration: int, block_chunks: int) -> Path:
-    """Gather the full teacher (a collective under FSDP) and write its release-format export from rank 0."""
+def export_teacher_collective(model: SSLMetaArch, out_dir: Path, done: int, block_chunks: int) -> Path:
+    """Gather the full teacher (a collective under FSDP) and write its release-format export from rank 0, named by
+    the iterations completed (``eval/training_<done>``, as the checkpoint ``model_<done>.pth`` beside it)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model.teacher, options=options)
-    path = teacher_export_path(out_dir, iteration)
+    path = teacher_export_path(out_dir, done)
     if is_main_process():
         save_teacher_release(state, model.teacher["backbone"].build_config(), path, block_chunks)
     barrier()
     return path
 
 
-def build_model(cfg: DictConfig, device: torch.device, world_size: int, local_world_size: int) -> SSLMetaArch:
-    """The meta-architecture, initialised alike on every rank (same seed), on ``device`` and parallelised."""
+def build_model(cfg: DictConfig, runtime: Runtime, world_size: int, local_world_size: int) -> SSLMetaArch:
+    """The meta-architecture, initialised alike on every rank (same seed), on the device and parallelised."""
     seed_everything(cfg.train.seed)
     model = SSLMetaArch(cfg)
     load_pretrained(cfg, model)
-    model.to(device)
-    mode = parallelize(model, cfg, device, world_size, local_world_size)
+    model.to(runtime.device)
+    parallelize(model, cfg, runtime, world_size, local_world_size)
     model.train()
-    if world_size > 1:
-        print(f"data parallel: {mode} over {world_size} processes", flush=True)
     return model
 
 
@@ -330,11 +325,11 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    model = build_model(cfg, device, world_size, env.local_world_size)
+    runtime = Runtime.resolve(cfg, device, world_size)
+    model = build_model(cfg, runtime, world_size, env.local_world_size)
     seed_everything(cfg.train.seed + rank)
     optimizer = build_optimizer(cfg, model, device)
-    autocast_dtype = resolve_autocast_dtype(cfg.compute_precision.dtype, device)
-    use_scaler = autocast_dtype == torch.float16 and cfg.compute_precision.grad_scaler
+    use_scaler = runtime.autocast_dtype == torch.float16 and cfg.compute_precision.grad_scaler
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
     schedules = build_schedules(cfg)
     epoch_length = cfg.train.OFFICIAL_EPOCH_LENGTH
@@ -360,8 +355,7 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
     def save(iteration: int) -> None:
         checkpointer.save(iteration, model, optimizer, scaler, OmegaConf.to_yaml(cfg))
 
-    batched_photometric = resolve_batched_photometric(cfg.crops.batched_photometric, device)
-    dataset, loader = build_data(cfg, start, rank, world_size, batched_photometric)
+    dataset, loader = build_data(cfg, start, rank, world_size, runtime.batched_photometric)
     if loaded is not None and loaded.rng is not None:
         restore_rng_state(loaded.rng)
     elif loaded is not None:
@@ -380,8 +374,7 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
     print(
         f"training {cfg.student.arch}/{cfg.student.patch_size} on {cfg.train.dataset_path} ({_describe_size(dataset)}) "
         f"for {max_iter} iterations, batch {cfg.train.batch_size_per_gpu} x {world_size} process(es), "
-        f"lr {cfg.optim.lr:.3g}, device {device}, dtype {autocast_dtype or torch.float32}, photometric augmentation "
-        f"{'batched on the device' if batched_photometric else 'per image in the loader'}",
+        f"lr {cfg.optim.lr:.3g}, {runtime.describe()}",
         flush=True,
     )
 
@@ -390,12 +383,12 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
     monitor = HealthMonitor(
         cfg.train.health_entropy_threshold, cfg.train.health_min_cls_spread, cfg.train.health_patience
     )
-    knn = build_knn_monitor(cfg, device, autocast_dtype, rank, world_size)
+    knn = build_knn_monitor(cfg, device, runtime.autocast_dtype, rank, world_size)
     window_start, window_iters = time.perf_counter(), 0
     data_iter = iter(loader)
     for iteration in range(start, max_iter):
         t_data = time.perf_counter()
-        batch = prepare_batch(next(data_iter), device, batched_photometric)
+        batch = prepare_batch(next(data_iter), device, runtime.batched_photometric)
         data_time = time.perf_counter() - t_data
         lr, wd = schedules["lr"][iteration], schedules["wd"][iteration]
         mom, teacher_temp = schedules["momentum"][iteration], schedules["teacher_temp"][iteration]
@@ -406,7 +399,7 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
         log_now = done % cfg.train.log_period == 0 or done == max_iter or done == start + 1 or knn_now
         optimizer.zero_grad(set_to_none=True)
         step_stats: dict | None = {} if log_now else None
-        losses = model.forward_backward(batch, teacher_temp, autocast_dtype, scaler, stats=step_stats)
+        losses = model.forward_backward(batch, teacher_temp, runtime, scaler, stats=step_stats)
         if scaler is not None:
             scaler.unscale_(optimizer)
         if cfg.optim.clip_grad:
@@ -463,14 +456,14 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
                 )
             window_start, window_iters = time.perf_counter(), 0
         if eval_period and done % eval_period == 0 and done != max_iter:
-            export_teacher_collective(model, out_dir, iteration, block_chunks)
+            export_teacher_collective(model, out_dir, done, block_chunks)
         if save_now:
             save(done)
         if stopping and done != max_iter:
             print(f"stopped at iteration {done}; run the same command again to resume", flush=True)
             raise SystemExit(128 + (stop.signal or signal.SIGTERM))
 
-    final = export_teacher_collective(model, out_dir, max_iter - 1, block_chunks)
+    final = export_teacher_collective(model, out_dir, max_iter, block_chunks)
     print(f"teacher exported to {final}", flush=True)
     if main_process:
         if tb is not None:

@@ -1,4 +1,8 @@
-"""Loss-curve pictures from ``training_metrics.json`` (matplotlib, from the ``log`` or ``dev`` extras)."""
+"""Loss-curve pictures from ``training_metrics.json`` (matplotlib, from the ``log`` or ``dev`` extras).
+
+The x-axis counts iterations completed, as the console, the checkpoints (``model_<done>.pth``) and the teacher exports
+(``eval/training_<done>``) do: the record of 0-based ``iteration`` i is drawn at i + 1.
+"""
 
 import os
 from pathlib import Path
@@ -9,7 +13,7 @@ LOSS_KEYS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "k
 
 
 def plot_loss_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
-    """One panel per loss term against the iteration; returns the PNG path."""
+    """One panel per loss term against the iterations completed; returns the PNG path."""
     try:
         import matplotlib
 
@@ -23,7 +27,7 @@ def plot_loss_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLik
     n_panels = len(keys) + len(heads)
     fig, axes = plt.subplots(1, n_panels, figsize=(3.2 * n_panels, 2.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        points = [(r["iteration"], r[key]) for r in records if key in r]
+        points = [(iterations_done(r), r[key]) for r in records if key in r]
         ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.2)
         _style(ax, key)
     for ax, head in zip(axes[0][len(keys) :], heads):
@@ -35,9 +39,14 @@ def plot_loss_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLik
     return out_path
 
 
+def iterations_done(record: dict) -> int:
+    """The iterations completed when a metrics record was written (its ``iteration`` is 0-based)."""
+    return record["iteration"] + 1
+
+
 def _style(ax, title: str) -> None:
     ax.set_title(title, fontsize=9)
-    ax.set_xlabel("iteration", fontsize=8)
+    ax.set_xlabel("iterations done", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
 
@@ -47,7 +56,7 @@ def _plot_target_entropies(ax, records: list[dict], head: str) -> None:
     level = 0
     while any(f"{head}_target_entropy_l{level}" in r for r in records):
         key = f"{head}_target_entropy_l{level}"
-        points = [(r["iteration"], r[key]) for r in records if key in r]
+        points = [(iterations_done(r), r[key]) for r in records if key in r]
         ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.0, label=f"level {level}")
         level += 1
     ax.axhline(1.0, color="black", ls="--", lw=0.8)

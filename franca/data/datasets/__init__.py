@@ -2,6 +2,7 @@
 
 from franca.data.datasets.ade20k import ADE20K  # noqa: E402  (segmentation datasets register themselves)
 from franca.data.datasets.base import (
+    FileListDataset,
     ImageDataset,
     ReadFailureCounter,
     TooManyUnreadableImagesError,
@@ -14,10 +15,9 @@ from franca.data.datasets.image_folder import ImageFolder
 from franca.data.datasets.image_net import ImageNet
 from franca.data.datasets.image_net_22k import ImageNet22k
 from franca.data.datasets.registry import DatasetSpec, get_dataset_spec, register_dataset, registered_dataset_names
-from franca.data.datasets.seeded_transform import SeededTransformDataset, seeded_global_rngs
 from franca.data.datasets.segmentation_folder import SegFolder, SegmentationDataset  # noqa: E402
 from franca.data.datasets.voc import VOCSegmentation  # noqa: E402
-from franca.data.datasets.webdataset import WebDatasetShards, make_webdataset_train_loader  # noqa: E402
+from franca.data.datasets.webdataset import WebDatasetShards  # noqa: E402
 
 register_dataset("ImageNet", ImageNet, keys=("split", "root", "extra"), required_keys=("split", "root"))
 register_dataset("ImageNet22k", ImageNet22k, keys=("root", "extra"), required_keys=("root",))
@@ -31,15 +31,14 @@ __all__ = [
     "SegmentationDataset",
     "VOCSegmentation",
     "WebDatasetShards",
-    "make_webdataset_train_loader",
     "DatasetSpec",
     "FashionMNIST",
+    "FileListDataset",
     "ImageDataset",
     "ImageFolder",
     "ImageNet",
     "ImageNet22k",
     "ReadFailureCounter",
-    "SeededTransformDataset",
     "TooManyUnreadableImagesError",
     "UnreadableImageWarning",
     "decode_image",
@@ -47,6 +46,5 @@ __all__ = [
     "read_idx",
     "register_dataset",
     "registered_dataset_names",
-    "seeded_global_rngs",
     "write_idx",
 ]

@@ -9,9 +9,10 @@ from typing import Callable
 
 import numpy as np
 
+from franca.data.datasets.base import IGNORE_INDEX
 from franca.data.datasets.files import require_directory
 from franca.data.datasets.registry import register_dataset
-from franca.data.datasets.segmentation_folder import IGNORE_INDEX, SegmentationDataset
+from franca.data.datasets.segmentation_folder import SegmentationDataset
 
 NUM_CLASSES = 150
 SPLITS = ("training", "validation")

@@ -18,14 +18,18 @@ import os
 import warnings
 import zlib
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
 from franca.data.image_decoding import DEFAULT_DECODING, ImageDecoding
 
+# The label of unlabelled pixels in every segmentation mask (VOC, ADE20K, SegFolder) and in every eval metric.
+IGNORE_INDEX = 255
 MAX_FAILURE_FRACTION = 0.01
 MIN_ATTEMPTS_BEFORE_CHECK = 100
 READ_COUNTER_SLOTS = 1024
@@ -154,3 +158,40 @@ class ImageDataset(Dataset, ABC):
         if self.target_transform is not None:
             target = self.target_transform(target)
         return image, target
+
+
+class FileListDataset(ImageDataset):
+    """Images listed as paths relative to one folder, each with an integer target (-1 when unlabelled).
+
+    ``ImageFolder``, ``ImageNet`` and ``COCO`` differ only in how they find their files and labels; reading,
+    targets and messages are shared here. Paths and targets are kept as NumPy arrays, so DataLoader workers share
+    them copy-on-write instead of touching millions of Python objects.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        directory: Path,
+        paths: Sequence[str] | np.ndarray,
+        targets: Sequence[int] | np.ndarray | None = None,
+        transform: Callable | None = None,
+        target_transform: Callable | None = None,
+    ):
+        super().__init__(root, transform, target_transform)
+        self._directory = Path(directory)
+        self._paths = np.asarray(paths)
+        self._targets = np.full(len(self._paths), -1, dtype=np.int64) if targets is None else np.asarray(targets)
+        if len(self._targets) != len(self._paths):
+            raise ValueError(f"{type(self).__name__} got {len(self._paths)} paths but {len(self._targets)} targets")
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def read_image(self, index: int) -> Image.Image:
+        return self.decode(self.describe(index))
+
+    def get_target(self, index: int) -> int:
+        return int(self._targets[index])
+
+    def describe(self, index: int) -> str:
+        return str(self._directory / str(self._paths[index]))

@@ -3,13 +3,12 @@
 from typing import Callable
 
 import numpy as np
-from PIL import Image
 
-from franca.data.datasets.base import ImageDataset
+from franca.data.datasets.base import FileListDataset
 from franca.data.datasets.files import require_directory, scan_image_files
 
 
-class ImageFolder(ImageDataset):
+class ImageFolder(FileListDataset):
     """All images below ``root`` (recursive, common extensions, sorted paths).
 
     Labelled when every image lies inside a top-level sub-folder: the label is the index of that sub-folder in
@@ -18,7 +17,6 @@ class ImageFolder(ImageDataset):
     """
 
     def __init__(self, root: str, transform: Callable | None = None, target_transform: Callable | None = None):
-        super().__init__(root, transform, target_transform)
         directory = require_directory(root, "ImageFolder root")
         paths = scan_image_files(directory)
         if not paths:
@@ -30,20 +28,5 @@ class ImageFolder(ImageDataset):
         top_folders = [path.split("/", 1)[0] for path in paths] if labelled else []
         self.classes = sorted(set(top_folders))
         class_index = {name: index for index, name in enumerate(self.classes)}
-        self._directory = directory
-        self._paths = np.array(paths)
-        self._targets = np.array(
-            [class_index[name] for name in top_folders] if labelled else [-1] * len(paths), dtype=np.int64
-        )
-
-    def __len__(self) -> int:
-        return len(self._paths)
-
-    def read_image(self, index: int) -> Image.Image:
-        return self.decode(self._directory / str(self._paths[index]))
-
-    def get_target(self, index: int) -> int:
-        return int(self._targets[index])
-
-    def describe(self, index: int) -> str:
-        return str(self._directory / str(self._paths[index]))
+        targets = np.array([class_index[name] for name in top_folders], dtype=np.int64) if labelled else None
+        super().__init__(root, directory, np.array(paths), targets, transform, target_transform)

@@ -1,4 +1,4 @@
-"""``ImageNet``: ImageNet-1k in its usual folder layout (reference §6).
+"""``ImageNet``: ImageNet-1k in its usual folder layout (as valeoai/Franca ``ImageNet``).
 
 Layout: ``root/train/<wnid>/*.JPEG``, ``root/val/<wnid>/*.JPEG``, ``root/test/*.JPEG`` and optionally
 ``root/labels.txt`` (CSV ``wnid,class name`` per line). Unlike the original, no prepared ``extra/entries-*.npy``
@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
 
-from franca.data.datasets.base import ImageDataset
+from franca.data.datasets.base import FileListDataset
 from franca.data.datasets.files import load_or_build_index, require_directory, scan_image_files
 
 SPLIT_FOLDERS = {"TRAIN": "train", "VAL": "val", "TEST": "test"}
@@ -66,7 +65,7 @@ def _read_class_names(root: Path, class_ids: list[str]) -> list[str]:
     return [names.get(class_id, class_id) for class_id in class_ids]
 
 
-class ImageNet(ImageDataset):
+class ImageNet(FileListDataset):
     """ImageNet-1k split ``TRAIN``, ``VAL`` or ``TEST`` (case-insensitive); TEST images have target -1."""
 
     def __init__(
@@ -77,7 +76,6 @@ class ImageNet(ImageDataset):
         transform: Callable | None = None,
         target_transform: Callable | None = None,
     ):
-        super().__init__(root, transform, target_transform)
         self.split = str(split).upper()
         if self.split not in SPLIT_FOLDERS:
             raise ValueError(f"ImageNet split={split!r} is unknown; choose one of {', '.join(SPLIT_FOLDERS)}")
@@ -86,20 +84,6 @@ class ImageNet(ImageDataset):
         index = load_or_build_index(
             extra, f"franca-imagenet-{self.split.lower()}-index.npz", lambda: _scan_split(directory, self.split)
         )
-        self._directory = directory
-        self._paths = index["paths"]
-        self._targets = index["targets"]
+        super().__init__(root, directory, index["paths"], index["targets"], transform, target_transform)
         self.class_ids = [str(class_id) for class_id in index["class_ids"]]
         self.class_names = _read_class_names(directory, self.class_ids)
-
-    def __len__(self) -> int:
-        return len(self._paths)
-
-    def read_image(self, index: int) -> Image.Image:
-        return self.decode(self._directory / str(self._paths[index]))
-
-    def get_target(self, index: int) -> int:
-        return int(self._targets[index])
-
-    def describe(self, index: int) -> str:
-        return str(self._directory / str(self._paths[index]))

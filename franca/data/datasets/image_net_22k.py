@@ -1,10 +1,11 @@
-"""``ImageNet22k``: ImageNet-21k stored as one uncompressed ``<wnid>.tar`` per class under ``root`` (reference §6).
+"""``ImageNet22k``: ImageNet-21k stored as one uncompressed ``<wnid>.tar`` per class under ``root`` (as valeoai/Franca
+``ImageNet22k``).
 
 The index (class, byte offset and size of every regular member) is built by reading the tar headers with
 ``tarfile``; no ``extra`` metadata or per-class block logs are needed. When ``extra`` is given the index is cached
-there as ``franca-imagenet22k-index.npz``. Offsets are 64-bit (the original's uint32 offsets overflow past 4 GiB,
-reference §10 item 15). Images are read by seeking to their offset; gzip-compressed members (a few in the winter-2021
-release) are decompressed. Class index = position of the tar in sorted order.
+there as ``franca-imagenet22k-index.npz``. Offsets are 64-bit (the original's uint32 offsets overflow past 4 GiB;
+docs/deviations.md, "ImageNet-21k"). Images are read by seeking to their offset; gzip-compressed members (a few in the
+winter-2021 release) are decompressed. Class index = position of the tar in sorted order.
 """
 
 import gzip

@@ -17,11 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from franca.data.datasets.base import ImageDataset
+from franca.data.datasets.base import IGNORE_INDEX, ImageDataset
 from franca.data.datasets.files import is_image_file, require_directory
 from franca.data.datasets.registry import register_dataset
 
-IGNORE_INDEX = 255
 LABEL_MODES = ("L", "P", "I", "I;16")
 
 

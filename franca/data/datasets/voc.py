@@ -1,4 +1,5 @@
-"""``VOC``: Pascal VOC 2012 segmentation, as (RGB image, class mask) pairs or images only (reference §8.2 step 6).
+"""``VOC``: Pascal VOC 2012 segmentation, as (RGB image, class mask) pairs or images only (RASA training data,
+as valeoai/Franca ``rasa/data/``).
 
 Dataset string: ``VOC:root=R:split=train|trainaug|val|trainval[:masks=true|false]``, where ``R`` is the folder holding
 ``JPEGImages/`` (``VOCdevkit/VOC2012``). Image lists come from ``ImageSets/Segmentation/<split>.txt`` and masks from
@@ -7,8 +8,8 @@ Dataset string: ``VOC:root=R:split=train|trainaug|val|trainval[:masks=true|false
 by the user (they are not part of the VOC archive).
 
 Targets: with ``masks=true`` (the default) a PIL ``"L"`` image of class indices 0…20 (:data:`NUM_CLASSES`), with
-:data:`IGNORE_INDEX` = 255 on object borders and "difficult" regions; with ``masks=false`` -1, as every unlabelled
-dataset (RASA training reads images only).
+:data:`~franca.data.datasets.base.IGNORE_INDEX` = 255 on object borders and "difficult" regions; with ``masks=false``
+-1, as every unlabelled dataset (RASA training reads images only).
 """
 
 from pathlib import Path
@@ -22,7 +23,6 @@ from franca.data.datasets.files import require_directory
 from franca.data.datasets.registry import register_dataset
 
 NUM_CLASSES = 21
-IGNORE_INDEX = 255
 SPLITS = ("train", "trainaug", "val", "trainval")
 CLASS_NAMES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

@@ -1,4 +1,5 @@
-"""``WebDataset:urls=PATTERN[:counts=FILE]``: image samples streamed from tar shards (reference §6, LAION loader).
+"""``WebDataset:urls=PATTERN[:counts=FILE]``: image samples streamed from tar shards (replaces the
+LAION loader of valeoai/Franca ``franca/data/datasets/``, ``MultishardStreamer``).
 
 A shard is a tar file whose members are grouped into samples by key: the member path up to the first dot of its file
 name (``000042.jpg``, ``000042.json`` and ``000042.txt`` form sample ``000042``), consecutive members with one key
@@ -11,14 +12,14 @@ dependency on the ``webdataset`` package.
 (one shard path a line, relative to the list file; ``#`` comments). Shards are local files (mounted file systems
 included); the i-th resolved shard has id i.
 
-Training stream (:func:`make_webdataset_train_loader`): rank r with W loader workers owns W streams (s = r·W + ℓ,
-ℓ < W) out of S = world_size·W. In stream pass p, the shards are permuted by (seed, p) and stream s reads shards
-s, s + S, s + 2S, ... of that permutation, in order (no shuffle within a shard: shards must be shuffled when written,
-as img2dataset's are); the passes follow one another forever. Iteration i of rank r is the (i // W)-th batch of
-stream ℓ = i mod W. So the data of iteration i is a function of (seed, world_size, num_workers, i): a run restarted
-at iteration k skips, in each stream, the samples of the iterations before k — walking tar headers only, or whole
-shards at once when ``counts=`` gives the samples per shard — and sees exactly what an uninterrupted run sees.
-Resuming therefore needs the same world size and ``train.num_workers``.
+Training stream (:func:`franca.data.streams.make_webdataset_train_loader`): rank r with W loader workers owns W
+streams (s = r·W + ℓ, ℓ < W) out of S = world_size·W. In stream pass p, the shards are permuted by (seed, p) and
+stream s reads shards s, s + S, s + 2S, ... of that permutation, in order (no shuffle within a shard: shards must be
+shuffled when written, as img2dataset's are); the passes follow one another forever. Iteration i of rank r is the
+(i // W)-th batch of stream ℓ = i mod W. So the data of iteration i is a function of (seed, world_size, num_workers,
+i): a run restarted at iteration k skips, in each stream, the samples of the iterations before k — walking tar
+headers only, or whole shards at once when ``counts=`` gives the samples per shard — and sees exactly what an
+uninterrupted run sees. Resuming therefore needs the same world size and ``train.num_workers``.
 
 Unreadable images follow the policy of :mod:`franca.data.datasets.base`: each is warned about and counted, its
 stream position gets the next readable image of the stream (so positions, and resume, are unchanged), and reading
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from franca.data.datasets.base import (
     MAX_FAILURE_FRACTION,
@@ -54,9 +55,8 @@ from franca.data.datasets.base import (
     decode_image,
 )
 from franca.data.datasets.registry import register_dataset
-from franca.data.datasets.seeded_transform import seeded_global_rngs
 from franca.data.image_decoding import DEFAULT_DECODING, ImageDecoding
-from franca.data.samplers import SampleKey, check_stream_settings, pass_permutation
+from franca.data.samplers import pass_permutation
 from franca.utils.atomic import atomic_write
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
@@ -263,8 +263,9 @@ def _load_counts(counts_file: str, shards: list[Path], urls: str) -> list[int]:
 
 class WebDatasetShards(IterableDataset):
     """The shards of ``urls``. Iterating it gives one ordered pass of ``(transform(image), target)`` (shards split
-    over DataLoader workers, unreadable images skipped); training uses :func:`make_webdataset_train_loader`. Images
-    are decoded with :attr:`image_decoding` (set by :func:`franca.data.loaders.make_dataset`)."""
+    over DataLoader workers, unreadable images skipped); training uses
+    :func:`franca.data.streams.make_webdataset_train_loader`. Images are decoded with :attr:`image_decoding` (set by
+    :func:`franca.data.loaders.make_dataset`)."""
 
     image_decoding: ImageDecoding = DEFAULT_DECODING
 
@@ -380,88 +381,6 @@ class WebDatasetShards(IterableDataset):
             if not yielded:
                 names = [self.shards[i].name for i in self.stream_shards(seed, pass_index, stream, num_streams)]
                 raise ValueError(f"WebDataset urls={self.urls!r}: shards {names} hold no image sample")
-
-
-class WebDatasetTrainStream(IterableDataset):
-    """The samples ``(transform(image), target, SampleKey)`` of one rank for the training loader, in the order of the
-    module docstring; each worker slot plays one stream, shifted so that batch k of the loader is iteration
-    ``start_iteration + k``."""
-
-    def __init__(
-        self,
-        shards: WebDatasetShards,
-        transform: Callable | None,
-        seed: int,
-        batch_size_per_rank: int,
-        start_iteration: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        check_stream_settings(batch_size_per_rank, seed, start_iteration, rank, world_size)
-        self.shards = shards
-        self.transform = transform
-        self.seed = seed
-        self.batch_size = batch_size_per_rank
-        self.start_iteration = start_iteration
-        self.rank = rank
-        self.world_size = world_size
-
-    def __iter__(self) -> Iterator[tuple[Any, int, SampleKey]]:
-        worker = get_worker_info()
-        slot, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        first_iteration = self.start_iteration + slot
-        stream = self.rank * num_workers + first_iteration % num_workers
-        start_position = (first_iteration // num_workers) * self.batch_size
-        raw = self.shards.stream_samples(self.seed, stream, self.world_size * num_workers, start_position)
-        pending: list[tuple[RawSample, int]] = []
-        produced = 0
-        for sample, pass_index in raw:
-            image = self.shards.decode(sample)
-            if image is None:
-                pending.append((sample, pass_index))
-                continue
-            for slot_sample, slot_pass in pending + [(sample, pass_index)]:
-                iteration = first_iteration + (produced // self.batch_size) * num_workers
-                key = SampleKey(
-                    slot_sample.shard_id * SAMPLES_PER_SHARD_LIMIT + slot_sample.index, slot_pass, iteration
-                )
-                yield self._transform(image, sample.target, key)
-                produced += 1
-            pending.clear()
-
-    def _transform(self, image: Image.Image, target: int, key: SampleKey) -> tuple[Any, int, SampleKey]:
-        with seeded_global_rngs([self.seed, key.pass_index, key.index]):
-            crops = self.transform(image) if self.transform is not None else image
-        return crops, target, key
-
-
-def make_webdataset_train_loader(
-    dataset: WebDatasetShards,
-    transform: Callable | None,
-    collate: Callable[[list[Any]], Any],
-    batch_size_per_rank: int,
-    seed: int,
-    start_iteration: int = 0,
-    num_workers: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    pin_memory: bool | None = None,
-    prefetch_factor: int = 2,
-) -> DataLoader:
-    """:func:`franca.data.loaders.make_train_data_loader` for shards: same arguments, same samples and batches (batch
-    k is iteration ``start_iteration + k``). The order depends on ``world_size`` and ``num_workers`` (module
-    docstring), so a resumed run must keep both."""
-    if not isinstance(dataset, WebDatasetShards):
-        raise TypeError(f"make_webdataset_train_loader needs a WebDatasetShards, got {type(dataset).__name__}")
-    if dataset.transform is not None or dataset.target_transform is not None:
-        raise ValueError("give the training transform to make_webdataset_train_loader, not to the WebDatasetShards")
-    if num_workers < 0:
-        raise ValueError(f"num_workers={num_workers} must be >= 0")
-    from franca.data.loaders import train_worker_loader  # not at the top: loaders imports the datasets package
-
-    dataset.check_stream_count(world_size * max(1, num_workers))
-    stream = WebDatasetTrainStream(dataset, transform, seed, batch_size_per_rank, start_iteration, rank, world_size)
-    return train_worker_loader(stream, batch_size_per_rank, collate, num_workers, pin_memory, prefetch_factor)
 
 
 register_dataset("WebDataset", WebDatasetShards, keys=("urls", "counts"), required_keys=("urls",))

@@ -1,4 +1,5 @@
-"""The RASA head (reference §8.1): rank-2 removals of the subspaces that predict a patch's (row, column).
+"""The RASA head (valeoai/Franca ``rasa/src/rasa_head.py``, ``RASAHead``): rank-2 removals of the subspaces
+that predict a patch's (row, column).
 
 Each weight W = [w_r; w_c] ∈ R^{2×D} defines the plane spanned by w_r and w_c; it is orthonormalised by Gram–Schmidt
 (a = w_r/‖w_r‖, b' = normalised w_c − ⟨w_c, a⟩a) and x ← x − ⟨x, a⟩a − ⟨x, b'⟩b'. The pre-layers are applied in index
@@ -7,6 +8,8 @@ order, then ``pos_pred``. Keys match the original files: ``pre_pos_layers.{j}.we
 
 import torch
 from torch import nn
+
+from franca.models.weights import load_strict, strip_prefixes
 
 
 def plane_basis(weight: torch.Tensor) -> torch.Tensor:
@@ -59,14 +62,10 @@ class RASAHead(nn.Module):
         return self.forward(eye, use_pos_pred).T
 
     @classmethod
-    def from_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> "RASAHead":
-        """Build a head with as many pre-layers as the file has (8 in v1.0.0 files, 9 in v1.1.0) and load it."""
-        state = {}
-        for key, value in state_dict.items():
-            for prefix in ("module.", "rasa_head."):
-                if key.startswith(prefix):
-                    key = key[len(prefix) :]
-            state[key] = value
+    def from_state_dict(cls, state_dict: dict[str, torch.Tensor], source: str = "the RASA state dict") -> "RASAHead":
+        """Build a head with as many pre-layers as the file has (8 in v1.0.0 files, 9 in v1.1.0) and load it
+        (``module.`` / ``rasa_head.`` prefixes removed; ``source`` names the file in errors)."""
+        state = {strip_prefixes(key, ("module.", "rasa_head.")): value for key, value in state_dict.items()}
         if "pos_pred.weight" not in state:
             raise ValueError(f"not a RASA head state dict: no 'pos_pred.weight' among keys {sorted(state)[:8]}")
         indices = sorted(int(k.split(".")[1]) for k in state if k.startswith("pre_pos_layers."))
@@ -74,5 +73,5 @@ class RASAHead(nn.Module):
             raise ValueError(f"RASA pre_pos_layers indices must be contiguous from 0, got {indices}")
         dim = state["pos_pred.weight"].shape[1]
         head = cls(dim, n_pos_layers=len(indices))
-        head.load_state_dict(state, strict=True)
+        load_strict(head, state, source, f"a RASA head with {len(indices)} pre-layers")
         return head

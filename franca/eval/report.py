@@ -1,0 +1,231 @@
+"""A pictures-first evaluation report: run a chosen set of protocols and write one self-contained HTML page.
+
+``python -m franca.eval.report --weights W --output-dir D [--train-dataset S --val-dataset S] [--seg-train-dataset S
+--seg-val-dataset S] [--images F ... | --pca-dataset S] [--protocols knn,matryoshka,pca,hummingbird]``
+
+Each protocol runs as its own command (``franca.eval.<protocol>``) into ``D/<protocol>/`` with the shared flags
+(weights, RASA head, image size, loader, seed, decoding) passed on, so its results file is the one the command would
+write. ``D/report.html`` then shows, per protocol, a table of its numbers, its pictures (the Matryoshka curve, the
+PCA grids, HummingBird predictions beside the ground truth) and the metadata block, with every picture embedded as
+a data URI: the page is one file to open, mail or archive. A protocol that fails is shown with its error and the
+others still run. By default (``--protocols auto``) every cheap protocol the given datasets allow runs: knn and
+matryoshka with the classification datasets, hummingbird with the segmentation datasets, pca with images (or the
+first val images).
+"""
+
+import argparse
+import base64
+import html
+import importlib
+import json
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from franca.eval.common import default_num_workers
+from franca.utils.atomic import atomic_write
+from franca.utils.logging import format_duration
+
+CLASSIFICATION = ("knn", "matryoshka", "linear", "log_regression")
+SEGMENTATION = ("hummingbird", "linear_seg")
+PROTOCOLS = (*CLASSIFICATION, *SEGMENTATION, "pca")
+AUTO_PROTOCOLS = ("knn", "matryoshka", "hummingbird", "pca")
+REPORT_FILE = "report.html"
+MAX_TABLE_ROWS = 40
+
+
+@dataclass
+class ProtocolRun:
+    """One protocol's outcome: its folder, results record (None if it failed), pictures and error text."""
+
+    name: str
+    folder: Path
+    record: dict | None = None
+    pictures: list[Path] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        "franca.eval.report", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("--weights", required=True, help="hub name (franca_vitb14[:IN21K]) or checkpoint path / URL")
+    p.add_argument("--rasa-weights", default=None, help="RASA head file, passed to every protocol")
+    p.add_argument("--output-dir", required=True, help="folder of report.html and one sub-folder per protocol")
+    p.add_argument(
+        "--protocols",
+        default="auto",
+        help=f"comma-separated, from {', '.join(PROTOCOLS)}; auto = {', '.join(AUTO_PROTOCOLS)} where datasets allow",
+    )
+    p.add_argument("--train-dataset", default=None, help="labelled classification train set (knn, matryoshka, ...)")
+    p.add_argument("--val-dataset", default=None, help="labelled classification val set")
+    p.add_argument("--seg-train-dataset", default=None, help="segmentation train set (hummingbird memory, linear_seg)")
+    p.add_argument("--seg-val-dataset", default=None, help="segmentation val set")
+    p.add_argument("--images", nargs="+", default=None, help="image files for the PCA pictures")
+    p.add_argument("--pca-dataset", default=None, help="dataset for the PCA pictures (default: the val set)")
+    p.add_argument("--image-size", type=int, nargs="+", default=None, help="S or H W (default: the trained size)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=default_num_workers())
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--alpha-background", default="white", help="colour transparent pixels are composited onto")
+    p.add_argument("--predictions", type=int, default=4, help="HummingBird val images pictured (default 4)")
+    return p
+
+
+def choose_protocols(args: argparse.Namespace) -> list[str]:
+    """The protocols to run, checked against the datasets given (a clear error names what is missing)."""
+    classification = args.train_dataset and args.val_dataset
+    segmentation = args.seg_train_dataset and args.seg_val_dataset
+    pictures = args.images or args.pca_dataset or args.val_dataset or args.seg_val_dataset
+    if args.protocols == "auto":
+        chosen = [
+            name
+            for name in AUTO_PROTOCOLS
+            if (name in CLASSIFICATION and classification)
+            or (name in SEGMENTATION and segmentation)
+            or (name == "pca" and pictures)
+        ]
+        if not chosen:
+            raise ValueError(
+                "no protocol can run: give --train-dataset and --val-dataset (classification), --seg-train-dataset "
+                "and --seg-val-dataset (segmentation), or --images (PCA pictures)"
+            )
+        return chosen
+    chosen = [name.strip() for name in args.protocols.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in PROTOCOLS]
+    if unknown:
+        raise ValueError(f"--protocols: unknown {unknown}; choose from {', '.join(PROTOCOLS)}")
+    for name in chosen:
+        if name in CLASSIFICATION and not classification:
+            raise ValueError(f"--protocols {name} needs --train-dataset and --val-dataset")
+        if name in SEGMENTATION and not segmentation:
+            raise ValueError(f"--protocols {name} needs --seg-train-dataset and --seg-val-dataset")
+        if name == "pca" and not pictures:
+            raise ValueError("--protocols pca needs --images, --pca-dataset or a val dataset")
+    return chosen
+
+
+def protocol_argv(name: str, args: argparse.Namespace, folder: Path) -> list[str]:
+    """The command line of one protocol: the shared flags plus its datasets."""
+    argv = ["--weights", args.weights, "--output-dir", str(folder), "--seed", str(args.seed)]
+    argv += ["--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers)]
+    argv += ["--alpha-background", args.alpha_background]
+    if args.rasa_weights:
+        argv += ["--rasa-weights", args.rasa_weights]
+    if args.image_size:
+        argv += ["--image-size", *map(str, args.image_size)]
+    if name in CLASSIFICATION:
+        argv += ["--train-dataset", args.train_dataset, "--val-dataset", args.val_dataset]
+    elif name in SEGMENTATION:
+        argv += ["--train-dataset", args.seg_train_dataset, "--val-dataset", args.seg_val_dataset]
+        if name == "hummingbird":
+            argv += ["--save-predictions", str(args.predictions)]
+    elif args.images:
+        argv += ["--images", *args.images]
+    else:
+        argv += ["--dataset", args.pca_dataset or args.val_dataset or args.seg_val_dataset]
+    return argv
+
+
+def run_protocol(name: str, args: argparse.Namespace, out_dir: Path) -> ProtocolRun:
+    """Run ``franca.eval.<name>`` into ``out_dir/<name>``; a failure is recorded, not raised."""
+    run = ProtocolRun(name, out_dir / name)
+    start = time.perf_counter()
+    try:
+        module = importlib.import_module(f"franca.eval.{name}")
+        module.main(protocol_argv(name, args, run.folder))
+        run.record = json.loads((run.folder / f"results_eval_{name}.json").read_text())
+    except (Exception, SystemExit) as err:  # argparse errors exit: show them in the page too
+        run.error = "".join(traceback.format_exception_only(type(err), err)).strip()
+        print(f"report: {name} failed: {run.error}", file=sys.stderr, flush=True)
+    run.seconds = time.perf_counter() - start
+    run.pictures = sorted(run.folder.glob("*.png")) if run.folder.is_dir() else []
+    return run
+
+
+def numeric_rows(record: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, formatted value) for every number of a results record, metadata left out."""
+    rows = []
+    for key, value in record.items():
+        if key == "metadata" and not prefix:
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows += numeric_rows(value, name + ".")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        else:
+            rows.append((name, f"{value:.4g}" if isinstance(value, float) else str(value)))
+    return rows
+
+
+def data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def render_section(run: ProtocolRun) -> str:
+    title = f"<h2 id='{run.name}'>{html.escape(run.name)} <small>({format_duration(run.seconds)})</small></h2>"
+    if run.error:
+        return f"<section>{title}<pre class='error'>{html.escape(run.error)}</pre></section>"
+    rows = numeric_rows(run.record)
+    shown = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in rows[:MAX_TABLE_ROWS])
+    more = f"<p>{len(rows) - MAX_TABLE_ROWS} more values in the results file.</p>" if len(rows) > MAX_TABLE_ROWS else ""
+    pictures = "".join(
+        f"<figure><img src='{data_uri(p)}' alt='{html.escape(p.name)}'><figcaption>{html.escape(p.name)}"
+        "</figcaption></figure>"
+        for p in run.pictures
+    )
+    metadata = html.escape(json.dumps(run.record.get("metadata", {}), indent=2))
+    return (
+        f"<section>{title}<table><tr><th>value</th><th></th></tr>{shown}</table>{more}{pictures}"
+        f"<details><summary>metadata</summary><pre>{metadata}</pre></details></section>"
+    )
+
+
+STYLE = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+    "table{border-collapse:collapse}td,th{border-bottom:1px solid #ddd;padding:2px 10px;text-align:left}"
+    "img{max-width:100%;image-rendering:pixelated;border:1px solid #ccc}figure{margin:1em 0}"
+    "pre{background:#f6f6f6;padding:8px;overflow-x:auto}.error{color:#a00}"
+)
+
+
+def render_report(runs: list[ProtocolRun], args: argparse.Namespace, command: str) -> str:
+    """The whole page: a summary line per protocol, then each protocol's section."""
+    summary = "".join(
+        f"<li><a href='#{r.name}'>{r.name}</a>: {'failed' if r.error else 'ok'}, {format_duration(r.seconds)}</li>"
+        for r in runs
+    )
+    sections = "".join(render_section(run) for run in runs)
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>franca evaluation report</title>"
+        f"<style>{STYLE}</style></head><body><h1>Evaluation report</h1>"
+        f"<p>weights <code>{html.escape(args.weights)}</code></p><pre>{html.escape(command)}</pre>"
+        f"<ul>{summary}</ul>{sections}</body></html>\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    try:
+        protocols = choose_protocols(args)
+    except ValueError as err:
+        parser.error(str(err))
+    out_dir = Path(args.output_dir)
+    command = " ".join(["python -m franca.eval.report", *(sys.argv[1:] if argv is None else argv)])
+    runs = []
+    for index, name in enumerate(protocols, start=1):
+        print(f"report: [{index}/{len(protocols)}] {name}", flush=True)
+        runs.append(run_protocol(name, args, out_dir))
+    path = atomic_write(out_dir / REPORT_FILE, render_report(runs, args, command))
+    failed = [run.name for run in runs if run.error]
+    print(f"report: {path}" + (f" ({len(failed)} failed: {', '.join(failed)})" if failed else ""), flush=True)
+    return path
+
+
+if __name__ == "__main__":
+    main()
