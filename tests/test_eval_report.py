@@ -3,6 +3,7 @@ failing protocol's error without losing the others."""
 
 import base64
 import io
+import os
 from html.parser import HTMLParser
 
 import pytest
@@ -82,8 +83,13 @@ def test_a_failing_protocol_is_shown_and_the_others_still_run(tiny_export, tmp_p
     out = tmp_path / "report"
     argv = ["--weights", tiny_export, "--output-dir", str(out), *LOADER, "--train-dataset", train]
     argv += ["--val-dataset", val, "--protocols", "knn,pca", "--images", str(tmp_path / "missing.png")]
+    leftover = out / "pca" / "pca_grid_000.png"  # a picture of an earlier report in the same folder
+    leftover.parent.mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(leftover)
+    os.utime(leftover, (1e9, 1e9))
     page = parse(report.main(argv))
     assert page.sections == ["knn", "pca"] and page.errors == [2]  # pca failed, knn's results are still shown
+    assert page.images == []  # the earlier picture is not shown as this run's
     assert "missing.png" in (out / "report.html").read_text() and "top1" in (out / "report.html").read_text()
     assert "pca failed" in capsys.readouterr().err
 

@@ -69,16 +69,18 @@ def test_sweep_removes_temporaries_of_dead_writers_only(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = tmp_path / f".model_0000003.pth.tmp.{dead.pid}"
-    live = tmp_path / f".model_0000006.pth.tmp.{os.getpid()}"
+    live = tmp_path / f".model_0000006.pth.tmp.{os.getppid()}"  # a running process that may still be writing
+    # this process has written nothing yet: a file with its pid was left by an earlier process with the same pid
+    reused_pid = tmp_path / f".model_0000009.pth.tmp.{os.getpid()}"
     staging = tmp_path / ".dcp_0000009.tmp"
-    for path in (stale, live):
+    for path in (stale, live, reused_pid):
         path.write_bytes(b"partial")
     staging.mkdir()
     (staging / "__0_0.distcp").write_bytes(b"partial")
     keep = tmp_path / "model_0000003.pth"
     keep.write_bytes(b"complete")
     removed = sweep_stale_temporaries(tmp_path, extra_patterns=(DCP_STAGING_PATTERN,))
-    assert sorted(removed) == sorted([stale, staging])
+    assert sorted(removed) == sorted([stale, reused_pid, staging])
     assert live.exists() and keep.exists()
 
 
@@ -193,14 +195,48 @@ def test_a_dcp_folder_without_metadata_falls_back(saved, capsys):
     checkpointer, cfg, weights = saved
     model = SSLMetaArch(cfg)
     optimizer = torch.optim.AdamW(model.student.parameters())
-    folder = checkpointer.dir / "dcp_0000009"
-    dcp.save(model_and_optimizer_state(model, optimizer), checkpoint_id=str(folder), no_dist=True)
-    torch.save({"iteration": 9, "world_size": 2, "config": ""}, folder / TRAIN_STATE_FILE)
-    (folder / ".metadata").unlink()
+    (_save_dcp(checkpointer, model, optimizer, 9) / ".metadata").unlink()
     loaded = checkpointer.resume(model, optimizer)
     assert loaded.iteration == 6
     assert "DCP metadata" in capsys.readouterr().out
     assert (checkpointer.dir / "dcp_0000009.unreadable").is_dir()
+
+
+def _save_dcp(checkpointer: TrainingCheckpointer, model, optimizer, iteration: int) -> Path:
+    """A single-process DCP folder as several ranks write it (model + optimizer, train state, this rank's RNG)."""
+    folder = checkpointer.dir / f"dcp_{iteration:07d}"
+    dcp.save(model_and_optimizer_state(model, optimizer), checkpoint_id=str(folder), no_dist=True)
+    torch.save({"iteration": iteration, "world_size": 2, "config": ""}, folder / TRAIN_STATE_FILE)
+    return folder
+
+
+def test_a_truncated_dcp_shard_falls_back_in_resume_and_consolidate(saved, tmp_path, capsys):
+    checkpointer, cfg, weights = saved
+    model = SSLMetaArch(cfg)
+    optimizer = torch.optim.AdamW(model.student.parameters())
+    folder = _save_dcp(checkpointer, model, optimizer, 9)
+    for shard in folder.glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:100])
+    assert consolidate_main([str(checkpointer.dir.parent), str(tmp_path / "out")]) == 0
+    assert "dcp_0000009" in capsys.readouterr().err and folder.is_dir()
+    loaded = checkpointer.resume(model, optimizer)
+    assert loaded.iteration == 6
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights[6].items())
+    assert "cannot read the tensors" in capsys.readouterr().out
+    assert (checkpointer.dir / "dcp_0000009.unreadable").is_dir()
+
+
+def test_a_storage_error_is_not_taken_for_damage(saved, monkeypatch):
+    checkpointer, cfg, _ = saved
+
+    def failing_load(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(torch, "load", failing_load)
+    model = SSLMetaArch(cfg)
+    with pytest.raises(OSError, match="Input/output error"):
+        checkpointer.resume(model, torch.optim.AdamW(model.student.parameters()))
+    assert [it for it, _ in list_checkpoints(checkpointer.dir)] == [3, 6]  # nothing moved aside
 
 
 def test_consolidate_falls_back_without_touching_the_run(saved, tmp_path, capsys):

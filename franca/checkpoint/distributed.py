@@ -33,6 +33,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -113,14 +114,18 @@ def move_aside(path: Path) -> Path:
 
 
 def read_checkpoint_file(path: Path) -> dict:
-    """``torch.load(weights_only=True)`` of one checkpoint file; any failure is an :class:`UnreadableCheckpointError`
-    naming the file and what is wrong with it."""
+    """``torch.load(weights_only=True)`` of one checkpoint file. Damage (a missing, empty, truncated or corrupt file,
+    or one the weights-only reader refuses) is an :class:`UnreadableCheckpointError` naming the file and what is
+    wrong; an I/O error of the storage itself (``OSError``: EIO, a stale NFS handle, no permission) is raised as it
+    is, since it says nothing about the file and must not send resume to an older checkpoint."""
     if not path.is_file():
         raise UnreadableCheckpointError(f"{path} is missing")
     if path.stat().st_size == 0:
         raise UnreadableCheckpointError(f"{path} is empty (0 bytes; a write was cut short)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
     except Exception as err:
         detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
         if "weights_only" in str(err) or "Unsupported global" in str(err):
@@ -156,15 +161,15 @@ def read_dcp_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     if state:
         try:
             dcp.load(state, checkpoint_id=str(path), no_dist=True)
-        except Exception as err:
-            raise UnreadableCheckpointError(f"cannot read the tensors of {path}: {type(err).__name__}: {err}") from err
+        except (Exception, CheckpointException) as err:  # DCP reports read failures as a BaseException
+            raise UnreadableCheckpointError(f"cannot read the tensors of {path}: {_first_line(err)}") from err
     return state
 
 
 def _read_dcp_metadata(path: Path):
     try:
         return dcp.FileSystemReader(str(path)).read_metadata()
-    except Exception as err:
+    except (Exception, CheckpointException) as err:
         raise UnreadableCheckpointError(
             f"cannot read the DCP metadata of {path} (its .metadata file is missing or corrupt: "
             f"{type(err).__name__}: {err})"
@@ -203,15 +208,26 @@ class TrainingCheckpointer:
         """Write the state to resume at ``iteration`` (the next one to run) and return its path."""
         try:
             path = self._save(iteration, model, optimizer, scaler, config_yaml)
-        except OSError as err:
-            if err.errno != errno.ENOSPC:
+        except (OSError, CheckpointException) as err:
+            full = _disk_full_error(err)
+            if full is None:
                 raise
             previous = list_checkpoints(self.dir)
             size = _size_of(previous[-1][1]) if previous else 0
             need = f"; the previous checkpoint took {size / 2**20:.1f} MiB" if size else ""
-            raise OSError(errno.ENOSPC, f"{err.strerror or err}{need}") from err
+            raise OSError(errno.ENOSPC, f"{self._disk_full_detail(full)}{need}") from err
         self._prune()
         return path
+
+    def _disk_full_detail(self, full: OSError) -> str:
+        """The atomic writer's message (folder, bytes written, space free), or the same facts for a DCP shard."""
+        if full.strerror and "no space left writing" in full.strerror:
+            return full.strerror
+        free = shutil.disk_usage(self.dir).free / 2**20
+        return (
+            f"no space left writing the checkpoint to {self.dir} ({free:.1f} MiB free there); free space (or point the "
+            "output elsewhere) and rerun the same command"
+        )
 
     def _save(self, iteration, model, optimizer, scaler, config_yaml) -> Path:
         if get_world_size() == 1:
@@ -315,6 +331,27 @@ class TrainingCheckpointer:
         return _load_single_file(path, model, optimizer)
 
 
+def _disk_full_error(err: BaseException) -> OSError | None:
+    """The ENOSPC ``OSError`` behind ``err``: itself, or one a rank reported inside a DCP ``CheckpointException``."""
+    if isinstance(err, OSError):
+        return err if err.errno == errno.ENOSPC else None
+    for failure in getattr(err, "failures", {}).values():
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return exc
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    """A one-line description of ``err``; for a DCP ``CheckpointException``, the first rank's exception."""
+    failures = getattr(err, "failures", None)
+    if failures:
+        exc = next(iter(failures.values()))
+        err = exc[0] if isinstance(exc, tuple) else exc
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
 def _size_of(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -322,7 +359,15 @@ def _size_of(path: Path) -> int:
 
 
 def _load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> LoadedCheckpoint:
+    """Everything that can be read apart (train state, RNG, metadata) is read and checked before the tensors are
+    loaded in place, so a damaged folder is found before it touches the model where possible."""
     train_state = read_checkpoint_file(path / TRAIN_STATE_FILE)
+    if not isinstance(train_state, dict) or not {"iteration", "world_size"} <= set(train_state):
+        raise UnreadableCheckpointError(f"{path / TRAIN_STATE_FILE} lacks 'iteration' and 'world_size'")
+    saved_world_size = int(train_state["world_size"])
+    rank_rng = path / rng_file(get_rank())
+    same_world = saved_world_size == get_world_size() and rank_rng.is_file()
+    rng = read_checkpoint_file(rank_rng) if same_world else None
     metadata = _read_dcp_metadata(path)
     stored = {
         key[len("model.") :]: meta.size
@@ -335,14 +380,10 @@ def _load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) ->
     # the fresh (zero) moments that get_optimizer_state_dict initialised.
     try:
         dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
-    except Exception as err:
-        raise UnreadableCheckpointError(f"cannot read the tensors of {path}: {type(err).__name__}: {err}") from err
+    except (Exception, CheckpointException) as err:  # DCP reports read failures as a BaseException
+        raise UnreadableCheckpointError(f"cannot read the tensors of {path}: {_first_line(err)}") from err
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
-    saved_world_size = int(train_state["world_size"])
-    rank_rng = path / rng_file(get_rank())
-    same_world = saved_world_size == get_world_size() and rank_rng.is_file()
-    rng = read_checkpoint_file(rank_rng) if same_world else None
     return LoadedCheckpoint(path, int(train_state["iteration"]), saved_world_size, rng, train_state.get("scaler"))
 
 

@@ -71,6 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=default_num_workers())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--alpha-background", default="white", help="colour transparent pixels are composited onto")
+    p.add_argument("--image-max-value", default="0", help="16/32-bit images: 0 = each by its range, else the maximum")
     p.add_argument("--predictions", type=int, default=4, help="HummingBird val images pictured (default 4)")
     return p
 
@@ -112,7 +113,7 @@ def protocol_argv(name: str, args: argparse.Namespace, folder: Path) -> list[str
     """The command line of one protocol: the shared flags plus its datasets."""
     argv = ["--weights", args.weights, "--output-dir", str(folder), "--seed", str(args.seed)]
     argv += ["--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers)]
-    argv += ["--alpha-background", args.alpha_background]
+    argv += ["--alpha-background", args.alpha_background, "--image-max-value", args.image_max_value]
     if args.rasa_weights:
         argv += ["--rasa-weights", args.rasa_weights]
     if args.image_size:
@@ -133,7 +134,7 @@ def protocol_argv(name: str, args: argparse.Namespace, folder: Path) -> list[str
 def run_protocol(name: str, args: argparse.Namespace, out_dir: Path) -> ProtocolRun:
     """Run ``franca.eval.<name>`` into ``out_dir/<name>``; a failure is recorded, not raised."""
     run = ProtocolRun(name, out_dir / name)
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     try:
         module = importlib.import_module(f"franca.eval.{name}")
         module.main(protocol_argv(name, args, run.folder))
@@ -142,7 +143,9 @@ def run_protocol(name: str, args: argparse.Namespace, out_dir: Path) -> Protocol
         run.error = "".join(traceback.format_exception_only(type(err), err)).strip()
         print(f"report: {name} failed: {run.error}", file=sys.stderr, flush=True)
     run.seconds = time.perf_counter() - start
-    run.pictures = sorted(run.folder.glob("*.png")) if run.folder.is_dir() else []
+    # only this run's pictures: an earlier report may have left others in the same folder
+    pictures = run.folder.glob("*.png") if run.folder.is_dir() else []
+    run.pictures = sorted(p for p in pictures if p.stat().st_mtime >= started_at - 1.0)
     return run
 
 

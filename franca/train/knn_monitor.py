@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from franca.data.augmentations import make_classification_eval_transform
+from franca.data.image_decoding import ImageDecoding
 from franca.data.loaders import make_dataset
 from franca.distributed import is_distributed
 from franca.utils.features import extract_features
@@ -115,11 +116,14 @@ def require_labels(labels: torch.Tensor, key: str) -> None:
 
 
 def load_knn_dataset(cfg: DictConfig, key: str) -> Dataset:
-    """The map-style dataset of ``evaluation.<key>`` under the evaluation transform at the global-crop size."""
+    """The map-style dataset of ``evaluation.<key>`` under the evaluation transform at the global-crop size, its
+    images decoded as the training images are (``train.alpha_background``, ``train.image_max_value``)."""
     dataset_str = cfg.evaluation[key]
     size = cfg.crops.global_crops_size
+    decoding = ImageDecoding.from_options(cfg.train.alpha_background, cfg.train.image_max_value)
     try:
-        dataset = make_dataset(dataset_str, transform=make_classification_eval_transform(size, size))
+        transform = make_classification_eval_transform(size, size)
+        dataset = make_dataset(dataset_str, transform=transform, decoding=decoding)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"evaluation.{key}={dataset_str!r}: {err}") from err
     except ValueError as err:

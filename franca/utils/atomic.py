@@ -1,11 +1,12 @@
 """Atomic file writes and the sweep of temporaries left by killed writers: the recovery rules in one place.
 
 Every file the framework writes (checkpoints, configs, metrics rewrites, results, exports) goes through
-:func:`atomic_write`: the content goes to ``.<name>.tmp.<pid>`` in the same folder, is flushed to disk, then renamed
-onto ``<name>``. A reader therefore sees the old file or the new one, never half of one. A failed write removes its
-temporary; a killed writer cannot, so :func:`sweep_stale_temporaries` removes those whose process is gone (the
-trainer calls it on start). A full disk is reported with the folder, the bytes written before the failure and the
-space left, so the user knows how much to free.
+:func:`atomic_write`: the content goes to ``.<name>.tmp.<pid>`` in the same folder (created by ``open``, so with the
+permissions the umask gives), is flushed to disk, then renamed onto ``<name>``. A reader therefore sees the old
+file or the new one, never half of one. A failed write removes its temporary; a killed writer cannot, so
+:func:`sweep_stale_temporaries` removes those whose process is gone (the trainer calls it on start). A full disk is
+reported with the folder, the bytes written before the failure and the space left, so the user knows how much to
+free.
 """
 
 import errno
@@ -23,13 +24,6 @@ def temporary_path(path: str | os.PathLike) -> Path:
     """Where :func:`atomic_write` stages ``path``: a hidden sibling tagged with this process id."""
     path = Path(path)
     return path.with_name(f".{path.name}.tmp.{os.getpid()}")
-
-
-def _apply_umask(path: Path) -> None:
-    """Give the file the permissions a plain ``open`` would (0666 less the umask), whatever created it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def disk_full_message(path: Path, written: int) -> str:
@@ -60,7 +54,6 @@ def atomic_write(path: str | os.PathLike, content: bytes | str | Callable[[Binar
             stream.flush()
             written = stream.tell()
             os.fsync(stream.fileno())
-        _apply_umask(temporary)
         os.replace(temporary, path)
     except OSError as err:
         if temporary.exists():
@@ -76,8 +69,9 @@ def atomic_write(path: str | os.PathLike, content: bytes | str | Callable[[Binar
 
 
 def _process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine; this process counts as not running (see the sweep)."""
     if pid == os.getpid():
-        return True
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -91,8 +85,10 @@ def sweep_stale_temporaries(folder: str | os.PathLike, extra_patterns: tuple[re.
     """Remove the temporaries in ``folder`` whose writer is gone, and every entry matching ``extra_patterns``.
 
     ``.<name>.tmp.<pid>`` files are removed when no process ``pid`` runs on this machine (a live one may still be
-    writing). ``extra_patterns`` name temporaries without a pid that the caller knows to be stale, such as the DCP
-    staging folders at the start of a run. Returns what was removed.
+    writing). Call it before this process writes anything: a temporary tagged with this process's own pid is then the
+    leftover of an earlier process that had the same pid (containers restart with the same pids), so it goes too.
+    ``extra_patterns`` name temporaries without a pid that the caller knows to be stale, such as the DCP staging
+    folders at the start of a run. Returns what was removed.
     """
     folder = Path(folder)
     if not folder.is_dir():
