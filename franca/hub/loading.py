@@ -33,10 +33,9 @@ from urllib.parse import urlparse
 
 import torch
 
+from franca.models.safetensors_folder import CONFIG_FILE, WEIGHTS_FILE
 from franca.utils.atomic import atomic_write, temporary_path
 
-EXPORT_WEIGHTS_FILE = "model.safetensors"
-EXPORT_CONFIG_FILE = "config.json"
 SHA256_RECORD_SUFFIX = ".sha256"
 UNTRUSTED_INFIX = ".untrusted-"
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
@@ -124,11 +123,9 @@ def _load_safetensors(path: Path) -> dict:
 
 def read_export_config(folder: str | os.PathLike) -> dict:
     """The ``config.json`` of a safetensors export folder (ViT constructor keywords and ``arch``)."""
-    path = Path(folder) / EXPORT_CONFIG_FILE
+    path = Path(folder) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{folder} is a folder but has no {EXPORT_CONFIG_FILE} (a safetensors export needs one)"
-        )
+        raise FileNotFoundError(f"{folder} is a folder but has no {CONFIG_FILE} (a safetensors export needs one)")
     with open(path) as handle:
         config = json.load(handle)
     if not isinstance(config, dict):
@@ -139,9 +136,9 @@ def read_export_config(folder: str | os.PathLike) -> dict:
 def _read_checkpoint(path: Path) -> dict:
     """A ``.pth`` file, ``.safetensors`` file or safetensors export folder, as a dict on CPU."""
     if path.is_dir():
-        weights = path / EXPORT_WEIGHTS_FILE
+        weights = path / WEIGHTS_FILE
         if not weights.is_file():
-            raise FileNotFoundError(f"{path} is a folder without {EXPORT_WEIGHTS_FILE} (not a safetensors export)")
+            raise FileNotFoundError(f"{path} is a folder without {WEIGHTS_FILE} (not a safetensors export)")
         read_export_config(path)
         return _load_safetensors(weights)
     if path.suffix == ".safetensors":
