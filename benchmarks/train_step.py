@@ -180,7 +180,7 @@ def batch_stream(cfg: DictConfig, data: str, runtime: Runtime) -> Iterator[dict]
     if data == "synthetic":
         return itertools.cycle(synthetic_batches(cfg, runtime.device))
     _, loader = build_data(cfg, 0, batched_photometric=runtime.batched_photometric)
-    return (prepare_batch(batch, runtime.device, runtime.batched_photometric) for batch in loader)
+    return (prepare_batch(batch, runtime) for batch in loader)
 
 
 class TrainStep:

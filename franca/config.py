@@ -386,6 +386,7 @@ VALUE_RULES: dict[str, ValueRule] = {
     "train.log_period": at_least(1, "a metrics line is written every N iterations, e.g. 10"),
     "train.seed": at_least(0, "use any non-negative integer"),
     "train.num_workers": at_least(0, "set it to the loader processes per rank; 0 loads in the training process"),
+    "train.stop_at_iteration": at_least(0, "0 trains to the end; N stops after iteration N of the schedule"),
     "train.OFFICIAL_EPOCH_LENGTH": at_least(1, "set it to the iterations of one epoch of every schedule, e.g. 1250"),
     "train.use_block_masking": ValueRule(
         "true", _is_true, "false selects the legacy iBOT random masking, which franca does not implement"

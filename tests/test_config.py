@@ -470,6 +470,7 @@ OUT_OF_RANGE = [
     ("train.saveckp_freq=0", "train.saveckp_freq"),
     ("train.keep_checkpoints=0", "train.keep_checkpoints"),
     ("train.log_period=0", "train.log_period"),
+    ("train.stop_at_iteration=-1", "train.stop_at_iteration"),
     ("train.seed=-1", "train.seed"),
     ("train.num_workers=-1", "train.num_workers"),
     ("train.OFFICIAL_EPOCH_LENGTH=0", "train.OFFICIAL_EPOCH_LENGTH"),

@@ -123,6 +123,25 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny_config, tmp_path, ov
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_stop_at_iteration_checkpoints_and_the_next_run_continues_the_same_schedule(reference_runs, tmp_path):
+    reference = {r["iteration"]: r for r in read_metrics(reference_runs.output("per_image"))}
+    out = tmp_path / "run"
+    argv = ["--config-file", str(reference_runs.config), "--output-dir", str(out)]
+    trainer.main([*argv, "train.stop_at_iteration=4"])
+    assert [r["iteration"] for r in read_metrics(out)] == [0, 1, 2, 3]
+    assert (out / "checkpoints" / "model_0000004.pth").is_file()
+    assert not (out / "eval" / "training_9").exists()
+
+    trainer.main([*argv, "train.stop_at_iteration=4"])  # already there: nothing to do, nothing written
+    assert [r["iteration"] for r in read_metrics(out)] == [0, 1, 2, 3]
+    trainer.main(argv)
+    resumed = {r["iteration"]: r for r in read_metrics(out)}
+    assert sorted(resumed) == sorted(reference)
+    for iteration, record in reference.items():
+        for key in ("total_loss", "koleo_loss", "ibot_loss", "lr", "teacher_temp"):
+            assert resumed[iteration][key] == pytest.approx(record[key], rel=1e-6, abs=1e-7), (iteration, key)
+
+
 def test_sigterm_checkpoints_and_stops(tiny_config, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "franca.train", "--config-file", str(tiny_config), "--output-dir", str(out)]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from franca.loss.sinkhorn import all_reduce_if_distributed
+from franca.utils.precision import at_least_fp32
 
 
 class SoftmaxCentering(nn.Module):
@@ -40,7 +41,7 @@ class SoftmaxCentering(nn.Module):
         """Centred, sharpened teacher probabilities, one tensor per level (fp32)."""
         self._check_levels(teacher_logits_levels)
         return [
-            ((logits.float() - center) / teacher_temp).softmax(dim=-1)
+            ((at_least_fp32(logits) - center) / teacher_temp).softmax(dim=-1)
             for logits, center in zip(teacher_logits_levels, self.centers, strict=True)
         ]
 
@@ -49,7 +50,7 @@ class SoftmaxCentering(nn.Module):
         """EMA-update each centre with the mean teacher logit over the rows of all ranks (uneven batches allowed)."""
         self._check_levels(teacher_logits_levels)
         for logits, center in zip(teacher_logits_levels, self.centers, strict=True):
-            rows = logits.float().reshape(-1, logits.shape[-1])
+            rows = at_least_fp32(logits).reshape(-1, logits.shape[-1])
             sum_and_count = torch.cat((rows.sum(dim=0), rows.new_tensor([rows.shape[0]])))
             all_reduce_if_distributed(sum_and_count)
             batch_mean = sum_and_count[:-1] / sum_and_count[-1]

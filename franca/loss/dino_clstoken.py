@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from franca.loss.chunked import Chunk, TargetRows, chunk_bounds, soft_cross_entropy
-from franca.loss.precision import at_least_fp32
+from franca.utils.precision import at_least_fp32
 
 
 def _check_crop_major(name: str, shape: torch.Size, n_crops: int) -> int:

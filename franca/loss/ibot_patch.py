@@ -17,7 +17,7 @@ from torch import nn
 
 from franca.loss.chunked import Chunk, TargetRows, chunk_bounds, soft_cross_entropy
 from franca.loss.dino_clstoken import level_weights_for
-from franca.loss.precision import at_least_fp32
+from franca.utils.precision import at_least_fp32
 
 
 class IBOTPatchLoss(nn.Module):

@@ -8,7 +8,7 @@ similarity. It spreads the features of a batch uniformly over the sphere. Comput
 import torch
 import torch.nn.functional as F
 
-from franca.loss.precision import at_least_fp32
+from franca.utils.precision import at_least_fp32
 
 
 def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from franca.loss.chunked import TargetRows, chunk_bounds
+from franca.utils.precision import at_least_fp32
 
 
 def is_distributed() -> bool:
@@ -43,11 +44,11 @@ def sinkhorn_knopp(logits: torch.Tensor, temperature: float, n_iterations: int =
     """Teacher targets [B, K] from logits [B, K] (samples × prototypes); each row (sample) sums to 1.
 
     Equal in exact arithmetic to the original's loop (``sinkhorn_knopp_teacher``) on the samples of all ranks together;
-    computed in fp32 whatever the input dtype, with autocast disabled.
+    computed in fp32 (float64 inputs in float64), with autocast disabled.
     """
     _check_arguments("sinkhorn_knopp", logits, temperature, n_iterations)
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        scores = logits.float() / temperature
+        scores = at_least_fp32(logits) / temperature
         n_samples, n_prototypes = scores.shape
         if n_samples:
             prototype_max = scores.amax(dim=0)
@@ -98,7 +99,7 @@ class SinkhornTargets(TargetRows):
 
 def _centred_scores(logits: torch.Tensor, temperature: float, prototype_max: torch.Tensor) -> torch.Tensor:
     """logits/τ − m in fp32: the first step of ``sinkhorn_knopp`` on a chunk of rows."""
-    return logits.float() / temperature - prototype_max
+    return at_least_fp32(logits) / temperature - prototype_max
 
 
 def _streamed_prototype_max(logits: torch.Tensor, temperature: float, chunk_size: int) -> torch.Tensor:

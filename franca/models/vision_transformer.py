@@ -18,6 +18,7 @@ from torch import nn
 from franca.layers import Block, Mlp, PatchEmbed, SwiGLUFFN
 from franca.models.config import ARCHITECTURES as ARCHITECTURES  # re-exported: the names build_vit accepts
 from franca.models.config import ViTConfig
+from franca.utils.precision import at_least_fp32
 
 FFN_LAYERS = {"mlp": Mlp, "swiglu": SwiGLUFFN, "swiglufused": SwiGLUFFN}
 
@@ -27,16 +28,17 @@ def resize_pos_embed(
 ) -> torch.Tensor:
     """[1, 1 + M², D] position embeddings → [1, 1 + h·w, D] for an h×w patch grid, the ViT's run-time interpolation.
 
-    The M×M patch grid is resized bicubically in float32 with ``scale_factor=((h + offset)/M, (w + offset)/M)`` (not a
-    target size: the 0.1 offset of the original moves the sampling positions; ``size=`` when the offset is 0); the CLS
-    row is kept. Returns float32. Used at run time and to rebuild a checkpoint for another image size.
+    The M×M patch grid is resized bicubically in float32 (float64 stays float64) with
+    ``scale_factor=((h + offset)/M, (w + offset)/M)`` (not a target size: the 0.1 offset of the original moves the
+    sampling positions; ``size=`` when the offset is 0); the CLS row is kept. Returns float32 (float64 for a float64
+    input). Used at run time and to rebuild a checkpoint for another image size.
     """
     rows = pos_embed.shape[1] - 1
     side = math.isqrt(rows)
     if pos_embed.ndim != 3 or pos_embed.shape[0] != 1 or side * side != rows:
         raise ValueError(f"pos_embed must be [1, 1 + M², D] with a square grid, got {tuple(pos_embed.shape)}")
     h, w = grid
-    pos = pos_embed.float()
+    pos = at_least_fp32(pos_embed)
     patch_grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
     resize = {"scale_factor": ((h + offset) / side, (w + offset) / side)} if offset else {"size": (h, w)}
     patch_grid = F.interpolate(patch_grid, mode="bicubic", antialias=antialias, **resize)

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None, "fp64": None}
 DTYPE_SETTINGS = ("auto", *AUTOCAST_DTYPES)
+# fp64: parameters and batches in float64, no autocast: a reference-precision run (the golden test), not for training.
+PARAM_DTYPES = {"fp64": torch.float64}
 SWITCH_SETTINGS = ("auto", "true", "false")
 DISTRIBUTED_MODES = ("auto", "fsdp", "ddp", "none")
 
@@ -25,6 +27,11 @@ def resolve_autocast_dtype(setting: str, device: torch.device) -> torch.dtype | 
     if setting == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return AUTOCAST_DTYPES[setting]
+
+
+def resolve_param_dtype(setting: str) -> torch.dtype:
+    """The dtype of the model's parameters and of the batch: float64 for ``compute_precision.dtype=fp64``, else fp32."""
+    return PARAM_DTYPES.get(setting, torch.float32)
 
 
 def resolve_switch(key: str, setting: str, device: torch.device) -> bool:
@@ -63,8 +70,8 @@ def resolve_distributed_mode(setting: str, world_size: int) -> str:
 class Runtime:
     """What the "auto" settings of one run resolved to on its device and process count.
 
-    ``autocast_dtype`` None means no autocast (fp32); ``loss_chunk_size`` None means the plain loss path;
-    ``data_parallel`` is "fsdp", "ddp" or "none".
+    ``autocast_dtype`` None means no autocast (fp32, or fp64 with ``param_dtype`` float64); ``loss_chunk_size`` None
+    means the plain loss path; ``data_parallel`` is "fsdp", "ddp" or "none".
     """
 
     device: torch.device
@@ -73,6 +80,7 @@ class Runtime:
     loss_chunk_size: int | None
     batched_photometric: bool
     data_parallel: str
+    param_dtype: torch.dtype = torch.float32
 
     @classmethod
     def resolve(cls, cfg: DictConfig, device: torch.device, world_size: int = 1) -> "Runtime":
@@ -84,6 +92,7 @@ class Runtime:
             loss_chunk_size=resolve_loss_chunk_size(precision.chunked_losses, precision.loss_chunk_size, device),
             batched_photometric=resolve_switch("crops.batched_photometric", cfg.crops.batched_photometric, device),
             data_parallel=resolve_distributed_mode(precision.distributed, world_size),
+            param_dtype=resolve_param_dtype(precision.dtype),
         )
 
     def autocast(self) -> torch.autocast:
@@ -93,7 +102,7 @@ class Runtime:
 
     def describe(self) -> str:
         """One line for the trainer's start message."""
-        dtype = str(self.autocast_dtype or torch.float32).removeprefix("torch.")
+        dtype = str(self.autocast_dtype or self.param_dtype).removeprefix("torch.")
         losses = f"chunked by {self.loss_chunk_size} rows" if self.loss_chunk_size else "plain"
         photometric = "batched on the device" if self.batched_photometric else "per image in the loader"
         return (

@@ -184,12 +184,17 @@ def move_batch(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def prepare_batch(batch: dict, device: torch.device, batched_photometric: bool) -> dict:
-    """A loader batch on ``device``, ready for the step: with ``batched_photometric`` its uint8 crops get their drawn
-    colour jitter, grayscale, blur, solarisation and normalisation there (the parameters stay on the CPU, which picks
-    the rows without a device sync)."""
-    batch = move_batch(batch, device)
-    return apply_photometric_to_batch(batch) if batched_photometric else batch
+def prepare_batch(batch: dict, runtime: Runtime) -> dict:
+    """A loader batch on the runtime's device, ready for the step: with ``runtime.batched_photometric`` its uint8 crops
+    get their drawn colour jitter, grayscale, blur, solarisation and normalisation there (the parameters stay on the
+    CPU, which picks the rows without a device sync); float tensors in ``runtime.param_dtype`` (float64 for fp64)."""
+    batch = move_batch(batch, runtime.device)
+    if runtime.batched_photometric:
+        batch = apply_photometric_to_batch(batch)
+    if runtime.param_dtype == torch.float32:
+        return batch
+    dtype = runtime.param_dtype
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
 
 
 def load_pretrained(cfg: DictConfig, model: SSLMetaArch) -> None:
@@ -310,7 +315,7 @@ def build_model(cfg: DictConfig, runtime: Runtime, world_size: int, local_world_
     seed_everything(cfg.train.seed)
     model = SSLMetaArch(cfg)
     load_pretrained(cfg, model)
-    model.to(runtime.device)
+    model.to(runtime.device, dtype=runtime.param_dtype)
     parallelize(model, cfg, runtime, world_size, local_world_size)
     model.train()
     return model
@@ -337,6 +342,7 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
     ckpt_period = cfg.train.saveckp_freq * epoch_length
     eval_period = cfg.evaluation.eval_period_iterations
     block_chunks = cfg.student.block_chunks
+    stop_at = cfg.train.stop_at_iteration or max_iter
 
     checkpointer = TrainingCheckpointer(out_dir, keep=cfg.train.keep_checkpoints)
     start = 0
@@ -351,6 +357,9 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
         if scaler is not None and loaded.scaler is not None:
             scaler.load_state_dict(loaded.scaler)
         start = loaded.iteration
+    if start >= stop_at and stop_at < max_iter:
+        print(f"train.stop_at_iteration={stop_at}: the run is already at iteration {start}; nothing to do", flush=True)
+        return {}
 
     def save(iteration: int) -> None:
         checkpointer.save(iteration, model, optimizer, scaler, OmegaConf.to_yaml(cfg))
@@ -388,7 +397,7 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
     data_iter = iter(loader)
     for iteration in range(start, max_iter):
         t_data = time.perf_counter()
-        batch = prepare_batch(next(data_iter), device, runtime.batched_photometric)
+        batch = prepare_batch(next(data_iter), runtime)
         data_time = time.perf_counter() - t_data
         lr, wd = schedules["lr"][iteration], schedules["wd"][iteration]
         mom, teacher_temp = schedules["momentum"][iteration], schedules["teacher_temp"][iteration]
@@ -396,7 +405,7 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
 
         done = iteration + 1
         knn_now = knn is not None and knn.due(done, max_iter)  # its accuracies go into this iteration's record
-        log_now = done % cfg.train.log_period == 0 or done == max_iter or done == start + 1 or knn_now
+        log_now = done % cfg.train.log_period == 0 or done in (max_iter, stop_at, start + 1) or knn_now
         optimizer.zero_grad(set_to_none=True)
         step_stats: dict | None = {} if log_now else None
         losses = model.forward_backward(batch, teacher_temp, runtime, scaler, stats=step_stats)
@@ -414,7 +423,8 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
         window_iters += 1
 
         stopping = any_rank(stop.signal is not None) if world_size > 1 else stop.signal is not None
-        save_now = done % ckpt_period == 0 or done == max_iter or stopping
+        planned_stop = done == stop_at and done != max_iter
+        save_now = done % ckpt_period == 0 or done == max_iter or stopping or planned_stop
         if log_now or save_now:
             values = all_reduce_mean({k: float(v) for k, v in losses.items()})
             nonfinite.check(values, iteration, out_dir / "checkpoints")
@@ -462,6 +472,13 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
         if stopping and done != max_iter:
             print(f"stopped at iteration {done}; run the same command again to resume", flush=True)
             raise SystemExit(128 + (stop.signal or signal.SIGTERM))
+        if planned_stop:
+            print(
+                f"stopped at iteration {done} (train.stop_at_iteration); run again with a later value, or 0, to "
+                "continue",
+                flush=True,
+            )
+            return last_record
 
     final = export_teacher_collective(model, out_dir, max_iter, block_chunks)
     print(f"teacher exported to {final}", flush=True)

@@ -28,11 +28,12 @@ def extract_features(
     """Features ``model(x)`` [N, D] (fp32, on CPU) and integer labels [N] of an (image, label) dataset, in order.
 
     ``model`` must already be on ``device``. It runs in eval mode, without gradients, under autocast to
-    ``autocast_dtype`` (None: none); the train/eval mode of each of its modules is restored afterwards, so a model
-    in training can be used.
+    ``autocast_dtype`` (None: none), on images in its parameters' dtype (float64 for a ``compute_precision.dtype=fp64``
+    run); the train/eval mode of each of its modules is restored afterwards, so a model in training can be used.
     """
     device = device or default_device()
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    input_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     modes = {module: module.training for module in model.modules()}
     model.eval()
     feats, labels = [], []
@@ -42,7 +43,7 @@ def extract_features(
     try:
         for images, targets in loader:
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                out = model(images.to(device, non_blocking=True))
+                out = model(images.to(device, input_dtype, non_blocking=True))
             feats.append(out.float().cpu())
             labels.append(torch.as_tensor(targets))
             done += len(images)
