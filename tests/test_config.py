@@ -1,4 +1,5 @@
-"""Config loading and validation (franca.config) and the shipped recipes, against the original configs, training.md."""
+"""Config loading and validation (franca.train.config) and the shipped recipes, against the original configs and
+training.md."""
 
 import math
 import warnings
@@ -10,8 +11,9 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from franca.config import VALUE_RULES, ConfigError, apply_scaling_rules, load_config, save_config
 from franca.layers.patch_embed import PatchEmbed
+from franca.train.config import VALUE_RULES, apply_scaling_rules, load_config
+from franca.utils.config_schema import ConfigError, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_RECIPES = ["IN21K/vitb14", "IN21K/vitl14", "IN21K/vitg14", "LAION/vitl14", "LAION/vitg14"]
@@ -441,7 +443,7 @@ def test_a_user_set_lr_is_replaced_with_a_warning():
         apply_scaling_rules(cfg, world_size=4)  # a config saved by a run (lr already computed) stays silent
 
 
-# One out-of-range value per rule of franca.config.VALUE_RULES: (override, the key the message must name).
+# One out-of-range value per rule of franca.train.config.VALUE_RULES: (override, the key the message must name).
 OUT_OF_RANGE = [
     ("compute_precision.loss_chunk_size=0", "compute_precision.loss_chunk_size"),
     (

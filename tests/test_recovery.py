@@ -26,10 +26,11 @@ from franca.checkpoint import (
 )
 from franca.checkpoint.consolidate import main as consolidate_main
 from franca.checkpoint.distributed import DCP_STAGING_PATTERN, TRAIN_STATE_FILE, model_and_optimizer_state
-from franca.config import load_config, save_config
 from franca.train import train as trainer
+from franca.train.config import load_config
 from franca.train.ssl_meta_arch import SSLMetaArch
 from franca.utils.atomic import atomic_write, sweep_stale_temporaries
+from franca.utils.config_schema import save_config
 from franca.utils.logging import MetricsWriter
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ import threading
 import pytest
 import torch
 
-from franca.config import ConfigError
 from franca.run import submit
+from franca.utils.config_schema import ConfigError
 
 
 def _printed_parameters(text: str) -> dict:

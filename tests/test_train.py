@@ -13,10 +13,13 @@ import pytest
 import torch
 from helpers import TINY_RUN
 
-from franca.config import ConfigError
 from franca.data.batched_augmentations import apply_photometric_to_batch
 from franca.hub import load_backbone
+from franca.train import build
 from franca.train import train as trainer
+from franca.train.nonfinite import NonFiniteLossError
+from franca.train.pretrained import load_pretrained
+from franca.utils.config_schema import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 HEALTH_KINDS = ("target_entropy", "student_entropy", "prototypes_used")
@@ -48,7 +51,7 @@ class ReferenceRuns:
                 trainer.main(argv)
             else:
                 with pytest.MonkeyPatch.context() as patch:
-                    patch.setattr(trainer, "apply_photometric_to_batch", self._spy)
+                    patch.setattr(build, "apply_photometric_to_batch", self._spy)
                     trainer.main([*argv, "crops.batched_photometric=true"])
             self._finished.add(name)
         return out
@@ -189,7 +192,7 @@ def test_pretrained_weights_initialise_both_backbones(tiny_config, tmp_path):
     from franca.train.ssl_meta_arch import SSLMetaArch
 
     model = SSLMetaArch(cfg)
-    trainer.load_pretrained(cfg, model)
+    load_pretrained(cfg, model)
     source = load_backbone(export).state_dict()
     for name in ("student", "teacher"):
         own = model.__getattr__(name)["backbone"].state_dict()
@@ -215,7 +218,7 @@ def test_nonfinite_loss_stops_with_the_term_name(tiny_config, tmp_path, monkeypa
         return losses
 
     monkeypatch.setattr(SSLMetaArch, "compute_losses", poisoned)
-    with pytest.raises(trainer.NonFiniteLossError, match="koleo_loss"):
+    with pytest.raises(NonFiniteLossError, match="koleo_loss"):
         trainer.main(["--config-file", str(tiny_config), "--output-dir", str(tmp_path / "nan")])
 
 
@@ -233,7 +236,7 @@ def test_nonfinite_loss_between_log_steps_is_caught_before_the_next_checkpoint(t
 
     monkeypatch.setattr(SSLMetaArch, "compute_losses", poisoned_once)
     out = tmp_path / "inf"
-    with pytest.raises(trainer.NonFiniteLossError, match=r"ibot_loss.*since iteration 4"):
+    with pytest.raises(NonFiniteLossError, match=r"ibot_loss.*since iteration 4"):
         trainer.main(["--config-file", str(tiny_config), "--output-dir", str(out), "train.log_period=5"])
     assert sorted(p.name for p in (out / "checkpoints").glob("model_*")) == ["model_0000003.pth"]
 

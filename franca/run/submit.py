@@ -142,7 +142,7 @@ def executor_parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 def plan_launch(argv: list[str] | None = None) -> LaunchPlan:
     """Parse the launcher's and the trainer's arguments, validate the config, and return the launch plan."""
-    from franca.config import apply_scaling_rules, load_config
+    from franca.train.config import apply_scaling_rules, load_config
     from franca.train.train import get_args_parser as get_trainer_args_parser
 
     args, rest = get_args_parser().parse_known_args(argv)

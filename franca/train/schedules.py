@@ -10,7 +10,7 @@ import operator
 
 from omegaconf import DictConfig
 
-from franca.config import ConfigError
+from franca.utils.config_schema import ConfigError
 
 
 def _check_count(name: str, value: int) -> int:
@@ -95,7 +95,7 @@ def build_schedules(cfg: DictConfig) -> dict[str, CosineScheduler | ZeroedPrefix
     if cfg.optim.lr <= 0:
         raise ConfigError(
             f"optim.lr={cfg.optim.lr} is not positive; it is computed from optim.base_lr: call "
-            "franca.config.apply_scaling_rules(cfg, world_size) before build_schedules(cfg)"
+            "franca.train.config.apply_scaling_rules(cfg, world_size) before build_schedules(cfg)"
         )
     if cfg.optim.warmup_epochs > cfg.optim.epochs:
         raise ConfigError(

@@ -1,27 +1,27 @@
 """Pretraining entry point: ``python -m franca.train --config-file F --output-dir D [--no-resume] [key=value ...]``.
 
-Owns the loop of valeoai/Franca ``franca/train/train.py``, ``do_train``: schedules → forward/backward →
-per-submodule clipping → AdamW step → EMA teacher, with a progress line, ``training_metrics.json``, resumable
-checkpoints every ``train.saveckp_freq`` epochs of ``train.OFFICIAL_EPOCH_LENGTH`` iterations (and on
-SIGTERM/SIGUSR1), and release-format teacher exports.
+Owns the loop of valeoai/Franca ``franca/train/train.py``, ``do_train``: one :class:`franca.train.step.TrainStep`
+per iteration (schedules → forward/backward → per-submodule clipping → AdamW step → EMA teacher) on batches of
+:func:`franca.train.build.build_data`, with a progress line, ``training_metrics.json``, resumable checkpoints every
+``train.saveckp_freq`` epochs of ``train.OFFICIAL_EPOCH_LENGTH`` iterations (and on SIGTERM/SIGUSR1), and
+release-format teacher exports.
 
 The same command runs as one process, under ``torchrun`` or as SLURM tasks (:mod:`franca.distributed` detects which):
-the model goes through :func:`franca.parallel.parallelize` (FSDP2 / DDP / compile / activation checkpointing), each
-rank reads its slice of the world-size-independent global batch, logged losses are averaged over ranks, rank 0 alone
-writes metrics, plots and teacher exports, and a stop signal on any rank leads every rank to one collective
+the model goes through :func:`franca.train.parallel.parallelize` (FSDP2 / DDP / compile / activation checkpointing),
+each rank reads its slice of the world-size-independent global batch, logged losses are averaged over ranks, rank 0
+alone writes metrics, plots and teacher exports, and a stop signal on any rank leads every rank to one collective
 checkpoint. KoLeo stays per rank (as the original ``franca/loss/koleo_loss.py``); the iBOT loss is normalised
 per rank by the rank's 2B global crops (original ``franca/loss/mrl_ibot_patch_loss.py``), and gradients are averaged
 over ranks, so it equals the single-process loss on the concatenated batch when the masks are the same.
 """
 
 import argparse
-import random
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -30,22 +30,12 @@ from franca.checkpoint import (
     LoadedCheckpoint,
     TrainingCheckpointer,
     UnreadableCheckpointError,
-    latest_checkpoint,
     read_model_state,
     restore_rng_state,
     save_teacher_release,
 )
 from franca.checkpoint.distributed import load_model_weights
 from franca.checkpoint.release import teacher_export_path
-from franca.config import apply_scaling_rules, load_config, save_config
-from franca.data.augmentations import DataAugmentationDINO
-from franca.data.batched_augmentations import SplitDataAugmentationDINO, apply_photometric_to_batch
-from franca.data.collate import MaskingCollator
-from franca.data.datasets import WebDatasetShards
-from franca.data.image_decoding import ImageDecoding
-from franca.data.loaders import make_dataset, make_train_data_loader
-from franca.data.masking import build_mask_generator
-from franca.data.streams import make_webdataset_train_loader
 from franca.distributed import (
     all_reduce_mean,
     any_rank,
@@ -55,19 +45,24 @@ from franca.distributed import (
     is_main_process,
     setup_rank_output,
 )
-from franca.parallel import parallelize
+from franca.train.build import (
+    build_data,
+    build_model,
+    build_train_step,
+    describe_dataset_size,
+    prepare_batch,
+    seed_everything,
+)
+from franca.train.config import apply_scaling_rules, load_config
 from franca.train.health import HealthMonitor, format_health, reduce_stats
 from franca.train.knn_monitor import build_knn_monitor
-from franca.train.param_groups import apply_optim_schedule, fuse_params_groups, get_params_groups
+from franca.train.nonfinite import NonFiniteTracker
+from franca.train.pretrained import load_pretrained
 from franca.train.runtime import Runtime
-from franca.train.schedules import build_schedules
 from franca.train.ssl_meta_arch import SSLMetaArch
 from franca.utils.atomic import sweep_stale_temporaries
+from franca.utils.config_schema import save_config
 from franca.utils.logging import MetricsWriter, Progress
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -102,110 +97,6 @@ def sweep_run_folder(out_dir: Path, keep_checkpoints: int) -> None:
         removed += sweep_stale_temporaries(folder)
     if removed:
         print(f"removed {len(removed)} leftover temporary file(s) of interrupted writes", flush=True)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_optimizer(cfg: DictConfig, model: SSLMetaArch, device: torch.device) -> torch.optim.Optimizer:
-    groups = []
-    for module in model.student.values():
-        groups += get_params_groups(
-            module, layerwise_decay=cfg.optim.layerwise_decay, patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult
-        )
-    betas = (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2)
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(fuse_params_groups(groups), betas=betas, **fast)
-
-
-def build_transform(cfg: DictConfig, batched_photometric: bool):
-    """The multi-crop transform of the loader workers: all of it per image, or its split worker half (original
-    ``DataAugmentationDINO``; the photometric half then runs in :func:`prepare_batch`)."""
-    augmentation = SplitDataAugmentationDINO if batched_photometric else DataAugmentationDINO
-    return augmentation(
-        cfg.crops.global_crops_scale,
-        cfg.crops.local_crops_scale,
-        cfg.crops.local_crops_number,
-        global_crops_size=cfg.crops.global_crops_size,
-        local_crops_size=cfg.crops.local_crops_size,
-        blur_quirk=cfg.crops.blur_quirk,
-    )
-
-
-def build_collator(cfg: DictConfig, rank: int = 0, world_size: int = 1) -> MaskingCollator:
-    """The masking collate of the config: iBOT masks (block / inverse block / CyclicMask roll) for the global grid."""
-    grid = cfg.crops.global_crops_size // cfg.student.patch_size
-    return MaskingCollator(
-        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
-        mask_probability=cfg.ibot.mask_sample_probability,
-        n_tokens=grid * grid,
-        mask_generator=build_mask_generator(
-            (grid, grid), cfg.train.use_block_masking, cfg.train.use_inverse_block, cfg.train.roll
-        ),
-        seed=cfg.train.seed,
-        rank=rank,
-        world_size=world_size,
-    )
-
-
-def build_data(
-    cfg: DictConfig, start_iteration: int, rank: int = 0, world_size: int = 1, batched_photometric: bool = False
-):
-    """The dataset and the training loader (map-style or shards) with the multi-crop transform and masking collate;
-    ``batched_photometric`` gives the split transform, whose batches :func:`prepare_batch` finishes."""
-    transform = build_transform(cfg, batched_photometric)
-    decoding = ImageDecoding.from_options(cfg.train.alpha_background, cfg.train.image_max_value)
-    dataset = make_dataset(cfg.train.dataset_path, decoding=decoding)
-    collate = build_collator(cfg, rank, world_size)
-    make_loader = make_webdataset_train_loader if isinstance(dataset, WebDatasetShards) else make_train_data_loader
-    loader = make_loader(
-        dataset,
-        transform,
-        collate,
-        batch_size_per_rank=cfg.train.batch_size_per_gpu,
-        seed=cfg.train.seed,
-        start_iteration=start_iteration,
-        num_workers=cfg.train.num_workers,
-        rank=rank,
-        world_size=world_size,
-    )
-    return dataset, loader
-
-
-def _describe_size(dataset) -> str:
-    size = dataset.num_samples if isinstance(dataset, WebDatasetShards) else len(dataset)
-    return "a stream of unknown length" if size is None else f"{size} images"
-
-
-def move_batch(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def prepare_batch(batch: dict, runtime: Runtime) -> dict:
-    """A loader batch on the runtime's device, ready for the step: with ``runtime.batched_photometric`` its uint8 crops
-    get their drawn colour jitter, grayscale, blur, solarisation and normalisation there (the parameters stay on the
-    CPU, which picks the rows without a device sync); float tensors in ``runtime.param_dtype`` (float64 for fp64)."""
-    batch = move_batch(batch, runtime.device)
-    if runtime.batched_photometric:
-        batch = apply_photometric_to_batch(batch)
-    if runtime.param_dtype == torch.float32:
-        return batch
-    dtype = runtime.param_dtype
-    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
-
-
-def load_pretrained(cfg: DictConfig, model: SSLMetaArch) -> None:
-    source = cfg.student.pretrained_weights
-    if not source:
-        return
-    from franca.hub import load_backbone
-
-    backbone = load_backbone(source)
-    model.load_pretrained_backbone(backbone.state_dict())
-    print(f"initialised student and teacher backbones from {source} (heads are fresh)", flush=True)
 
 
 def load_initial_weights(
@@ -261,43 +152,6 @@ def _format_losses(losses: dict[str, float]) -> str:
     return " ".join(f"{k.replace('_crops', '').replace('_loss', '')} {v:.4f}" for k, v in losses.items())
 
 
-class NonFiniteTracker:
-    """Remembers, on the device and without a host sync, which loss terms went non-finite and since when.
-
-    The trainer reads it at log and checkpoint iterations (:meth:`check`), so a bad step is reported with its term and
-    first iteration, and no checkpoint is ever written after one.
-    """
-
-    def __init__(self):
-        self.bad: dict[str, torch.Tensor] = {}
-        self.first: torch.Tensor | None = None
-
-    def update(self, losses: dict[str, torch.Tensor], iteration: int) -> None:
-        for name, value in losses.items():
-            flag = ~torch.isfinite(value)
-            self.bad[name] = flag if name not in self.bad else self.bad[name] | flag
-        any_bad = torch.stack(list(self.bad.values())).any()
-        if self.first is None:
-            self.first = torch.full((), -1, dtype=torch.long, device=any_bad.device)
-        self.first = torch.where((self.first < 0) & any_bad, iteration, self.first)
-
-    def check(self, losses: dict[str, float], iteration: int, checkpoint_dir: Path) -> None:
-        bad = [name for name, flag in self.bad.items() if bool(flag)]
-        if not any_rank(bool(bad)):
-            return
-        last = latest_checkpoint(checkpoint_dir)
-        where = (
-            f"{', '.join(f'{k}={losses.get(k)}' for k in bad)} since iteration {int(self.first)}"
-            if bad
-            else "on another rank"
-        )
-        raise NonFiniteLossError(
-            f"non-finite loss by iteration {iteration}: {where}. The last good checkpoint is "
-            f"{last or 'none (no checkpoint written yet)'}; lower optim.base_lr, raise optim.warmup_epochs, or use "
-            "compute_precision.dtype=bf16/fp32, then restart the same command to resume"
-        )
-
-
 def export_teacher_collective(model: SSLMetaArch, out_dir: Path, done: int, block_chunks: int) -> Path:
     """Gather the full teacher (a collective under FSDP) and write its release-format export from rank 0, named by
     the iterations completed (``eval/training_<done>``, as the checkpoint ``model_<done>.pth`` beside it)."""
@@ -310,17 +164,6 @@ def export_teacher_collective(model: SSLMetaArch, out_dir: Path, done: int, bloc
     return path
 
 
-def build_model(cfg: DictConfig, runtime: Runtime, world_size: int, local_world_size: int) -> SSLMetaArch:
-    """The meta-architecture, initialised alike on every rank (same seed), on the device and parallelised."""
-    seed_everything(cfg.train.seed)
-    model = SSLMetaArch(cfg)
-    load_pretrained(cfg, model)
-    model.to(runtime.device, dtype=runtime.param_dtype)
-    parallelize(model, cfg, runtime, world_size, local_world_size)
-    model.train()
-    return model
-
-
 def do_train(cfg: DictConfig, resume: bool = True) -> dict:
     """Run (or resume) the training of ``cfg`` and return the last logged metrics (on every rank)."""
     out_dir = Path(cfg.train.output_dir)
@@ -331,12 +174,10 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
         torch.backends.cudnn.allow_tf32 = True
 
     runtime = Runtime.resolve(cfg, device, world_size)
-    model = build_model(cfg, runtime, world_size, env.local_world_size)
+    model = build_model(cfg, runtime, world_size, env.local_world_size, initialise=partial(load_pretrained, cfg))
     seed_everything(cfg.train.seed + rank)
-    optimizer = build_optimizer(cfg, model, device)
-    use_scaler = runtime.autocast_dtype == torch.float16 and cfg.compute_precision.grad_scaler
-    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-    schedules = build_schedules(cfg)
+    step = build_train_step(cfg, model, runtime)
+    optimizer, scaler = step.optimizer, step.scaler
     epoch_length = cfg.train.OFFICIAL_EPOCH_LENGTH
     max_iter = cfg.optim.epochs * epoch_length
     ckpt_period = cfg.train.saveckp_freq * epoch_length
@@ -381,7 +222,8 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
     images_per_iteration = cfg.train.batch_size_per_gpu * world_size
     progress = Progress("Training", max_iter, start)
     print(
-        f"training {cfg.student.arch}/{cfg.student.patch_size} on {cfg.train.dataset_path} ({_describe_size(dataset)}) "
+        f"training {cfg.student.arch}/{cfg.student.patch_size} on {cfg.train.dataset_path} "
+        f"({describe_dataset_size(dataset)}) "
         f"for {max_iter} iterations, batch {cfg.train.batch_size_per_gpu} x {world_size} process(es), "
         f"lr {cfg.optim.lr:.3g}, {runtime.describe()}",
         flush=True,
@@ -399,26 +241,12 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
         t_data = time.perf_counter()
         batch = prepare_batch(next(data_iter), runtime)
         data_time = time.perf_counter() - t_data
-        lr, wd = schedules["lr"][iteration], schedules["wd"][iteration]
-        mom, teacher_temp = schedules["momentum"][iteration], schedules["teacher_temp"][iteration]
-        apply_optim_schedule(optimizer, lr=lr, wd=wd, last_layer_lr=schedules["last_layer_lr"][iteration])
 
         done = iteration + 1
         knn_now = knn is not None and knn.due(done, max_iter)  # its accuracies go into this iteration's record
         log_now = done % cfg.train.log_period == 0 or done in (max_iter, stop_at, start + 1) or knn_now
-        optimizer.zero_grad(set_to_none=True)
         step_stats: dict | None = {} if log_now else None
-        losses = model.forward_backward(batch, teacher_temp, runtime, scaler, stats=step_stats)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if cfg.optim.clip_grad:
-            model.clip_gradients(cfg.optim.clip_grad)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        model.update_teacher(mom)
+        losses = step(batch, iteration, stats=step_stats)
         nonfinite.update(losses, iteration)
         window_iters += 1
 
@@ -433,14 +261,12 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - window_start
             iter_time = elapsed / window_iters
+            schedule_values = step.schedule_values(iteration)
             record = {
                 "iteration": iteration,
                 "total_loss": sum(values.values()),
                 **values,
-                "lr": lr,
-                "wd": wd,
-                "mom": mom,
-                "teacher_temp": teacher_temp,
+                **schedule_values,
                 "iter_time": iter_time,
                 "data_time": data_time,
             }
@@ -461,7 +287,7 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
                 mem = f" mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GiB" if device.type == "cuda" else ""
                 progress.print(
                     done,
-                    f"loss {record['total_loss']:.4f} ({_format_losses(values)}) lr {lr:.2e} "
+                    f"loss {record['total_loss']:.4f} ({_format_losses(values)}) lr {schedule_values['lr']:.2e} "
                     f"{images_per_iteration / iter_time:.1f} img/s{mem} | {format_health(health_values)}",
                 )
             window_start, window_iters = time.perf_counter(), 0
