@@ -127,11 +127,13 @@ def build_model(
     world_size: int = 1,
     local_world_size: int | None = None,
     initialise: Callable[[SSLMetaArch], None] | None = None,
+    meta_arch: Callable[[DictConfig], SSLMetaArch] = SSLMetaArch,
 ) -> SSLMetaArch:
-    """The meta-architecture, initialised alike on every rank (same seed; then ``initialise``, e.g. pretrained
-    weights), in ``runtime.param_dtype`` on the device, parallelised, in training mode."""
+    """The meta-architecture (``meta_arch(cfg)``: Franca's :class:`SSLMetaArch` unless given), initialised alike on
+    every rank (same seed; then ``initialise``, e.g. pretrained weights), in ``runtime.param_dtype`` on the device,
+    parallelised, in training mode."""
     seed_everything(cfg.train.seed)
-    model = SSLMetaArch(cfg)
+    model = meta_arch(cfg)
     if initialise is not None:
         initialise(model)
     model.to(runtime.device, dtype=runtime.param_dtype)

@@ -153,6 +153,11 @@ class SSLMetaArch(nn.Module):
         self.teacher.eval()
         return self
 
+    @property
+    def export_modules(self) -> nn.ModuleDict:
+        """What the run exports in the release format and evaluates (periodic k-NN): the EMA teacher."""
+        return self.teacher
+
     def _ibot_head(self, which: str) -> nn.Module:
         models = self.student if which == "student" else self.teacher
         return models["ibot_head"] if "ibot_head" in models else models["dino_head"]

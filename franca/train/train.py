@@ -19,6 +19,7 @@ import argparse
 import signal
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -152,20 +153,25 @@ def _format_losses(losses: dict[str, float]) -> str:
     return " ".join(f"{k.replace('_crops', '').replace('_loss', '')} {v:.4f}" for k, v in losses.items())
 
 
-def export_teacher_collective(model: SSLMetaArch, out_dir: Path, done: int, block_chunks: int) -> Path:
+def export_release_collective(model: SSLMetaArch, out_dir: Path, done: int, block_chunks: int) -> Path:
     """Gather the full teacher (a collective under FSDP) and write its release-format export from rank 0, named by
     the iterations completed (``eval/training_<done>``, as the checkpoint ``model_<done>.pth`` beside it)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model.teacher, options=options)
+    state = get_model_state_dict(model.export_modules, options=options)
     path = teacher_export_path(out_dir, done)
     if is_main_process():
-        save_teacher_release(state, model.teacher["backbone"].build_config(), path, block_chunks)
+        save_teacher_release(state, model.export_modules["backbone"].build_config(), path, block_chunks)
     barrier()
     return path
 
 
-def do_train(cfg: DictConfig, resume: bool = True) -> dict:
-    """Run (or resume) the training of ``cfg`` and return the last logged metrics (on every rank)."""
+def do_train(
+    cfg: DictConfig, resume: bool = True, meta_arch: Callable[[DictConfig], SSLMetaArch] = SSLMetaArch
+) -> dict:
+    """Run (or resume) the training of ``cfg`` and return the last logged metrics (on every rank).
+
+    ``meta_arch(cfg)`` builds the model: Franca's :class:`SSLMetaArch`, or another with its interface (``student`` /
+    ``teacher`` module dicts, ``forward_backward``, ``clip_gradients``, ``update_teacher``, ``export_modules``)."""
     out_dir = Path(cfg.train.output_dir)
     env, device = init_distributed()
     rank, world_size = env.rank, env.world_size
@@ -174,7 +180,8 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
         torch.backends.cudnn.allow_tf32 = True
 
     runtime = Runtime.resolve(cfg, device, world_size)
-    model = build_model(cfg, runtime, world_size, env.local_world_size, initialise=partial(load_pretrained, cfg))
+    initialise = partial(load_pretrained, cfg)
+    model = build_model(cfg, runtime, world_size, env.local_world_size, initialise=initialise, meta_arch=meta_arch)
     seed_everything(cfg.train.seed + rank)
     step = build_train_step(cfg, model, runtime)
     optimizer, scaler = step.optimizer, step.scaler
@@ -273,7 +280,7 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
             health_values = reduce_stats(step_stats)
             record.update(health_values)
             if knn_now:
-                record.update(knn.run(model.teacher["backbone"], done, max_iter, main_process))
+                record.update(knn.run(model.export_modules["backbone"], done, max_iter, main_process))
             last_record = record
             warnings = monitor.update(health_values, iteration)
             if main_process:  # the statistics are global: one warning for the run, not one per rank
@@ -292,7 +299,7 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
                 )
             window_start, window_iters = time.perf_counter(), 0
         if eval_period and done % eval_period == 0 and done != max_iter:
-            export_teacher_collective(model, out_dir, done, block_chunks)
+            export_release_collective(model, out_dir, done, block_chunks)
         if save_now:
             save(done)
         if stopping and done != max_iter:
@@ -306,7 +313,7 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
             )
             return last_record
 
-    final = export_teacher_collective(model, out_dir, max_iter, block_chunks)
+    final = export_release_collective(model, out_dir, max_iter, block_chunks)
     print(f"teacher exported to {final}", flush=True)
     if main_process:
         if tb is not None:
