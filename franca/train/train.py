@@ -75,10 +75,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_run(args: argparse.Namespace) -> DictConfig:
-    """Join the process group (if launched with several), build the config, write it (rank 0), route printing."""
+def setup_run(args: argparse.Namespace, load: Callable[..., DictConfig] = load_config) -> DictConfig:
+    """Join the process group (if launched with several), build the config, write it (rank 0), route printing.
+
+    ``load(config_file, overrides)`` reads the config: the training config's, or another command's that runs this
+    trainer (``python -m franca.distill``)."""
     env, _ = init_distributed()
-    cfg = load_config(args.config_file, list(args.opts))
+    cfg = load(args.config_file, list(args.opts))
     cfg.train.output_dir = str(args.output_dir)
     apply_scaling_rules(cfg, world_size=env.world_size)
     if env.is_main_process:
