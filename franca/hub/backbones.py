@@ -3,7 +3,8 @@
 The hub entries build the Franca ViT of valeoai/Franca ``franca/hub/backbones.py`` (patch 14, SwiGLU, LayerScale 1e-5,
 no registers, interpolation offset 0.1, no antialias) at the image size of the checkpoint's ``pos_embed`` and load it
 strictly: a checkpoint of another architecture is refused with its missing, unexpected and mis-shaped keys.
-``load_backbone`` builds any of our ViTs from an arbitrary checkpoint, reading the architecture off its keys.
+``load_backbone`` builds any of our ViTs from an arbitrary checkpoint, reading the architecture off its keys, and a
+distilled timm student from the ``backbone_config`` stored with it (:mod:`franca.models.timm_backbone`).
 """
 
 import os
@@ -21,6 +22,7 @@ from franca.hub.registry import (
 )
 from franca.layers.rasa_head import RASAHead
 from franca.models.config import ARCHITECTURES, ViTConfig
+from franca.models.timm_backbone import TimmBackbone, TimmConfig, is_timm_config
 from franca.models.vision_transformer import DinoVisionTransformer
 from franca.models.weights import extract_rasa_state_dict, from_release, infer_config, infer_image_size, load_strict
 
@@ -124,6 +126,16 @@ def build_loaded_vit(config: ViTConfig, state_dict: dict, source: str) -> DinoVi
     return model
 
 
+def build_loaded_timm(stored: dict, state_dict: dict, source: str, kwargs: dict) -> TimmBackbone:
+    """A distilled timm student (``backbone_config`` ``{"timm": name, ...}``, training.md "Distil") with its weights,
+    loaded strictly. It needs the timm package (``pip install 'franca[timm]'``); keywords cannot change it."""
+    if kwargs:
+        raise ValueError(f"{source} is a timm backbone ({stored['timm']}); it takes no ViT keywords ({sorted(kwargs)})")
+    model = TimmBackbone(TimmConfig.from_dict(stored, source=f"the backbone config of {source}"))
+    load_strict(model, state_dict, source, f"the timm backbone {stored['timm']}")
+    return model
+
+
 def _checkpoint_image_size(requested: int | None, checkpoint_img_size: int) -> int:
     """Build at the checkpoint's own grid; an ``img_size=`` keyword that disagrees is refused (a resized grid would
     change the outputs at every other input size, while the model already runs at any size divisible by the patch)."""
@@ -216,9 +228,8 @@ def _generic_config(
     weights: str | os.PathLike, state_dict: dict, arch: str | None, stored: dict | None, kwargs: dict
 ) -> ViTConfig:
     """The ViTConfig of an arbitrary checkpoint: an export folder's config.json or the ``backbone_config`` our
-    trainer stores beside the teacher, else read off the keys; then ``arch``'s width/depth/heads, then ``kwargs``."""
-    if stored is None and not is_url(str(weights)) and os.path.isdir(weights):
-        stored = read_export_config(weights)
+    trainer stores beside the teacher (``stored``), else read off the keys; then ``arch``'s width/depth/heads, then
+    ``kwargs``."""
     if stored is not None:
         config = ViTConfig.from_dict(stored, source=f"the backbone config of {weights}")
     else:
@@ -259,9 +270,13 @@ def load_backbone(
         return _hub_model(arch, True, weights, use_rasa_head, rasa_weights, kwargs)
     raw = load_checkpoint_file(weights)
     stored = raw.get("backbone_config") if isinstance(raw, dict) else None
+    if stored is None and not is_url(str(weights)) and os.path.isdir(weights):
+        stored = read_export_config(weights)
     state_dict, embedded_rasa = from_release(raw)
-    config = _generic_config(weights, state_dict, arch, stored, kwargs)
-    model = build_loaded_vit(config, state_dict, str(weights))
+    if is_timm_config(stored):
+        model = build_loaded_timm(stored, state_dict, str(weights), kwargs)
+    else:
+        model = build_loaded_vit(_generic_config(weights, state_dict, arch, stored, kwargs), state_dict, str(weights))
     _attach_rasa(model, arch, use_rasa_head, rasa_weights, None, embedded_rasa)
     return model
 
