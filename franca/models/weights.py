@@ -114,6 +114,19 @@ def from_release(raw: dict, config: ViTConfig | None = None) -> tuple[dict[str, 
     return backbone, rasa
 
 
+def training_heads(raw: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """The DINO / iBOT head tensors that :func:`from_release` drops, by head: ``{"dino_head": {key: tensor},
+    "ibot_head": {...}}`` without those prefixes, from a franca training checkpoint (its teacher's heads) or a teacher
+    export; empty for released backbones, which ship without heads (distillation uses them, training.md "Distil")."""
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in _teacher_part(unwrap_state_dict(raw)).items():
+        key = strip_prefixes(key, ("module.", "_orig_mod."))
+        prefix = next((p for p in TRAINING_HEAD_PREFIXES if key.startswith(p)), None)
+        if prefix is not None:
+            heads.setdefault(prefix[:-1], {})[key[len(prefix) :]] = tensor
+    return heads
+
+
 def extract_rasa_state_dict(raw: dict) -> dict[str, torch.Tensor]:
     """The RASA head tensors (``pre_pos_layers.{j}.weight``, ``pos_pred.weight``) of a RASA file or a checkpoint."""
     state = {}

@@ -1,0 +1,318 @@
+"""Distillation meta-architectures: a trainable student and a frozen teacher, run by the Franca trainer unchanged
+(``do_train(cfg, meta_arch=...)``; training.md, "Distil").
+
+Both keep :class:`SSLMetaArch`'s interface (``student`` / ``teacher`` module dicts, ``forward_backward``,
+``clip_gradients``, ``update_teacher``, ``export_modules``) and inherit its ``forward_backward`` (autocast, backward)
+and per-module gradient clipping. What differs:
+
+- the teacher is given (loaded by ``python -m franca.distill`` from ``teacher.weights``), frozen (eval mode, no
+  gradient, ``update_teacher`` does nothing) and kept outside the module tree: checkpoints hold the student, the
+  optimizer and a signature of the teacher's weights (a restart reloads the teacher from ``teacher.weights`` and
+  refuses another one), not a copy of a possibly multi-GB teacher every time. ``model.to()`` and
+  ``parallelize`` (``model.teacher``) still reach it;
+- the teacher runs once per batch, under the training precision, on crops resized to a multiple of its patch
+  (:func:`franca.layers.patch_grid.fit_to_patch`), and its patch tokens are resized to the student's grid
+  (:func:`franca.layers.patch_grid.resize_patch_tokens`);
+- ``export_modules`` is the student: the trainer exports it in the release format (with its ``backbone_config``) and
+  runs the periodic k-NN on it.
+
+:class:`HeadDistillMetaArch` (teacher files of franca runs, which keep their DINO / iBOT heads) is Franca's own
+objective with the EMA teacher replaced by the frozen one: the student, with heads shaped like the teacher's
+(:class:`franca.layers.head_spec.HeadSpec`), predicts the teacher's Sinkhorn-Knopp targets of the global crops at
+every Matryoshka level from its global and local crops, and the iBOT targets of the masked patches, plus KoLeo; the
+DINOv2/v3 distillation (dinov3 ``MultiDistillationMetaArch``: the SSL losses against a frozen teacher's targets).
+:class:`FeatureDistillMetaArch` (released backbones, no heads) matches the teacher's CLS and patch features on the
+same global and local crops through a learned linear projection (:mod:`franca.loss.feature_distill`).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from franca.layers.head_spec import HeadSpec
+from franca.layers.patch_grid import fit_to_patch, resize_patch_tokens
+from franca.loss import koleo_loss
+from franca.loss.feature_distill import FeatureCenter, FeatureQueue, cosine_loss, queue_kl_loss, smooth_l1_loss
+from franca.models.timm_backbone import TimmBackbone, is_timm_arch
+from franca.models.weights import from_release, load_strict
+from franca.train import health
+from franca.train.ssl_meta_arch import STEP_PHASES, SSLMetaArch, StudentFeatures, build_backbone
+
+
+@dataclass
+class Teacher:
+    """The frozen teacher a distillation starts from: ``modules`` = ``{backbone[, dino_head, ibot_head]}`` (heads
+    loaded from the file when it has them), where it came from, the heads' shapes and their ``l2_norm`` switch."""
+
+    modules: nn.ModuleDict
+    source: str
+    head_specs: dict[str, HeadSpec] = field(default_factory=dict)
+    l2_norm: bool = False
+
+    @property
+    def has_heads(self) -> bool:
+        return "dino_head" in self.modules
+
+    @property
+    def width(self) -> int:
+        return self.modules["backbone"].embed_dim
+
+
+def choose_mode(setting: str, teacher: Teacher) -> str:
+    """``distill.mode``: auto = heads when the teacher has a DINO head, else features."""
+    if setting == "heads" and not teacher.has_heads:
+        raise ValueError(
+            f"distill.mode=heads, but the teacher {teacher.source} has no dino_head.* tensors (released backbones ship "
+            "without heads); use distill.mode=features (or auto), or a teacher file written by a franca run"
+        )
+    if setting == "auto":
+        return "heads" if teacher.has_heads else "features"
+    return setting
+
+
+@torch.no_grad()
+def weights_signature(module: nn.Module) -> torch.Tensor:
+    """[Σ_i (i + 1)·sum(w_i), Σ_i sum(w_i²)] over the floating tensors of ``module``'s state, in float64: two numbers
+    that change when any weight does (a restart with another teacher is refused)."""
+    values = [t for t in module.state_dict().values() if t.is_floating_point()]
+    sums = torch.stack([t.double().sum() * (i + 1) for i, t in enumerate(values)]).sum()
+    squares = torch.stack([t.double().square().sum() for t in values]).sum()
+    return torch.stack([sums, squares]).cpu()
+
+
+def build_student_backbone(cfg: DictConfig, teacher_width: int) -> nn.Module:
+    """``student.arch``: a ViT of ours (``student.*``), or ``timm:<name>`` whose feature map is projected to the
+    teacher's width, at stride ``student.patch_size``."""
+    arch = cfg.student.arch
+    if is_timm_arch(arch):
+        name = arch.partition(":")[2]
+        return TimmBackbone.for_stride(name, teacher_width, cfg.student.patch_size, cfg.crops.global_crops_size)
+    return build_backbone(cfg, drop_path=True)
+
+
+def _no_mark(phase: str) -> None:
+    """The default ``on_phase`` hook: nothing to record."""
+
+
+def _student_grid(images: torch.Tensor, patch_size: int) -> tuple[int, int]:
+    return images.shape[-2] // patch_size, images.shape[-1] // patch_size
+
+
+class DistillMetaArch(SSLMetaArch):
+    """The frozen-teacher plumbing shared by both modes (module docstring); subclasses add the student's heads or
+    projection in ``_build_student_heads`` and their losses."""
+
+    def __init__(self, cfg: DictConfig, teacher: Teacher):
+        nn.Module.__init__(self)  # not SSLMetaArch.__init__: the student and teacher are built here
+        self.cfg = cfg
+        teacher.modules.requires_grad_(False)
+        teacher.modules.eval()
+        object.__setattr__(self, "_teacher", teacher.modules)  # outside the module tree: not in the checkpoints
+        self.teacher_source = teacher.source
+        self._signature = weights_signature(teacher.modules)
+        # stored as the bits of the float64 values: an integer buffer keeps them through model.to(dtype)
+        self.register_buffer("teacher_signature", self._signature.view(torch.int64).clone())
+        self._teacher_checked = False
+        self.student = nn.ModuleDict({"backbone": build_student_backbone(cfg, teacher.width)})
+        self._ema_pairs = None
+        self._build_objective(teacher)
+
+    def _build_objective(self, teacher: Teacher) -> None:
+        """The student's heads (or projection) and the loss settings of the mode."""
+        raise NotImplementedError
+
+    @property
+    def teacher(self) -> nn.ModuleDict:
+        return self._teacher
+
+    @property
+    def export_modules(self) -> nn.ModuleDict:
+        """The student: what the run exports in the release format and evaluates (periodic k-NN)."""
+        return self.student
+
+    @property
+    def student_takes_masks(self) -> bool:
+        """Whether the student backbone has a mask token (our ViTs); a CNN sees its global crops unmasked."""
+        return not isinstance(self.student["backbone"], TimmBackbone)
+
+    def update_teacher(self, momentum: float) -> None:
+        """Nothing: the teacher is frozen."""
+
+    def load_pretrained_backbone(
+        self, state_dict: dict[str, torch.Tensor], source: str = "student.pretrained_weights"
+    ) -> None:
+        """Initialise the student's ViT backbone (not the teacher) from backbone weights in any layout."""
+        backbone = self.student["backbone"]
+        weights, _ = from_release(state_dict, config=backbone.config)
+        hint = "it is for another architecture than student.arch/embed_dim/depth/patch_size/ffn_layer"
+        load_strict(backbone, weights, source, "the configured student backbone (student.*)", hint)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self._teacher._apply(fn, recurse)
+        return self
+
+    def check_teacher(self) -> None:
+        """Refuse a teacher whose weights differ from those the run's checkpoint was trained against (once)."""
+        if self._teacher_checked:
+            return
+        stored = self.teacher_signature.detach().cpu().view(torch.float64)
+        if not torch.allclose(stored, self._signature, rtol=1e-9, atol=0.0):
+            raise RuntimeError(
+                f"teacher.weights={self.teacher_source} is not the teacher this run was trained against (weights "
+                f"signature {self._signature.tolist()} vs {stored.tolist()} in the checkpoint); give the original "
+                "teacher, or start a new run (--no-resume or another --output-dir)"
+            )
+        self._teacher_checked = True
+
+    @torch.no_grad()
+    def teacher_tokens(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The teacher backbone's output dict on ``images`` (resized to a multiple of its patch), its patch tokens
+        resized to the student's grid of ``images``."""
+        self.check_teacher()
+        backbone = self.teacher["backbone"]
+        fitted = fit_to_patch(images, backbone.patch_size)
+        out = dict(backbone(fitted, is_training=True))
+        source = _student_grid(fitted, backbone.patch_size)
+        target = _student_grid(images, self.student["backbone"].patch_size)
+        out["x_norm_patchtokens"] = resize_patch_tokens(out["x_norm_patchtokens"], source, target)
+        return out
+
+
+class HeadDistillMetaArch(DistillMetaArch):
+    """With heads: Franca's losses (``SSLMetaArch.compute_losses``) on the frozen teacher's targets."""
+
+    def _build_objective(self, teacher: Teacher) -> None:
+        width = self.student["backbone"].embed_dim
+        for name, spec in teacher.head_specs.items():
+            self.student[name] = spec.for_width(width).build(teacher.l2_norm, self.cfg.dino.head_init)
+            got, expected = self.student[name].out_dims, teacher.modules[name].out_dims
+            if got != expected:
+                raise ValueError(f"the student's {name} has {got} prototypes per level, the teacher's {expected}")
+        self._init_objective(self.cfg)
+
+    @torch.no_grad()
+    def teacher_backbone(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The teacher on the global crops, its patch tokens on the student's grid (where the iBOT masks are)."""
+        return self.teacher_tokens(batch["collated_global_crops"])
+
+    def student_backbone(self, batch: dict) -> StudentFeatures:
+        """As Franca's, but a student without mask token (a CNN) sees its global crops unmasked; the iBOT loss is
+        then taken at the positions the masks select."""
+        if self.student_takes_masks:
+            return super().student_backbone(batch)
+        return super().student_backbone({**batch, "collated_masks": None})
+
+
+class FeatureProjector(nn.Module):
+    """Linear maps of the student's CLS and patch tokens to the teacher's width (training only; not exported)."""
+
+    def __init__(self, student_width: int, teacher_width: int):
+        super().__init__()
+        self.cls = nn.Linear(student_width, teacher_width)
+        self.patch = nn.Linear(student_width, teacher_width)
+
+
+class FeatureDistillMetaArch(DistillMetaArch):
+    """Head-free: the student's projected CLS and patch tokens match the teacher's, centred by a running mean, on the
+    same global and local crops (``distill.feature_loss``)."""
+
+    def _build_objective(self, teacher: Teacher) -> None:
+        cfg = self.cfg.distill
+        self.n_local_crops = self.cfg.crops.local_crops_number
+        self.student["projector"] = FeatureProjector(self.student["backbone"].embed_dim, teacher.width)
+        self.cls_center = FeatureCenter(teacher.width, cfg.center_momentum)
+        self.patch_center = FeatureCenter(teacher.width, cfg.center_momentum)
+        self.queue = FeatureQueue(teacher.width, cfg.queue_size) if cfg.feature_loss == "kl_queue" else None
+        object.__setattr__(self, "_export", nn.ModuleDict({"backbone": self.student["backbone"]}))
+
+    @property
+    def export_modules(self) -> nn.ModuleDict:
+        """The student backbone (the projection is a training device)."""
+        return self._export
+
+    def _feature_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg.distill
+        if cfg.feature_loss == "smooth_l1":
+            return smooth_l1_loss(student, teacher, cfg.smooth_l1_beta)
+        return cosine_loss(student, teacher)
+
+    def _crop_losses(
+        self, images: torch.Tensor, keys: Callable[[torch.Tensor], torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
+        """(CLS loss, patch loss, teacher dict, student dict) of one batch of crops of one size."""
+        cfg = self.cfg.distill
+        teacher = self.teacher_tokens(images)
+        target_cls = self.cls_center(teacher["x_norm_clstoken"])
+        target_patch = self.patch_center(teacher["x_norm_patchtokens"]).flatten(0, 1)
+        student = self.student["backbone"](images, is_training=True)
+        projector = self.student["projector"]
+        cls = projector.cls(student["x_norm_clstoken"])
+        patch = projector.patch(student["x_norm_patchtokens"]).flatten(0, 1)
+        if keys is not None:
+            cls_loss = queue_kl_loss(cls, target_cls, keys(target_cls), cfg.queue_student_temp, cfg.queue_teacher_temp)
+        else:
+            cls_loss = self._feature_loss(cls, target_cls)
+        patch_loss = cosine_loss(patch, target_patch) if keys is not None else self._feature_loss(patch, target_patch)
+        return cls_loss, patch_loss, teacher, student
+
+    def compute_losses(
+        self,
+        batch: dict,
+        teacher_temp: float,
+        chunk_size: int | None = None,
+        stats: dict | None = None,
+        on_phase: Callable[[str], None] = _no_mark,
+    ) -> dict[str, torch.Tensor]:
+        """``feature_cls_loss`` and ``feature_patch_loss`` (each the mean over the 2 + L crops of each image, crop sets
+        weighted by their crop counts) and KoLeo on the student's global CLS; ``stats`` gets the teacher's and the
+        student's CLS spread. ``teacher_temp`` and ``chunk_size`` concern the heads' targets only."""
+        cfg = self.cfg
+        keys = self.queue.keys if self.queue is not None else None
+        crops = [(2, batch["collated_global_crops"])]
+        if self.n_local_crops:
+            crops.append((self.n_local_crops, batch["collated_local_crops"]))
+        n_crops = sum(count for count, _ in crops)
+        cls_total, patch_total, outputs = 0.0, 0.0, []
+        for count, images in crops:
+            cls_loss, patch_loss, teacher, student = self._crop_losses(images, keys)
+            cls_total = cls_total + cls_loss * count / n_crops
+            patch_total = patch_total + patch_loss * count / n_crops
+            outputs.append((teacher, student))
+        for phase in STEP_PHASES[:3]:  # teacher and student ran crop size by crop size
+            on_phase(phase)
+        (teacher_global, student_global), *_ = outputs
+        losses = {
+            "feature_cls_loss": cfg.distill.cls_loss_weight * cls_total,
+            "feature_patch_loss": cfg.distill.patch_loss_weight * patch_total,
+        }
+        if cfg.dino.koleo_loss_weight > 0:
+            views = student_global["x_norm_clstoken"].chunk(2)
+            losses["koleo_loss"] = cfg.dino.koleo_loss_weight * sum(koleo_loss(view) for view in views)
+        on_phase("student_heads_losses")
+        if stats is not None:
+            stats["teacher_cls_spread"] = health.spread_stats(teacher_global["x_norm_clstoken"])
+            stats["student_cls_spread"] = health.spread_stats(student_global["x_norm_clstoken"].detach())
+        self._update_targets(outputs)
+        return losses
+
+    @torch.no_grad()
+    def _update_targets(self, outputs: list[tuple[dict, dict]]) -> None:
+        """After the step's losses: fold its teacher features into the centres, and its centred global CLS features
+        into the queue."""
+        teacher_global = outputs[0][0]
+        if self.queue is not None:
+            self.queue.push(self.cls_center(teacher_global["x_norm_clstoken"]))
+        self.cls_center.update(torch.cat([teacher["x_norm_clstoken"] for teacher, _ in outputs]))
+        self.patch_center.update(torch.cat([teacher["x_norm_patchtokens"].flatten(0, 1) for teacher, _ in outputs]))
+
+
+def build_distill_meta_arch(cfg: DictConfig, teacher: Teacher, mode: str) -> DistillMetaArch:
+    """The meta-architecture of ``mode`` ("heads" or "features"; :func:`choose_mode`)."""
+    model = {"heads": HeadDistillMetaArch, "features": FeatureDistillMetaArch}[mode](cfg, teacher)
+    count = sum(p.numel() for p in model.student["backbone"].parameters())
+    print(f"student {cfg.student.arch}: {count:,} backbone parameters, width {model.student['backbone'].embed_dim}")
+    return model
