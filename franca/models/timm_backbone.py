@@ -77,9 +77,9 @@ def create_trunk(name: str, output_stride: int | None = None) -> nn.Module:
         )
     try:
         return timm.create_model(name, pretrained=False, num_classes=0, global_pool="", **kwargs)
-    except TypeError as err:
+    except (TypeError, AssertionError, ValueError) as err:  # timm's ResNets assert the stride, others take none
         raise ValueError(
-            f"timm model {name!r} cannot be built with output_stride={output_stride} ({err}); set student.patch_size "
+            f"timm model {name!r} cannot be built with output_stride={output_stride} ({err!r}); set student.patch_size "
             "to the model's own stride (e.g. 32), or pick a model that takes output_stride (ResNets: 8, 16, 32)"
         ) from err
 
