@@ -478,3 +478,80 @@ def test_distilled_students_learn_with_heads_and_head_free(tmp_path):
         distill.main([*argv, *STUDENT_RUN])
         accuracies[mode] = cls_knn(franca_from_checkpoint(out / "eval" / "training_160" / "teacher_checkpoint.pth"))
     assert min(accuracies.values()) > floor + KNN_MARGIN, (floor, accuracies)
+
+
+@pytest.fixture(scope="module")
+def released_vitb14(tmp_path_factory) -> Path:
+    """A release-format ViT-B/14 teacher file with random weights (chunked block keys, ``backbone_config``) and random
+    Matryoshka DINO / iBOT heads of 1,024 prototypes (the released files have none; a franca run's export has them)."""
+    from franca.hub import franca_vitb14
+    from franca.layers.heads import build_head
+
+    torch.manual_seed(0)
+    backbone = franca_vitb14(pretrained=False)
+    state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    for name in ("dino_head", "ibot_head"):
+        head = build_head("matryoshka", 768, 1024, 2048, 256, 3)
+        state.update({f"{name}.{k}": v for k, v in head.state_dict().items()})
+    path = tmp_path_factory.mktemp("vitb14") / "teacher_checkpoint.pth"
+    return save_teacher_release(state, backbone.build_config(), path, block_chunks=4)
+
+
+LARGE_RUN = """
+train: {batch_size_per_gpu: 2, dataset_path: "FashionMNIST:root=bundled:split=train", OFFICIAL_EPOCH_LENGTH: 1,
+        num_workers: 0, log_period: 1}
+student: {arch: vit_small, patch_size: 14, drop_path_rate: 0.1, block_chunks: 4}
+optim: {epochs: 1, warmup_epochs: 0, freeze_last_layer_epochs: 0}
+crops: {global_crops_size: 224, local_crops_size: 98, local_crops_number: 2}
+evaluation: {eval_period_iterations: 0}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mode, overrides",
+    [("heads", []), ("features", []), ("features", ["student.patch_size=16", "crops.local_crops_size=96"])],
+    ids=["heads_vits14", "features_vits14", "features_vits16"],
+)
+def test_a_released_vitb14_teacher_distils_into_a_vit_small_on_cpu(released_vitb14, tmp_path, mode, overrides):
+    """The large path's mechanics, one iteration: ViT-B/14 teacher, ViT-S student (patch 16: the teacher's 16 x 16
+    global and 7 x 7 local grids, of 96 px crops resized to 98, are resized to the student's 14 x 14 and 6 x 6)."""
+    config = tmp_path / "large.yaml"
+    config.write_text(LARGE_RUN)
+    out = tmp_path / "run"
+    argv = ["--config-file", str(config), "--output-dir", str(out), f"teacher.weights={released_vitb14}"]
+    record = distill.main([*argv, f"distill.mode={mode}", *overrides])
+    terms = ("dino_local_crops_loss", "ibot_loss") if mode == "heads" else ("feature_cls_loss", "feature_patch_loss")
+    assert all(torch.isfinite(torch.tensor(record[term])) for term in terms)
+    student = franca_from_checkpoint(out / "eval" / "training_1" / "teacher_checkpoint.pth")
+    assert (student.embed_dim, student.patch_size) == (384, 16 if overrides else 14)
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_single_process_distillation(teacher_file, tmp_path):
+    """torchrun with 2 gloo ranks (FSDP2, the frozen teacher sharded too) against one process on the same global batch
+    of 8: the running centres (all-reduced means) and the kl_queue keys (the batch of all ranks, then the queue) make
+    every rank's loss its share of the single-process loss. KoLeo stays off (its neighbours are per rank)."""
+    from helpers import free_port
+
+    config = tmp_path / "distill.yaml"
+    config.write_text(TINY_DISTILL_RUN)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    options = [f"teacher.weights={teacher_file}", "distill.mode=features", "distill.feature_loss=kl_queue"]
+    options += ["dino.koleo_loss_weight=0", "optim.epochs=2"]
+    outputs = {}
+    for ranks in (1, 2):
+        out = outputs[ranks] = tmp_path / f"ranks{ranks}"
+        distill_argv = ["-m", "franca.distill", "--config-file", str(config), "--output-dir", str(out)]
+        distill_argv += [f"train.batch_size_per_gpu={8 // ranks}", *options]
+        launcher = [sys.executable]
+        if ranks > 1:
+            launcher += ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+        result = subprocess.run([*launcher, *distill_argv], env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    single, double = ({r["iteration"]: r for r in read_metrics(outputs[ranks])} for ranks in (1, 2))
+    assert sorted(single) == sorted(double) == list(range(6))
+    for iteration, record in single.items():
+        for key in ("feature_cls_loss", "feature_patch_loss", "student_cls_spread"):
+            assert double[iteration][key] == pytest.approx(record[key], rel=1e-4, abs=1e-5), (iteration, key)
+    assert franca_from_checkpoint(outputs[2] / "eval" / "training_6" / "teacher_checkpoint.pth").embed_dim == 16

@@ -112,7 +112,8 @@ class FeatureCenter(nn.Module):
 
 class FeatureQueue(nn.Module):
     """The last ``size`` teacher CLS features of all ranks (first in, first out), a checkpointed buffer, and the keys
-    of ``kl_queue``: the current batch's features followed by the filled part of the queue."""
+    of ``kl_queue``: the current batch's features of all ranks followed by the filled part of the queue (so that the
+    loss of each rank is its share of the single-process loss on the whole batch)."""
 
     def __init__(self, dim: int, size: int):
         super().__init__()
@@ -122,7 +123,7 @@ class FeatureQueue(nn.Module):
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
 
     def keys(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.cat([batch, self.features[: int(self.filled)].to(batch.dtype)])
+        return torch.cat([gather_rows(batch), self.features[: int(self.filled)].to(batch.dtype)])
 
     @torch.no_grad()
     def push(self, batch: torch.Tensor) -> None:

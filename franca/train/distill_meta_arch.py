@@ -208,12 +208,16 @@ class HeadDistillMetaArch(DistillMetaArch):
 
 
 class FeatureProjector(nn.Module):
-    """Linear maps of the student's CLS and patch tokens to the teacher's width (training only; not exported)."""
+    """Linear maps of the student's CLS and patch tokens to the teacher's width (training only; not exported). Called
+    as a whole (``forward``), so that FSDP2's hooks on the module gather its parameters."""
 
     def __init__(self, student_width: int, teacher_width: int):
         super().__init__()
         self.cls = nn.Linear(student_width, teacher_width)
         self.patch = nn.Linear(student_width, teacher_width)
+
+    def forward(self, cls: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cls(cls), self.patch(patches)
 
 
 class FeatureDistillMetaArch(DistillMetaArch):
@@ -249,9 +253,8 @@ class FeatureDistillMetaArch(DistillMetaArch):
         target_cls = self.cls_center(teacher["x_norm_clstoken"])
         target_patch = self.patch_center(teacher["x_norm_patchtokens"]).flatten(0, 1)
         student = self.student["backbone"](images, is_training=True)
-        projector = self.student["projector"]
-        cls = projector.cls(student["x_norm_clstoken"])
-        patch = projector.patch(student["x_norm_patchtokens"]).flatten(0, 1)
+        cls, patch = self.student["projector"](student["x_norm_clstoken"], student["x_norm_patchtokens"])
+        patch = patch.flatten(0, 1)
         if keys is not None:
             cls_loss = queue_kl_loss(cls, target_cls, keys(target_cls), cfg.queue_student_temp, cfg.queue_teacher_temp)
         else:
