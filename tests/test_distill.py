@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import IMAGES, TINY_STEP, make_batch, with_mask_lists
+from helpers import IMAGES, LEARNING, TINY_STEP, make_batch, with_mask_lists
 from omegaconf import OmegaConf
 from torch.utils.data import Subset
 
@@ -416,23 +416,8 @@ def test_a_timm_student_trains_evaluates_and_exports_to_onnx(teacher_file, tmp_p
     assert onnx.main(["--weights", str(export), "--image-size", "16", "16", "--out", str(tmp_path / "s.onnx")]) == 0
 
 
-# The learning check: the tiny Franca run of tests/test_learning.py as the teacher, a student of a quarter of its
-# parameters distilled for 160 iterations in each mode.
-TEACHER_RUN = """
-dino: {head_n_prototypes: 128, head_bottleneck_dim: 32, head_hidden_dim: 128, mrl_l2_norm: true}
-ibot: {separate_head: true, head_n_prototypes: 128, head_bottleneck_dim: 32, head_hidden_dim: 128}
-train: {batch_size_per_gpu: 32, dataset_path: "FashionMNIST:root=bundled:split=train", OFFICIAL_EPOCH_LENGTH: 40,
-        num_workers: 0, log_period: 40, seed: 0}
-student: {arch: vit_tiny, embed_dim: 64, depth: 2, num_heads: 2, patch_size: 4, drop_path_rate: 0.0,
-          ffn_layer: swiglufused, layerscale: 0.1, block_chunks: 0}
-teacher: {momentum_teacher: 0.9, final_momentum_teacher: 0.99, warmup_teacher_temp: 0.01, teacher_temp: 0.01,
-          warmup_teacher_temp_epochs: 1}
-optim: {epochs: 8, warmup_epochs: 1, base_lr: 0.004, weight_decay_end: 0.2, layerwise_decay: 1.0,
-        freeze_last_layer_epochs: 0}
-crops: {global_crops_size: 16, local_crops_size: 8, local_crops_number: 2, batched_photometric: "true"}
-evaluation: {eval_period_iterations: 0}
-compute_precision: {dtype: fp32, compile: "false", chunked_losses: "false"}
-"""
+# The learning check: the tiny Franca run of tests/test_learning.py (helpers.LEARNING) as the teacher, a student of a
+# quarter of its parameters distilled for 160 iterations in each mode.
 STUDENT_RUN = ["student.embed_dim=32", "optim.epochs=4"]
 KNN_MARGIN = 5.0  # percentage points of student CLS k-NN over the same student at random initialisation
 
@@ -458,7 +443,7 @@ def test_distilled_students_learn_with_heads_and_head_free(tmp_path):
     from franca.train.ssl_meta_arch import build_backbone
 
     config = tmp_path / "run.yaml"
-    config.write_text(TEACHER_RUN)
+    config.write_text(LEARNING)
     trainer.main(["--config-file", str(config), "--output-dir", str(tmp_path / "teacher")])
     teacher = tmp_path / "teacher" / "eval" / "training_320" / "teacher_checkpoint.pth"
     cfg = load_config(config, STUDENT_RUN)
