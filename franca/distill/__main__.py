@@ -11,6 +11,7 @@ loader, evaluation command and export reads (training.md, "Distil").
 import sys
 from functools import partial
 
+from franca.checkpoint import teacher_export_path
 from franca.distill.teacher import load_teacher
 from franca.distributed import destroy_distributed
 from franca.train import train as trainer
@@ -44,7 +45,11 @@ def main(argv: list[str] | None = None) -> dict:
             flush=True,
         )
         build = partial(build_distill_meta_arch, teacher=teacher, mode=mode)
-        return trainer.do_train(cfg, resume=not args.no_resume, meta_arch=build)
+        record = trainer.do_train(cfg, resume=not args.no_resume, meta_arch=build)
+        final = teacher_export_path(cfg.train.output_dir, cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH)
+        if final.is_file():
+            print(f"the student ({cfg.student.arch}) is the export {final}", flush=True)
+        return record
     finally:
         destroy_distributed()
 
