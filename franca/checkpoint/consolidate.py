@@ -56,7 +56,8 @@ def find_checkpoints(run_dir: str | os.PathLike, iteration: int | None = None) -
 
 
 def load_teacher_state(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
-    """The teacher ModuleDict state dict of a checkpoint, and the config YAML stored with it (DCP only)."""
+    """The teacher ModuleDict state dict of a checkpoint, and the config YAML stored with it (None in checkpoints
+    written before single files stored it)."""
     path = Path(checkpoint)
     if path.is_dir():
         train_state = read_checkpoint_file(path / TRAIN_STATE_FILE)
@@ -64,9 +65,10 @@ def load_teacher_state(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.T
         teacher = {k[len(prefix) :]: v for k, v in read_dcp_tensors(path, prefix).items()}
         stored_yaml = train_state.get("config") or None
     else:
-        model = read_checkpoint_file(path).get("model", {})
+        state = read_checkpoint_file(path)
+        model = state.get("model", {})
         teacher = {k[len(TEACHER_PREFIX) :]: v for k, v in model.items() if k.startswith(TEACHER_PREFIX)}
-        stored_yaml = None
+        stored_yaml = state.get("config") or None
     if not teacher:
         raise ValueError(f"checkpoint {path} holds no teacher weights; it is not a franca training checkpoint")
     return teacher, stored_yaml

@@ -46,6 +46,7 @@ from franca.checkpoint.resumable import CHECKPOINT_PATTERN, atomic_torch_save, c
 from franca.distributed import any_rank, barrier, broadcast_object, get_rank, get_world_size, is_main_process
 from franca.models.weights import check_fits, fit_pos_embed
 from franca.utils.atomic import sweep_stale_temporaries
+from franca.utils.names import unwrapped_name
 
 DCP_PATTERN = re.compile(r"^dcp_(\d{7})$")
 DCP_STAGING_PATTERN = re.compile(r"^\.dcp_\d{7}\.tmp$")
@@ -204,10 +205,14 @@ class TrainingCheckpointer:
         optimizer: torch.optim.Optimizer,
         scaler: torch.amp.GradScaler | None = None,
         config_yaml: str = "",
+        backbone_config: dict | None = None,
     ) -> Path:
-        """Write the state to resume at ``iteration`` (the next one to run) and return its path."""
+        """Write the state to resume at ``iteration`` (the next one to run) and return its path. ``config_yaml`` (the
+        run's config) and ``backbone_config`` (the evaluated backbone's ``ViTConfig`` dict) go with it, so that the
+        checkpoint alone rebuilds its backbone (``franca_from_checkpoint``: the head count is not in the shapes)."""
+        described = {"config": config_yaml, **({"backbone_config": backbone_config} if backbone_config else {})}
         try:
-            path = self._save(iteration, model, optimizer, scaler, config_yaml)
+            path = self._save(iteration, model, optimizer, scaler, described)
         except (OSError, CheckpointException) as err:
             full = _disk_full_error(err)
             if full is None:
@@ -229,10 +234,15 @@ class TrainingCheckpointer:
             "output elsewhere) and rerun the same command"
         )
 
-    def _save(self, iteration, model, optimizer, scaler, config_yaml) -> Path:
+    def _save(self, iteration, model, optimizer, scaler, described: dict) -> Path:
         if get_world_size() == 1:
             path = self.dir / f"model_{iteration:07d}.pth"
-            state = {"iteration": iteration, "rng": capture_rng_state(), **model_and_optimizer_state(model, optimizer)}
+            state = {
+                "iteration": iteration,
+                "rng": capture_rng_state(),
+                **model_and_optimizer_state(model, optimizer),
+                **described,
+            }
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
             return atomic_torch_save(state, path)
@@ -250,7 +260,7 @@ class TrainingCheckpointer:
                 train_state = {
                     "iteration": iteration,
                     "world_size": get_world_size(),
-                    "config": config_yaml,
+                    **described,
                     **({"scaler": scaler.state_dict()} if scaler is not None else {}),
                 }
                 atomic_torch_save(train_state, temp / TRAIN_STATE_FILE)
@@ -376,15 +386,31 @@ def _load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) ->
     }
     _check_fits(stored, _model_shapes(model), path)
     state = model_and_optimizer_state(model, optimizer)
-    # Optimizer state is partial where parameters never had a gradient (e.g. iBOT heads without masks): those keep
-    # the fresh (zero) moments that get_optimizer_state_dict initialised.
+    # Optimizer state is partial where parameters never had a gradient (e.g. iBOT heads without masks, the frozen
+    # backbone of the heads-first stage): forget_unsaved_moments drops the fresh moments they were given.
     try:
         dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
     except (Exception, CheckpointException) as err:  # DCP reports read failures as a BaseException
         raise UnreadableCheckpointError(f"cannot read the tensors of {path}: {_first_line(err)}") from err
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    prefix = "optimizer.state."
+    saved = {key[len(prefix) :].rsplit(".", 1)[0] for key in metadata.state_dict_metadata if key.startswith(prefix)}
+    forget_unsaved_moments(model, optimizer, saved)
     return LoadedCheckpoint(path, int(train_state["iteration"]), saved_world_size, rng, train_state.get("scaler"))
+
+
+def forget_unsaved_moments(model: nn.Module, optimizer: torch.optim.Optimizer, saved: set[str]) -> None:
+    """Drop the optimizer state of every parameter that had none in the checkpoint (``saved``: the names that had).
+
+    ``set_optimizer_state_dict`` first gives every parameter zero moments at step 1 (a fake step with zero gradients,
+    to have a complete state to load into); a parameter that had no gradient before the checkpoint (the frozen
+    backbone of the heads-first stage, an iBOT head without masked tokens) would then start its bias correction one
+    step late. Without that state it starts at its first gradient, as in the uninterrupted run.
+    """
+    for name, param in model.named_parameters():
+        if unwrapped_name(name) not in saved:
+            optimizer.state.pop(param, None)
 
 
 def _load_single_file(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> LoadedCheckpoint:
@@ -396,6 +422,7 @@ def _load_single_file(path: Path, model: nn.Module, optimizer: torch.optim.Optim
     # non-strict for the optimizer only: parameters that never had a gradient have no saved moments (see _load_dcp)
     partial = StateDictOptions(full_state_dict=True, strict=False)
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=partial)
+    forget_unsaved_moments(model, optimizer, set(state["optimizer"]["state"]))
     rng = state["rng"] if get_world_size() == 1 else None
     return LoadedCheckpoint(path, int(state["iteration"]), 1, rng, state.get("scaler"))
 

@@ -7,6 +7,7 @@ strictly: a checkpoint of another architecture is refused with its missing, unex
 """
 
 import os
+import warnings
 
 import torch
 
@@ -22,7 +23,14 @@ from franca.hub.registry import (
 from franca.layers.rasa_head import RASAHead
 from franca.models.config import ARCHITECTURES, ViTConfig
 from franca.models.vision_transformer import DinoVisionTransformer
-from franca.models.weights import extract_rasa_state_dict, from_release, infer_config, infer_image_size, load_strict
+from franca.models.weights import (
+    extract_rasa_state_dict,
+    extract_training_heads,
+    from_release,
+    infer_config,
+    infer_image_size,
+    load_strict,
+)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading sources
@@ -223,6 +231,14 @@ def _generic_config(
         config = ViTConfig.from_dict(stored, source=f"the backbone config of {weights}")
     else:
         config = infer_config(state_dict, num_heads=kwargs.get("num_heads"))
+        if arch is None and "num_heads" not in kwargs and config.arch is None:
+            warnings.warn(
+                f"{weights} stores no backbone config and its width {config.embed_dim} is not a standard one: the head "
+                f"count is guessed as {config.num_heads} (width / 64), which the weights' shapes cannot confirm; pass "
+                "num_heads= if the model was trained with another",
+                UserWarning,
+                stacklevel=3,
+            )
     if arch is not None:
         named = ViTConfig.for_arch(arch)
         config = config.with_overrides(embed_dim=named.embed_dim, depth=named.depth, num_heads=named.num_heads)
@@ -257,13 +273,31 @@ def load_backbone(
                 f"'franca_vitb14:{str(weights).upper()}'"
             )
         return _hub_model(arch, True, weights, use_rasa_head, rasa_weights, kwargs)
+    model, _ = _load_file_backbone(weights, arch, rasa_weights, use_rasa_head, kwargs)
+    return model
+
+
+def _load_file_backbone(
+    weights: str | os.PathLike, arch: str | None, rasa_weights, use_rasa_head: bool, kwargs: dict
+) -> tuple[DinoVisionTransformer, dict]:
+    """A checkpoint file / export folder / URL's backbone, and the raw checkpoint it was read from."""
     raw = load_checkpoint_file(weights)
     stored = raw.get("backbone_config") if isinstance(raw, dict) else None
     state_dict, embedded_rasa = from_release(raw)
     config = _generic_config(weights, state_dict, arch, stored, kwargs)
     model = build_loaded_vit(config, state_dict, str(weights))
     _attach_rasa(model, arch, use_rasa_head, rasa_weights, None, embedded_rasa)
-    return model
+    return model, raw
+
+
+def load_backbone_and_heads(weights: str | os.PathLike) -> tuple[DinoVisionTransformer, dict[str, dict]]:
+    """:func:`load_backbone` of ``weights`` (architecture read off the file), with the DINO / iBOT heads the file
+    carries (``{"dino_head": …, "ibot_head": …}``; none for hub names and released weights, which ship no heads)."""
+    entry = str(weights).partition(":")[0]
+    if (entry in HUB_ENTRIES and not os.path.exists(weights)) or is_weights_name(str(weights)):
+        return load_backbone(weights), {}
+    model, raw = _load_file_backbone(weights, None, None, False, {})
+    return model, extract_training_heads(raw) if isinstance(raw, dict) else {}
 
 
 def franca_from_checkpoint(

@@ -58,6 +58,12 @@ class ViTConfig:
         dims = (self.embed_dim, self.depth, self.num_heads)
         return next((name for name, spec in ARCHITECTURES.items() if spec == dims), None)
 
+    @property
+    def label(self) -> str:
+        """A short name for messages: ``vit_base/14``, or ``ViT 64-d x 2 blocks/4`` for a non-standard size."""
+        name = self.arch or f"ViT {self.embed_dim}-d x {self.depth} blocks"
+        return f"{name}/{self.patch_size}"
+
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
@@ -110,6 +116,7 @@ class ViTConfig:
             img_size=img_size,
             patch_size=student.patch_size,
             ffn_layer=student.ffn_layer,
+            mlp_ratio=student.mlp_ratio,
             layerscale=student.layerscale,
             drop_path_rate=student.drop_path_rate if drop_path else 0.0,
             drop_path_uniform=student.drop_path_uniform,

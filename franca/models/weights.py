@@ -114,6 +114,18 @@ def from_release(raw: dict, config: ViTConfig | None = None) -> tuple[dict[str, 
     return backbone, rasa
 
 
+def extract_training_heads(raw: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """The DINO / iBOT heads a checkpoint carries (a training checkpoint's teacher heads, or a teacher export's):
+    ``{"dino_head": state dict, "ibot_head": state dict}``, only those present (released backbones carry none)."""
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in _teacher_part(unwrap_state_dict(raw)).items():
+        key = strip_prefixes(key, ("module.", "_orig_mod."))
+        for prefix in TRAINING_HEAD_PREFIXES:
+            if key.startswith(prefix):
+                heads.setdefault(prefix[:-1], {})[key[len(prefix) :]] = tensor
+    return heads
+
+
 def extract_rasa_state_dict(raw: dict) -> dict[str, torch.Tensor]:
     """The RASA head tensors (``pre_pos_layers.{j}.weight``, ``pos_pred.weight``) of a RASA file or a checkpoint."""
     state = {}

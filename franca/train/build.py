@@ -36,9 +36,12 @@ def seed_everything(seed: int) -> None:
 
 def build_optimizer(cfg: DictConfig, model: SSLMetaArch, device: torch.device) -> torch.optim.Optimizer:
     groups = []
-    for module in model.student.values():
+    for name, module in model.student.items():
         groups += get_params_groups(
-            module, layerwise_decay=cfg.optim.layerwise_decay, patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult
+            module,
+            layerwise_decay=cfg.optim.layerwise_decay,
+            patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
+            is_backbone=name == "backbone",
         )
     betas = (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2)
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
@@ -146,6 +149,6 @@ def build_train_step(cfg: DictConfig, model: SSLMetaArch, runtime: Runtime) -> T
     """The run's :class:`TrainStep`: AdamW over the student's parameter groups, the schedules, the fp16 grad scaler
     (when used) and ``optim.clip_grad``."""
     optimizer = build_optimizer(cfg, model, runtime.device)
-    return TrainStep(
-        model, optimizer, build_schedules(cfg), runtime, cfg.optim.clip_grad, build_grad_scaler(cfg, runtime)
-    )
+    scaler = build_grad_scaler(cfg, runtime)
+    freeze = cfg.train.freeze_backbone_iterations
+    return TrainStep(model, optimizer, build_schedules(cfg), runtime, cfg.optim.clip_grad, scaler, freeze)

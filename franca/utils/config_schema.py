@@ -163,6 +163,23 @@ class ConfigSchema:
         self._check_keys(OmegaConf.to_container(cfg), "", f"override {item!r}")
         return cfg
 
+    def explicit_keys(self, config_file: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> set[str]:
+        """The dotted leaf keys that ``config_file`` or ``overrides`` set (those left to the defaults are not)."""
+        layers = [self._load_file(config_file)] if config_file is not None else []
+        layers += [self._parse_override(item) for item in overrides]
+        keys: set[str] = set()
+
+        def visit(node: dict, prefix: str) -> None:
+            for name, value in node.items():
+                if isinstance(value, dict):
+                    visit(value, f"{prefix}{name}.")
+                else:
+                    keys.add(f"{prefix}{name}")
+
+        for layer in layers:
+            visit(OmegaConf.to_container(layer), "")
+        return keys
+
     def load(self, config_file: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> DictConfig:
         """Defaults ← ``config_file`` ← ``overrides`` (``key=value`` strings), type-checked; in struct mode.
 
