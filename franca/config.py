@@ -202,10 +202,21 @@ class ConfigSchema:
             raise ConfigError(
                 f"{self.label} file {str(path)!r} must hold a mapping of sections (e.g. `optim:`), not a list"
             )
+        if not cfg:
+            raise ConfigError(
+                f"{self.label} file {str(path)!r} is empty (no keys); pass the recipe you mean, or leave the file out "
+                f"to use the defaults of {self.defaults_file.name} on purpose"
+            )
         self._check_keys(OmegaConf.to_container(cfg), "", f"{self.label} file {str(path)!r}")
         return cfg
 
     def _parse_override(self, item: str) -> DictConfig:
+        if not item.isascii() and any("\udc80" <= char <= "\udcff" for char in item):
+            raise ConfigError(
+                f"override {item.encode(errors='surrogateescape')!r} holds bytes that are not UTF-8 text (a path "
+                "named in another encoding); the config and its record are text: pass a UTF-8 path, e.g. a symlink "
+                "to that folder"
+            )
         if "=" not in item:
             raise ConfigError(f"override {item!r} has no '='; write it as key=value, e.g. {self.example}")
         try:
@@ -383,6 +394,7 @@ VALUE_RULES: dict[str, ValueRule] = {
     ),
     "train.saveckp_freq": at_least(1, "a checkpoint is written every N epochs of train.OFFICIAL_EPOCH_LENGTH"),
     "train.keep_checkpoints": at_least(1, "set it to the resumable checkpoints to keep, 2 as the original"),
+    "train.image_max_megapixels": above(0, "images above it are skipped unread; e.g. 100, or more for larger photos"),
     "train.log_period": at_least(1, "a metrics line is written every N iterations, e.g. 10"),
     "train.seed": at_least(0, "use any non-negative integer"),
     "train.num_workers": at_least(0, "set it to the loader processes per rank; 0 loads in the training process"),

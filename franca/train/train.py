@@ -157,7 +157,9 @@ def build_data(
     """The dataset and the training loader (map-style or shards) with the multi-crop transform and masking collate;
     ``batched_photometric`` gives the split transform, whose batches :func:`prepare_batch` finishes."""
     transform = build_transform(cfg, batched_photometric)
-    decoding = ImageDecoding.from_options(cfg.train.alpha_background, cfg.train.image_max_value)
+    decoding = ImageDecoding.from_options(
+        cfg.train.alpha_background, cfg.train.image_max_value, cfg.train.image_max_megapixels
+    )
     dataset = make_dataset(cfg.train.dataset_path, decoding=decoding)
     collate = build_collator(cfg, rank, world_size)
     make_loader = make_webdataset_train_loader if isinstance(dataset, WebDatasetShards) else make_train_data_loader
