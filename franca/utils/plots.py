@@ -7,6 +7,7 @@ The x-axis counts iterations completed, as the console, the checkpoints (``model
 import os
 from pathlib import Path
 
+from franca.utils.atomic import atomic_write
 from franca.utils.logging import read_metrics
 
 LOSS_KEYS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss")
@@ -33,8 +34,7 @@ def plot_loss_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLik
     for ax, head in zip(axes[0][len(keys) :], heads):
         _plot_target_entropies(ax, records, head)
     fig.tight_layout()
-    out_path = Path(out_path)
-    fig.savefig(out_path, dpi=110)
+    out_path = atomic_write(out_path, lambda stream: fig.savefig(stream, format="png", dpi=110))
     plt.close(fig)
     return out_path
 
