@@ -30,14 +30,13 @@ from franca.checkpoint import (
     LoadedCheckpoint,
     TrainingCheckpointer,
     UnreadableCheckpointError,
-    latest_checkpoint,
     read_model_state,
     restore_rng_state,
     save_teacher_release,
 )
 from franca.checkpoint.distributed import load_model_weights
 from franca.checkpoint.release import teacher_export_path
-from franca.config import apply_scaling_rules, load_config, save_config
+from franca.config import apply_scaling_rules, load_config
 from franca.data.augmentations import DataAugmentationDINO
 from franca.data.batched_augmentations import SplitDataAugmentationDINO, apply_photometric_to_batch
 from franca.data.collate import MaskingCollator
@@ -55,10 +54,13 @@ from franca.distributed import (
     is_main_process,
     setup_rank_output,
 )
+from franca.distributed.launcher_watch import stop_with_launcher
 from franca.parallel import parallelize
 from franca.train.health import HealthMonitor, format_health, reduce_stats
 from franca.train.knn_monitor import build_knn_monitor
+from franca.train.nonfinite_report import restart_advice
 from franca.train.param_groups import apply_optim_schedule, fuse_params_groups, get_params_groups
+from franca.train.run_folder import lock_run_folder, open_run, release_run_folders, run_identity
 from franca.train.runtime import Runtime
 from franca.train.schedules import build_schedules
 from franca.train.ssl_meta_arch import SSLMetaArch
@@ -74,7 +76,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("franca.train", description="Pretrain Franca (or the DINOv2 baseline).")
     parser.add_argument("--config-file", "--config_file", default=None, help="YAML recipe merged over the defaults")
     parser.add_argument("--output-dir", "--output_dir", required=True, help="where checkpoints and logs go")
-    parser.add_argument("--no-resume", action="store_true", help="start fresh even if DIR has checkpoints")
+    parser.add_argument(
+        "--no-resume", action="store_true", help="start a new run; the previous run's outputs move to previous_runs/"
+    )
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume although model-shaping config keys changed (recorded in DIR/run.json)",
+    )
     parser.add_argument("opts", nargs="*", default=[], help="config overrides, e.g. optim.epochs=10")
     return parser
 
@@ -82,13 +91,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 def setup_run(args: argparse.Namespace) -> DictConfig:
     """Join the process group (if launched with several), build the config, write it (rank 0), route printing."""
     env, _ = init_distributed()
+    stop_with_launcher()
     cfg = load_config(args.config_file, list(args.opts))
     cfg.train.output_dir = str(args.output_dir)
     apply_scaling_rules(cfg, world_size=env.world_size)
+    lock_run_folder(args.output_dir)
     if env.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         sweep_run_folder(Path(args.output_dir), cfg.train.keep_checkpoints)
-        save_config(cfg, Path(args.output_dir) / "config.yaml")
+    open_run(cfg, env.world_size, resume=not args.no_resume, allow_config_change=args.allow_config_change)
     barrier()
     setup_rank_output(args.output_dir, env.rank, env.world_size)
     return cfg
@@ -247,14 +257,17 @@ def load_initial_weights(
 
 
 class StopRequest:
-    """Records SIGTERM/SIGUSR1 so the loop checkpoints at the end of the current iteration and exits."""
+    """Records SIGTERM/SIGUSR1/SIGINT so the loop checkpoints at the end of the current iteration and exits; a second
+    Ctrl-C (SIGINT) stops at once."""
 
     def __init__(self):
         self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signal is not None:
+            raise KeyboardInterrupt
         self.signal = signum
         print(f"received {signal.Signals(signum).name}: checkpointing after this iteration", flush=True)
 
@@ -283,20 +296,18 @@ class NonFiniteTracker:
             self.first = torch.full((), -1, dtype=torch.long, device=any_bad.device)
         self.first = torch.where((self.first < 0) & any_bad, iteration, self.first)
 
-    def check(self, losses: dict[str, float], iteration: int, checkpoint_dir: Path) -> None:
+    def check(self, losses: dict[str, float], iteration: int, checkpointer: TrainingCheckpointer) -> None:
         bad = [name for name, flag in self.bad.items() if bool(flag)]
         if not any_rank(bool(bad)):
             return
-        last = latest_checkpoint(checkpoint_dir)
         where = (
             f"{', '.join(f'{k}={losses.get(k)}' for k in bad)} since iteration {int(self.first)}"
             if bad
             else "on another rank"
         )
+        first = int(self.first) if bad else None
         raise NonFiniteLossError(
-            f"non-finite loss by iteration {iteration}: {where}. The last good checkpoint is "
-            f"{last or 'none (no checkpoint written yet)'}; lower optim.base_lr, raise optim.warmup_epochs, or use "
-            "compute_precision.dtype=bf16/fp32, then restart the same command to resume"
+            f"non-finite loss by iteration {iteration}: {where}. {restart_advice(checkpointer, first, iteration)}"
         )
 
 
@@ -346,7 +357,7 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
     block_chunks = cfg.student.block_chunks
     stop_at = cfg.train.stop_at_iteration or max_iter
 
-    checkpointer = TrainingCheckpointer(out_dir, keep=cfg.train.keep_checkpoints)
+    checkpointer = TrainingCheckpointer(out_dir, keep=cfg.train.keep_checkpoints, run=run_identity(out_dir))
     start = 0
     loaded = checkpointer.resume(model, optimizer) if resume else None
     if loaded is not None:
@@ -429,7 +440,7 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
         save_now = done % ckpt_period == 0 or done == max_iter or stopping or planned_stop
         if log_now or save_now:
             values = all_reduce_mean({k: float(v) for k, v in losses.items()})
-            nonfinite.check(values, iteration, out_dir / "checkpoints")
+            nonfinite.check(values, iteration, checkpointer)
         if log_now:
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -516,6 +527,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = setup_run(args)
         return do_train(cfg, resume=not args.no_resume)
     finally:
+        release_run_folders()
         destroy_distributed()
 
 
