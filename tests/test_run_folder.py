@@ -234,6 +234,7 @@ def test_no_resume_moves_the_previous_run_aside_and_resume_takes_only_its_own_li
     TrainingCheckpointer(out, keep=3, run=first).save(6, model, optimizer)
     (out / "eval" / "training_6").mkdir(parents=True)
 
+    run_folder.lock_run_folder(out, start_over=True)  # --no-resume
     second = open_run(tiny_config_for(out), 1, resume=False)
     assert second.run_id != first.run_id
     previous = out / "previous_runs" / first.run_id
@@ -258,6 +259,25 @@ def test_no_resume_moves_the_previous_run_aside_and_resume_takes_only_its_own_li
     )
     TrainingCheckpointer(out, keep=1, run=second).save(9, model, optimizer)  # prunes its own 3, not the other's 6
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pth")) == ["model_0000006.pth", "model_0000009.pth"]
+    run_folder.release_run_folders()
+
+
+@pytest.mark.slow
+def test_after_no_resume_a_plain_rerun_resumes_its_own_run_not_the_longer_one_before(tiny_config, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--config-file", str(tiny_config), "--output-dir", str(out)]
+    trainer.main([*argv, "optim.epochs=2"])  # the longer run: checkpoints 3 and 6, export training_6
+    old_run = _run_json(out)["run_id"]
+    trainer.main([*argv, "--no-resume", "optim.epochs=1"])
+    trainer.main([*argv, "optim.epochs=1"])  # the same command again: resumes at 3, nothing left to train
+    assert _metrics(out) == [0, 1, 2]
+    assert [it for it, _ in list_checkpoints(out / "checkpoints")] == [3]
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["training_3"]
+    assert [it for it, _ in list_checkpoints(out / "previous_runs" / old_run / "checkpoints")] == [3, 6]
+    teacher = torch.load(out / "eval" / "training_3" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+    state = torch.load(out / "checkpoints" / "model_0000003.pth", weights_only=True)["model"]
+    head = "dino_head.matryoshka_projections.0.weight"
+    assert torch.equal(teacher[head], state[f"teacher.{head}"]), "the export is this run's teacher"
 
 
 def test_a_config_change_on_resume_stops_with_the_diff_and_the_override_records_it(tmp_path, model_and_optimizer):

@@ -5,8 +5,8 @@
   a second trainer on the same folder stops at once on every rank, naming the holder.
 * **The run identity.** ``run.json`` names the folder's run (``run_id``) and lists every config it used. Each
   checkpoint records the run that wrote it (:mod:`franca.checkpoint.records`), so resume takes only this run's
-  checkpoints. ``--no-resume`` starts a new run: the previous run's outputs (checkpoints, exports, metrics, configs,
-  logs) are moved, not deleted, to ``previous_runs/<its run id>/``.
+  checkpoints. ``--no-resume`` starts a new run: right after locking, the previous run's outputs (checkpoints,
+  exports, metrics, configs, logs) are moved, not deleted, to ``previous_runs/<its run id>/``.
 * **Config changes.** A resume compares its config with the one recorded with the checkpoint it resumes from, key by
   key, leaving out :data:`FREE_KEYS` (they change how the run is executed or logged, not what it trains) and comparing
   the global batch (``train.batch_size_per_gpu`` times the processes) instead of the per-process one. Any other
@@ -115,16 +115,20 @@ def _check_text_path(output_dir: Path) -> None:
         ) from None
 
 
-def lock_run_folder(output_dir: str | os.PathLike) -> None:
-    """Every rank: rank 0 locks ``output_dir`` (creating it) for this process's lifetime, and all ranks learn the
-    outcome; a folder held by another run raises :class:`FolderBusyError` on every rank."""
+def lock_run_folder(output_dir: str | os.PathLike, start_over: bool = False) -> None:
+    """Every rank: rank 0 locks ``output_dir`` (creating it) for this process's lifetime and, with ``start_over``
+    (``--no-resume``), moves the previous run's outputs aside; all ranks learn the outcome. A folder held by another
+    run raises :class:`FolderBusyError` on every rank. Call it before anything reads or writes the folder (the sweep,
+    the rank logs)."""
     output_dir = Path(output_dir)
     _check_text_path(output_dir)
-    _on_rank_zero(partial(_lock, output_dir), FolderBusyError)
+    _on_rank_zero(partial(_lock, output_dir, start_over), FolderBusyError)
 
 
-def _lock(output_dir: Path) -> None:
+def _lock(output_dir: Path, start_over: bool) -> None:
     acquire_folder_lock(output_dir)
+    if start_over:
+        _set_aside_previous_run(output_dir, _read_run_file_quietly(output_dir))
 
 
 def release_run_folders() -> None:
@@ -321,8 +325,6 @@ def _open_on_rank_zero(
     container = OmegaConf.to_container(cfg, resolve=True)
     shaped = model_config(container, world_size)
     run = _read_run_file(output_dir) if resume else None
-    if not resume:
-        _set_aside_previous_run(output_dir, _read_run_file_quietly(output_dir))
     if run is None:
         run = _new_run()
         if resume:

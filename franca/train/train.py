@@ -95,7 +95,7 @@ def setup_run(args: argparse.Namespace) -> DictConfig:
     cfg = load_config(args.config_file, list(args.opts))
     cfg.train.output_dir = str(args.output_dir)
     apply_scaling_rules(cfg, world_size=env.world_size)
-    lock_run_folder(args.output_dir)
+    lock_run_folder(args.output_dir, start_over=args.no_resume)
     if env.is_main_process:
         sweep_run_folder(Path(args.output_dir), cfg.train.keep_checkpoints)
     open_run(cfg, env.world_size, resume=not args.no_resume, allow_config_change=args.allow_config_change)
