@@ -24,7 +24,6 @@ SHA-256 of its files. Resume takes only the checkpoints of its own run, and a fi
 damage like a truncated one.
 """
 
-import errno
 import os
 import re
 import shutil
@@ -44,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from franca.checkpoint.disk_full import checkpoint_disk_full_error
 from franca.checkpoint.records import (
     RECORD_SUFFIX,
     CheckpointRecord,
@@ -67,7 +67,7 @@ from franca.distributed import (
     is_main_process,
 )
 from franca.models.weights import check_fits, fit_pos_embed
-from franca.utils.atomic import format_bytes, free_bytes, is_disk_full, sweep_stale_temporaries
+from franca.utils.atomic import sweep_stale_temporaries
 from franca.utils.digest import file_sha256
 from franca.utils.pickle_refusal import refused_pickle
 
@@ -290,24 +290,11 @@ class TrainingCheckpointer:
         return path
 
     def _disk_full(self, err: BaseException, iteration: int, model: nn.Module, optimizer) -> OSError | None:
-        """The disk-full error to raise for ``err`` (None when it is something else): ENOSPC or EDQUOT anywhere in
-        it, or torch's short-write error (``unexpected pos``) with less space free than the checkpoint needs."""
+        """The disk-full error to raise for ``err``, None when it is something else (:mod:`.disk_full`)."""
         needed = state_nbytes(model.state_dict()) + state_nbytes(list(optimizer.state.values()))
-        free = free_bytes(self.dir)
-        code = _disk_full_errno(err)
-        if code is None and not ("unexpected pos" in _all_messages(err) and free < needed):
-            return None
-        code = code or errno.ENOSPC
         previous = list_checkpoints(self.dir)
-        took = f"; the previous checkpoint took {format_bytes(_size_of(previous[-1][1]))}" if previous else ""
-        what = "the disk quota is exceeded" if code == errno.EDQUOT else "no space left"
-        fix = "raise the quota or free space" if code == errno.EDQUOT else "free space"
-        return OSError(
-            code,
-            f"{what} writing the checkpoint of iteration {iteration} to {self.dir}: it needs about "
-            f"{format_bytes(needed)} (model and optimizer state) and {format_bytes(free)} are free there{took}. "
-            f"{fix[0].upper() + fix[1:]} (or point --output-dir elsewhere) and rerun the same command",
-        )
+        previous_size = _size_of(previous[-1][1]) if previous else None
+        return checkpoint_disk_full_error(err, self.dir, iteration, needed, previous_size)
 
     def _save(self, iteration, model, optimizer, scaler, config_yaml) -> Path:
         if get_world_size() == 1:
@@ -473,30 +460,6 @@ def _raise_together(error: BaseException | None, what: str) -> None:
     if error is not None:
         raise error
     raise RuntimeError(f"another rank failed {what}")
-
-
-def _chain(err: BaseException):
-    """``err``, its causes and contexts, and the per-rank exceptions of a DCP ``CheckpointException``."""
-    seen = set()
-    stack = [err]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        stack += [current.__cause__, current.__context__]
-        for failure in getattr(current, "failures", {}).values():
-            stack.append(failure[0] if isinstance(failure, tuple) else failure)
-
-
-def _disk_full_errno(err: BaseException) -> int | None:
-    """ENOSPC or EDQUOT when an ``OSError`` with that errno is behind ``err`` (see :func:`_chain`)."""
-    return next((e.errno for e in _chain(err) if is_disk_full(e)), None)
-
-
-def _all_messages(err: BaseException) -> str:
-    return "\n".join(str(e) for e in _chain(err))
 
 
 def _first_line(err: BaseException) -> str:

@@ -57,6 +57,13 @@ def is_disk_full(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS
 
 
+def disk_full_words(code: int) -> tuple[str, str]:
+    """What happened and its fix, for ENOSPC (a full disk) or EDQUOT (an exceeded quota)."""
+    if code == errno.EDQUOT:
+        return "the disk quota is exceeded", "Raise the quota or free space"
+    return "no space left", "Free space"
+
+
 def disk_full_message(
     path: str | os.PathLike, needed: int | None = None, written: int | None = None, code: int = errno.ENOSPC
 ) -> str:
@@ -69,12 +76,9 @@ def disk_full_message(
     facts.append(f"{format_bytes(free_bytes(folder))} are free in {folder}")
     if needed:
         facts.append(f"it needs about {format_bytes(needed)}")
-    what = "the disk quota is exceeded" if code == errno.EDQUOT else "no space left"
-    fix = "raise the quota or free space" if code == errno.EDQUOT else "free space there"
-    return (
-        f"{what} writing {path}: {'; '.join(facts)}. {fix[0].upper() + fix[1:]} (or point the output elsewhere) and "
-        "rerun the same command"
-    )
+    what, fix = disk_full_words(code)
+    advice = f"{fix} there (or point the output elsewhere) and rerun the same command"
+    return f"{what} writing {path}: {'; '.join(facts)}. {advice}"
 
 
 class _RecordingStream:
