@@ -240,9 +240,11 @@ def test_nonfinite_loss_between_log_steps_is_caught_before_the_next_checkpoint(t
 
     monkeypatch.setattr(SSLMetaArch, "assemble_losses", poisoned_once)
     out = tmp_path / "inf"
-    with pytest.raises(NonFiniteLossError, match=r"ibot_loss.*since iteration 4"):
+    with pytest.raises(NonFiniteLossError, match=r"ibot_loss.*since iteration 4") as info:
         trainer.main(["--config-file", str(tiny_config), "--output-dir", str(out), "train.log_period=5"])
-    assert sorted(p.name for p in (out / "checkpoints").glob("model_*")) == ["model_0000003.pth"]
+    assert sorted(p.name for p in (out / "checkpoints").glob("model_*.pth")) == ["model_0000003.pth"]
+    checkpoint = out / "checkpoints" / "model_0000003.pth"
+    assert f"integrity check and was followed by finite steps is {checkpoint}" in str(info.value)
 
 
 def test_quickstart_runs_end_to_end_in_short_form(tmp_path, capsys):

@@ -78,13 +78,21 @@ def build_collator(cfg: DictConfig, rank: int = 0, world_size: int = 1) -> Maski
     )
 
 
+def training_decoding(cfg: DictConfig) -> ImageDecoding:
+    """How the run decodes its images (``train.alpha_background``, ``train.image_max_value``,
+    ``train.image_max_megapixels``): the training loader, the periodic k-NN and the drift probe share it."""
+    return ImageDecoding.from_options(
+        cfg.train.alpha_background, cfg.train.image_max_value, cfg.train.image_max_megapixels
+    )
+
+
 def build_data(
     cfg: DictConfig, start_iteration: int, rank: int = 0, world_size: int = 1, batched_photometric: bool = False
 ):
     """The dataset and the training loader (map-style or shards) with the multi-crop transform and masking collate;
     ``batched_photometric`` gives the split transform, whose batches :func:`prepare_batch` finishes."""
     transform = build_transform(cfg, batched_photometric)
-    decoding = ImageDecoding.from_options(cfg.train.alpha_background, cfg.train.image_max_value)
+    decoding = training_decoding(cfg)
     dataset = make_dataset(cfg.train.dataset_path, decoding=decoding)
     collate = build_collator(cfg, rank, world_size)
     make_loader = make_webdataset_train_loader if isinstance(dataset, WebDatasetShards) else make_train_data_loader

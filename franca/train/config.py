@@ -163,6 +163,7 @@ VALUE_RULES: dict[str, ValueRule] = {
     ),
     "train.saveckp_freq": at_least(1, "a checkpoint is written every N epochs of train.OFFICIAL_EPOCH_LENGTH"),
     "train.keep_checkpoints": at_least(1, "set it to the resumable checkpoints to keep, 2 as the original"),
+    "train.image_max_megapixels": above(0, "images above it are skipped unread; e.g. 100, or more for larger photos"),
     "train.log_period": at_least(1, "a metrics line is written every N iterations, e.g. 10"),
     "train.seed": at_least(0, "use any non-negative integer"),
     "train.num_workers": at_least(0, "set it to the loader processes per rank; 0 loads in the training process"),

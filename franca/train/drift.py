@@ -23,8 +23,8 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 from franca.data.augmentations import make_classification_eval_transform
-from franca.data.image_decoding import ImageDecoding
 from franca.data.loaders import make_dataset
+from franca.train.build import training_decoding
 
 DRIFT_KEYS = ("drift_cls_cos", "drift_patch_cos")
 
@@ -40,7 +40,7 @@ def load_probe_images(cfg: DictConfig) -> torch.Tensor | None:
     """The probe images [N, 3, S, S] of the run (S = ``crops.global_crops_size``), decoded as the training images; None
     when the dataset is a stream (no fixed images to come back to)."""
     size = cfg.crops.global_crops_size
-    decoding = ImageDecoding.from_options(cfg.train.alpha_background, cfg.train.image_max_value)
+    decoding = training_decoding(cfg)
     dataset: Dataset = make_dataset(
         cfg.train.dataset_path, transform=make_classification_eval_transform(size, size), decoding=decoding
     )

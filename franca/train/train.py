@@ -46,6 +46,7 @@ from franca.distributed import (
     is_main_process,
     setup_rank_output,
 )
+from franca.distributed.launcher_watch import stop_with_launcher
 from franca.train.build import (
     build_data,
     build_model,
@@ -60,10 +61,10 @@ from franca.train.health import HealthMonitor, format_health, reduce_stats
 from franca.train.knn_monitor import build_knn_monitor
 from franca.train.nonfinite import NonFiniteTracker
 from franca.train.pretrained import PretrainedWeights, load_pretrained, resolve_pretrained
+from franca.train.run_folder import lock_run_folder, open_run, release_run_folders, run_identity
 from franca.train.runtime import Runtime
 from franca.train.ssl_meta_arch import SSLMetaArch
 from franca.utils.atomic import sweep_stale_temporaries
-from franca.utils.config_schema import save_config
 from franca.utils.logging import MetricsWriter, Progress
 
 
@@ -71,7 +72,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("franca.train", description="Pretrain Franca (or the DINOv2 baseline).")
     parser.add_argument("--config-file", "--config_file", default=None, help="YAML recipe merged over the defaults")
     parser.add_argument("--output-dir", "--output_dir", required=True, help="where checkpoints and logs go")
-    parser.add_argument("--no-resume", action="store_true", help="start fresh even if DIR has checkpoints")
+    parser.add_argument(
+        "--no-resume", action="store_true", help="start a new run; the previous run's outputs move to previous_runs/"
+    )
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume although model-shaping config keys changed (recorded in DIR/run.json)",
+    )
     parser.add_argument("opts", nargs="*", default=[], help="config overrides, e.g. optim.epochs=10")
     return parser
 
@@ -80,19 +88,19 @@ def setup_run(args: argparse.Namespace) -> tuple[DictConfig, PretrainedWeights |
     """Join the process group (if launched with several), route printing, build the config (completed from
     ``student.pretrained_weights``, which is read here once), write it (rank 0); returns it and the read weights."""
     env, _ = init_distributed()
+    stop_with_launcher()
     overrides = list(args.opts)
     cfg = load_config(args.config_file, overrides)
     cfg.train.output_dir = str(args.output_dir)
+    lock_run_folder(args.output_dir, start_over=args.no_resume)
     if env.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         sweep_run_folder(Path(args.output_dir), cfg.train.keep_checkpoints)
     barrier()
     setup_rank_output(args.output_dir, env.rank, env.world_size)
     pretrained = resolve_pretrained(cfg, TRAINING_SCHEMA.explicit_keys(args.config_file, overrides))
     validate_values(cfg)
     apply_scaling_rules(cfg, world_size=env.world_size)
-    if env.is_main_process:
-        save_config(cfg, Path(args.output_dir) / "config.yaml")
+    open_run(cfg, env.world_size, resume=not args.no_resume, allow_config_change=args.allow_config_change)
     barrier()
     return cfg, pretrained
 
@@ -144,14 +152,17 @@ def load_initial_weights(
 
 
 class StopRequest:
-    """Records SIGTERM/SIGUSR1 so the loop checkpoints at the end of the current iteration and exits."""
+    """Records SIGTERM/SIGUSR1/SIGINT so the loop checkpoints at the end of the current iteration and exits; a second
+    Ctrl-C (SIGINT) stops at once."""
 
     def __init__(self):
         self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signal is not None:
+            raise KeyboardInterrupt
         self.signal = signum
         print(f"received {signal.Signals(signum).name}: checkpointing after this iteration", flush=True)
 
@@ -204,7 +215,7 @@ def do_train(
     block_chunks = cfg.student.block_chunks
     stop_at = cfg.train.stop_at_iteration or max_iter
 
-    checkpointer = TrainingCheckpointer(out_dir, keep=cfg.train.keep_checkpoints)
+    checkpointer = TrainingCheckpointer(out_dir, keep=cfg.train.keep_checkpoints, run=run_identity(out_dir))
     start = 0
     loaded = checkpointer.resume(model, optimizer) if resume else None
     if loaded is not None:
@@ -284,7 +295,7 @@ def do_train(
         save_now = done % ckpt_period == 0 or done == max_iter or stopping or planned_stop
         if log_now or save_now:
             values = all_reduce_mean({k: float(v) for k, v in losses.items()})
-            nonfinite.check(values, iteration, out_dir / "checkpoints")
+            nonfinite.check(values, iteration, checkpointer)
         if log_now:
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -373,6 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg, pretrained = setup_run(args)
         return do_train(cfg, resume=not args.no_resume, pretrained=pretrained)
     finally:
+        release_run_folders()
         destroy_distributed()
 
 

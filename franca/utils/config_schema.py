@@ -150,10 +150,21 @@ class ConfigSchema:
             raise ConfigError(
                 f"{self.label} file {str(path)!r} must hold a mapping of sections (e.g. `optim:`), not a list"
             )
+        if not cfg:
+            raise ConfigError(
+                f"{self.label} file {str(path)!r} is empty (no keys); pass the recipe you mean, or leave the file out "
+                f"to use the defaults of {self.defaults_file.name} on purpose"
+            )
         self._check_keys(OmegaConf.to_container(cfg), "", f"{self.label} file {str(path)!r}")
         return cfg
 
     def _parse_override(self, item: str) -> DictConfig:
+        if not item.isascii() and any("\udc80" <= char <= "\udcff" for char in item):
+            raise ConfigError(
+                f"override {item.encode(errors='surrogateescape')!r} holds bytes that are not UTF-8 text (a path "
+                "named in another encoding); the config and its record are text: pass a UTF-8 path, e.g. a symlink "
+                "to that folder"
+            )
         if "=" not in item:
             raise ConfigError(f"override {item!r} has no '='; write it as key=value, e.g. {self.example}")
         try:

@@ -8,6 +8,7 @@ import os
 from functools import partial
 from pathlib import Path
 
+from franca.utils.atomic import atomic_write
 from franca.utils.logging import read_metrics
 
 LOSS_KEYS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss")
@@ -39,8 +40,7 @@ def plot_loss_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLik
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     fig.tight_layout()
-    out_path = Path(out_path)
-    fig.savefig(out_path, dpi=100)
+    out_path = atomic_write(out_path, lambda stream: fig.savefig(stream, format="png", dpi=100))
     plt.close(fig)
     return out_path
 
