@@ -24,6 +24,7 @@ LAYERS = {
     "franca.parallel": 4,
     "franca.hub": 5,
     "franca.export": 5,
+    "franca.interop": 5,
     "franca.eval": 5,
     "franca.train.train": 6,
     "franca.train.__main__": 6,
