@@ -16,6 +16,7 @@ import argparse
 import gc
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -142,7 +143,7 @@ def main() -> None:
     import transformers
 
     record = {
-        "command": "python benchmarks/interop_parity.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
+        "command": " ".join(["python benchmarks/interop_parity.py", *sys.argv[1:]]),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "timm": timm.__version__},
         "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%d"),

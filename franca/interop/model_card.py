@@ -244,7 +244,7 @@ def _rasa(facts: CardFacts) -> str:
         "`rasa_head.safetensors` holds the RASA head (post-hoc removal of patch-position information; paper "
         "arXiv 2507.14137): the original keys `pre_pos_layers.{j}.weight` and `pos_pred.weight`, and "
         "`folded_matrix`, the whole head as one D×D matrix M. Debiased patch tokens, in two lines:\n\n"
-        "```python\nfrom safetensors.torch import load_file\n"
+        "```python\nfrom safetensors.torch import load_file\n\n"
         'patches_rasa = patches @ load_file("rasa_head.safetensors")["folded_matrix"].T\n```\n\n'
         'With franca: `load_backbone(folder, rasa_weights=f"{folder}/rasa_head.safetensors")`, then '
         '`forward_features(x, use_rasa_head=True)["patch_token_rasa"]`.'
