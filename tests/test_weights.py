@@ -107,6 +107,10 @@ def test_from_student_config_reads_every_student_key():
             num_register_tokens=4,
             interpolate_antialias=True,
             interpolate_offset=0.0,
+            layer_norm_eps=1e-5,
+            position_encoding="rope",
+            rope_base=50.0,
+            rope_normalize_coords="max",
         )
     )
     expected = ViTConfig(
@@ -126,6 +130,10 @@ def test_from_student_config_reads_every_student_key():
         num_register_tokens=4,
         interpolate_offset=0.0,
         interpolate_antialias=True,
+        layer_norm_eps=1e-5,
+        position_encoding="rope",
+        rope_base=50.0,
+        rope_normalize_coords="max",
     )
     assert ViTConfig.from_student_config(student, img_size=96) == expected
     assert ViTConfig.from_student_config(student, img_size=96, drop_path=False).drop_path_rate == 0.0

@@ -20,6 +20,7 @@ from franca.hub.registry import (
     get_weights,
     is_weights_name,
 )
+from franca.interop.folders import folder_format, read_foreign_folder
 from franca.layers.rasa_head import RASAHead
 from franca.models.config import ARCHITECTURES, ViTConfig
 from franca.models.vision_transformer import DinoVisionTransformer
@@ -245,6 +246,8 @@ def _generic_config(
     kwargs = dict(kwargs)
     requested_size = kwargs.pop("img_size", None)
     config = config.with_overrides(**kwargs)
+    if config.uses_rope:  # no position grid: the stored size is the one the model was trained at
+        return config.with_overrides(img_size=requested_size or config.img_size)
     img_size = _checkpoint_image_size(requested_size, infer_image_size(state_dict, config.patch_size))
     return config.with_overrides(img_size=img_size)
 
@@ -257,8 +260,9 @@ def load_backbone(
     **kwargs,
 ) -> DinoVisionTransformer:
     """Any backbone: a hub name (``franca_vitb14``, ``franca_vitb14:IN21K_224``), a released weights name with
-    ``arch``, or a checkpoint file / export folder / URL of any of our ViTs (architecture read off the keys; ``arch``
-    sets the number of heads of a non-standard one, keywords override the rest)."""
+    ``arch``, a checkpoint file / export folder / URL of any of our ViTs (architecture read off the keys; ``arch``
+    sets the number of heads of a non-standard one, keywords override the rest), or a transformers / timm folder of
+    a DINOv2, DINOv3 or exported Franca backbone (:mod:`franca.interop.folders`)."""
     arch = _resolve_arch(arch)
     entry, _, name = str(weights).partition(":")
     if entry in HUB_ENTRIES and not os.path.exists(weights):
@@ -279,11 +283,17 @@ def load_backbone(
 
 def _load_file_backbone(
     weights: str | os.PathLike, arch: str | None, rasa_weights, use_rasa_head: bool, kwargs: dict
-) -> tuple[DinoVisionTransformer, dict]:
-    """A checkpoint file / export folder / URL's backbone, and the raw checkpoint it was read from."""
-    raw = load_checkpoint_file(weights)
-    stored = raw.get("backbone_config") if isinstance(raw, dict) else None
-    state_dict, embedded_rasa = from_release(raw)
+) -> tuple[DinoVisionTransformer, dict | None]:
+    """The backbone of a checkpoint file / export folder / transformers or timm folder / URL, and the raw checkpoint
+    it was read from (None for a transformers or timm folder)."""
+    raw = None
+    if not is_url(str(weights)) and folder_format(weights) is not None:
+        config, state_dict = read_foreign_folder(weights)
+        stored, embedded_rasa = config.to_dict(), {}
+    else:
+        raw = load_checkpoint_file(weights)
+        stored = raw.get("backbone_config") if isinstance(raw, dict) else None
+        state_dict, embedded_rasa = from_release(raw)
     config = _generic_config(weights, state_dict, arch, stored, kwargs)
     model = build_loaded_vit(config, state_dict, str(weights))
     _attach_rasa(model, arch, use_rasa_head, rasa_weights, None, embedded_rasa)
@@ -309,6 +319,7 @@ def franca_from_checkpoint(
 ) -> DinoVisionTransformer:
     """Any Franca backbone in one call, architecture read off the file: a release ``.pth`` (with or without
     ``backbone_config``), a ``teacher_checkpoint.pth``, a training checkpoint ``model_*.pth`` (its teacher backbone),
-    a safetensors export folder or file, a URL of one of those, or a hub name such as ``franca_vitb14:IN21K_224``.
+    a safetensors export folder or file, a URL of one of those, a hub name such as ``franca_vitb14:IN21K_224``, or a
+    transformers / timm folder (DINOv2, DINOv3, or one ``python -m franca.export.hf`` wrote).
     ``num_heads=`` fixes the head count of a non-standard width stored without a config; see :func:`load_backbone`."""
     return load_backbone(weights, arch=arch, rasa_weights=rasa_weights, use_rasa_head=use_rasa_head, **kwargs)

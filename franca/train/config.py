@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from franca.data.image_decoding import parse_background, parse_max_value
 from franca.layers.heads import HEAD_INITS, default_nesting_list
+from franca.models.config import POSITION_ENCODINGS, ROPE_COORDINATE_NORMALISATIONS
 from franca.models.vision_transformer import ARCHITECTURES, FFN_LAYERS
 from franca.train.parallel import SHARDING_STRATEGIES
 from franca.train.runtime import DISTRIBUTED_MODES, DTYPE_SETTINGS, SWITCH_SETTINGS
@@ -40,6 +41,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "compute_precision.distributed": DISTRIBUTED_MODES,
     "crops.batched_photometric": SWITCH_SETTINGS,
     "student.pretrained_heads": SWITCH_SETTINGS,
+    "student.position_encoding": POSITION_ENCODINGS,
+    "student.rope_normalize_coords": ROPE_COORDINATE_NORMALISATIONS,
     "student.arch": tuple(ARCHITECTURES),
     "student.ffn_layer": tuple(FFN_LAYERS),
     "optim.scaling_rule": ("sqrt_wrt_1024",),
@@ -174,6 +177,8 @@ VALUE_RULES: dict[str, ValueRule] = {
     "train.drift_warning_window": at_least(1, "iterations after the backbone starts training, e.g. 200"),
     "optim.backbone_lr_mult": above(0, "the backbone's lr relative to optim.lr, e.g. 0.1 to adapt a backbone"),
     "optim.backbone_warmup_iterations": at_least(0, "iterations of the backbone's lr ramp, e.g. 100"),
+    "student.layer_norm_eps": above(0, "1e-6 as Franca and DINOv2, 1e-5 for DINOv3"),
+    "student.rope_base": above(0, "the RoPE period base, 100 as DINOv3"),
     "student.mlp_ratio": above(0, "the FFN width relative to embed_dim, 4 for every released Franca ViT"),
     "train.stop_at_iteration": at_least(0, "0 trains to the end; N stops after iteration N of the schedule"),
     "train.OFFICIAL_EPOCH_LENGTH": at_least(1, "set it to the iterations of one epoch of every schedule, e.g. 1250"),

@@ -36,6 +36,10 @@ STUDENT_FIELDS = (
     "ffn_bias",
     "interpolate_offset",
     "interpolate_antialias",
+    "layer_norm_eps",
+    "position_encoding",
+    "rope_base",
+    "rope_normalize_coords",
 )
 # ViTConfig fields that are not read off the file: the input, training-only settings, and those handled apart (the
 # width/depth/heads through student.arch, LayerScale, the native size through the crops).

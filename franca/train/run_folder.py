@@ -11,7 +11,8 @@
   key, leaving out :data:`FREE_KEYS` (they change how the run is executed or logged, not what it trains) and comparing
   the global batch (``train.batch_size_per_gpu`` times the processes and ``train.grad_accumulation_steps``) instead
   of the per-process one. Any other difference stops the run with the list of differences and the two ways forward:
-  the old config, or ``--allow-config-change``, which records the change with the iteration it starts at in ``run.json``.
+  the old config, or ``--allow-config-change``, which records the change with the iteration it starts at in
+  ``run.json``.
 * **Every config is kept.** ``config.yaml`` is the current config; each config the run started with (the first, and
   each different one on a resume) is also written, never overwritten, to
   ``config_history/config_<iteration>[.<n>].yaml``, where ``<iteration>`` is the iteration it started at.
