@@ -16,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from helpers import TINY_STEP, free_port, student_gradients, with_mask_lists
+from omegaconf import OmegaConf
 
 from franca.checkpoint.release import save_teacher_release
 from franca.models import build_vit
@@ -147,6 +148,7 @@ def _tiny_run(out: Path, weights: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_stage_one_changes_no_backbone_parameter_and_trains_the_heads(weight_files, tmp_path):
     out = tmp_path / "stage1"
     argv = _tiny_run(out, weight_files["release"])
@@ -382,3 +384,34 @@ def test_a_released_vitb14_file_adapts_with_the_large_recipe_one_iteration_per_s
     assert records[0]["drift_cls_cos"] == 1.0 and all(math.isfinite(r["total_loss"]) for r in records)
     config = torch.load(out / "eval" / "training_2" / "teacher_checkpoint.pth", weights_only=True)["backbone_config"]
     assert (config["arch"], config["img_size"], config["patch_size"]) == ("vit_base", 112, 14)
+
+
+@pytest.mark.slow
+def test_a_dinov3_folder_adapts_too_rope_read_off_the_folder(tmp_path):
+    """A transformers DINOv3 folder (RoPE, 4 storage tokens, patch 16; random weights) as student.pretrained_weights:
+    the RoPE settings come from the folder, and both stages train."""
+    transformers = pytest.importorskip("transformers")
+    from interop_helpers import randomise_
+
+    config = transformers.DINOv3ViTConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=1,
+        intermediate_size=256,
+        num_register_tokens=4,
+        image_size=32,
+        patch_size=16,
+    )
+    randomise_(transformers.DINOv3ViTModel(config)).save_pretrained(tmp_path / "dinov3")
+    out = tmp_path / "run"
+    stages = ["train.freeze_backbone_iterations=1", "optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=2"]
+    trainer.main([*_tiny_run(out, tmp_path / "dinov3"), *stages, "optim.backbone_warmup_iterations=0"])
+    saved = OmegaConf.load(out / "config.yaml")
+    assert (saved.student.position_encoding, saved.student.patch_size, saved.student.num_register_tokens) == (
+        "rope",
+        16,
+        4,
+    )
+    assert saved.student.layer_norm_eps == pytest.approx(1e-5)
+    records = [json.loads(line) for line in (out / "training_metrics.json").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [0, 1] and all(math.isfinite(r["total_loss"]) for r in records)
