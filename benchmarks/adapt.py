@@ -1,6 +1,6 @@
 """Adapting a pretrained backbone to a new image domain, measured (benchmarks/RESULTS.md, "Adapt").
 
-``python benchmarks/adapt.py --source W --target digits|lfw [--out runs/adapt] [--iterations-scale 1.0]``
+``python benchmarks/adapt.py --source W --target digits|lfw [--heads fresh|file] [--out runs/adapt] [key=value ...]``
 
 Source ``W``: a teacher export (e.g. the quickstart's ``eval/training_300/teacher_checkpoint.pth``, Fashion-MNIST).
 Targets, real images that ship with the packages (written once as an ImageFolder at the source's native size, split
@@ -20,9 +20,11 @@ and on the source domain (Fashion-MNIST: bank = the first 10,000 train images, a
 - (c) ``naive``: the same recipe without stage 1 and with the recipe's lr on everything (what a plain restart does);
 - (d) ``scratch``: Franca from random init on the target only, ``configs/train/quickstart.yaml`` (the source's recipe).
 
-(b), (c) and (d) train the same iterations of the same batch. The drift of (b) and (c) (cosine of the final teacher's
-CLS / mean-patch features to the source's on the probe images) comes from their ``training_metrics.json``. Writes
-``<out>/<target>/adapt_results.json``; finished runs are reused.
+(b), (c) and (d) train the same iterations of the same batch. ``--heads fresh`` (default) starts (b) and (c) with fresh
+heads, as from a released backbone (they ship no heads); ``--heads file`` with the source's own heads when it has
+them. The drift of (b) and (c) (cosine of the final teacher's CLS / mean-patch features to the source's on the probe
+images) comes from their ``training_metrics.json``. Writes ``<out>/<target>/<heads>_heads/adapt_results.json``;
+finished runs are reused.
 """
 
 import argparse
@@ -122,15 +124,17 @@ def main(argv: list[str] | None = None) -> dict:
         "--source", required=True, help="the source teacher export (any file franca_from_checkpoint reads)"
     )
     parser.add_argument("--target", required=True, choices=("digits", "lfw"))
+    parser.add_argument("--heads", default="fresh", choices=("fresh", "file"), help="heads of (b) and (c)")
     parser.add_argument("--out", default="runs/adapt")
     parser.add_argument("opts", nargs="*", default=[], help="overrides for every training run")
     args = parser.parse_args(argv)
     source = franca_from_checkpoint(args.source)
     size = source.config.img_size
-    out = Path(args.out) / args.target
-    data = write_target(args.target, size, out / "data")
+    data = write_target(args.target, size, Path(args.out) / args.target / "data")
+    out = Path(args.out) / args.target / f"{args.heads}_heads"
     target = [f"train.dataset_path=ImageFolder:root={data / 'train'}", *args.opts]
-    adapt = [f"student.pretrained_weights={args.source}", *target]
+    heads = "false" if args.heads == "fresh" else "auto"
+    adapt = [f"student.pretrained_weights={args.source}", f"student.pretrained_heads={heads}", *target]
 
     runs = {
         "two-stage": train(ADAPT, out / "two_stage", adapt),
@@ -157,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": shlex.join([sys.executable, *sys.argv]),
         "source": args.source,
         "target": args.target,
+        "heads": args.heads,
         "target_images": {"train": len(target_bank), "test": len(target_test)},
         "results": rows,
     }
