@@ -153,7 +153,7 @@ def test_an_export_initialises_student_pretrained_weights(tiny_config, tmp_path)
     from franca.train.ssl_meta_arch import SSLMetaArch
 
     args = ["--config-file", str(tiny_config), "--output-dir", str(tmp_path / "run")]
-    cfg = trainer.setup_run(trainer.get_args_parser().parse_args(args))
+    cfg, _ = trainer.setup_run(trainer.get_args_parser().parse_args(args))
     student = SSLMetaArch(cfg).student["backbone"]
     source = our_model(student.config.inference())
     export_hf(source, tmp_path / "hf", "transformers", OWN, log=lambda _: None)

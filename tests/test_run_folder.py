@@ -379,7 +379,7 @@ def test_a_flipped_bit_in_a_dcp_shard_is_caught_in_resume_and_consolidate(
 
 
 def _poison_from(monkeypatch, first_call: int) -> None:
-    original = SSLMetaArch.compute_losses
+    original = SSLMetaArch.student_losses
     calls = []
 
     def poisoned(self, *args, **kwargs):
@@ -389,7 +389,7 @@ def _poison_from(monkeypatch, first_call: int) -> None:
             losses["ibot_loss"] = losses["ibot_loss"] * float("nan")
         return losses
 
-    monkeypatch.setattr(SSLMetaArch, "compute_losses", poisoned)
+    monkeypatch.setattr(SSLMetaArch, "student_losses", poisoned)
 
 
 @pytest.mark.slow
