@@ -49,7 +49,7 @@ from torchvision import io as tvio
 
 from franca.data.batched_augmentations import apply_photometric
 from franca.data.collate import stack_crop_major
-from franca.data.datasets.files import scan_image_files
+from franca.data.datasets.folder_scan import scan_image_files
 from franca.train.build import build_data, build_transform
 from franca.train.config import load_config
 

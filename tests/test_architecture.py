@@ -22,6 +22,7 @@ LAYERS = {
     "franca.train": 4,
     "franca.hub": 5,
     "franca.export": 5,
+    "franca.interop": 5,
     "franca.eval": 5,
     "franca.train.train": 6,
     "franca.train.pretrained": 6,

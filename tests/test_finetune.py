@@ -82,7 +82,7 @@ def test_finetune_recipe_runs_from_a_highres_converted_release_checkpoint(tmp_pa
     recipe = str(REPO / "configs" / "finetune" / "vitb14_finetune.yaml")
     out = tmp_path / "finetune"
     argv = ["--config-file", recipe, "--output-dir", str(out), *TINY_FINETUNE]
-    cfg = trainer.setup_run(trainer.get_args_parser().parse_args(argv + [f"student.pretrained_weights={converted}"]))
+    cfg, _ = trainer.setup_run(trainer.get_args_parser().parse_args(argv + [f"student.pretrained_weights={converted}"]))
     model = SSLMetaArch(cfg)
     load_pretrained(cfg, model)
     x = torch.randn(2, 3, 24, 24)
@@ -94,7 +94,7 @@ def test_finetune_recipe_runs_from_a_highres_converted_release_checkpoint(tmp_pa
             assert torch.equal(backbone(x), expected)
 
     # Loading the 16 px file directly resizes the grid at load time with the same interpolation.
-    cfg_direct = trainer.setup_run(
+    cfg_direct, _ = trainer.setup_run(
         trainer.get_args_parser().parse_args(
             [
                 "--config-file",

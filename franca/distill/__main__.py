@@ -15,7 +15,7 @@ from franca.checkpoint import teacher_export_path
 from franca.distill.teacher import load_teacher
 from franca.distributed import destroy_distributed
 from franca.train import train as trainer
-from franca.train.distill_config import load_distill_config
+from franca.train.distill_config import DISTILL_CONFIG
 from franca.train.distill_meta_arch import build_distill_meta_arch, choose_mode
 
 MODE_DESCRIPTIONS = {
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.description = "Distil a frozen teacher into a small ViT or timm student."
     args = parser.parse_args(argv)
     try:
-        cfg = trainer.setup_run(args, load=load_distill_config)
+        cfg, pretrained = trainer.setup_run(args, DISTILL_CONFIG)
         teacher = load_teacher(cfg)
         mode = choose_mode(cfg.distill.mode, teacher)
         reason = "its file has DINO/iBOT heads" if teacher.has_heads else "its file has no heads"
@@ -45,12 +45,13 @@ def main(argv: list[str] | None = None) -> dict:
             flush=True,
         )
         build = partial(build_distill_meta_arch, teacher=teacher, mode=mode)
-        record = trainer.do_train(cfg, resume=not args.no_resume, meta_arch=build)
+        record = trainer.do_train(cfg, resume=not args.no_resume, meta_arch=build, pretrained=pretrained)
         final = teacher_export_path(cfg.train.output_dir, cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH)
         if final.is_file():
             print(f"the student ({cfg.student.arch}) is the export {final}", flush=True)
         return record
     finally:
+        trainer.release_run_folders()
         destroy_distributed()
 
 

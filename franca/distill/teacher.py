@@ -23,7 +23,7 @@ from franca.hub import franca_from_checkpoint, load_checkpoint_file
 from franca.hub.loading import is_url
 from franca.layers.head_spec import HeadSpec
 from franca.models.config import ARCHITECTURES
-from franca.models.weights import load_strict, training_heads
+from franca.models.weights import extract_training_heads, load_strict
 from franca.train.distill_meta_arch import Teacher
 
 RUN_CONFIG = "config.yaml"
@@ -33,7 +33,7 @@ def read_heads(source: str) -> dict[str, dict]:
     """The head tensors of a teacher file or URL (``{}`` for hub names and files without heads)."""
     if not is_url(source) and not os.path.isfile(source):
         return {}
-    return training_heads(load_checkpoint_file(source))
+    return extract_training_heads(load_checkpoint_file(source))
 
 
 def run_config_of(source: str) -> Path | None:

@@ -8,6 +8,7 @@ distilled timm student from the ``backbone_config`` stored with it (:mod:`franca
 """
 
 import os
+import warnings
 
 import torch
 
@@ -20,11 +21,19 @@ from franca.hub.registry import (
     get_weights,
     is_weights_name,
 )
+from franca.interop.folders import folder_format, read_foreign_folder
 from franca.layers.rasa_head import RASAHead
 from franca.models.config import ARCHITECTURES, ViTConfig
 from franca.models.timm_backbone import TimmBackbone, TimmConfig, is_timm_config
 from franca.models.vision_transformer import DinoVisionTransformer
-from franca.models.weights import extract_rasa_state_dict, from_release, infer_config, infer_image_size, load_strict
+from franca.models.weights import (
+    extract_rasa_state_dict,
+    extract_training_heads,
+    from_release,
+    infer_config,
+    infer_image_size,
+    load_strict,
+)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading sources
@@ -234,12 +243,22 @@ def _generic_config(
         config = ViTConfig.from_dict(stored, source=f"the backbone config of {weights}")
     else:
         config = infer_config(state_dict, num_heads=kwargs.get("num_heads"))
+        if arch is None and "num_heads" not in kwargs and config.arch is None:
+            warnings.warn(
+                f"{weights} stores no backbone config and its width {config.embed_dim} is not a standard one: the head "
+                f"count is guessed as {config.num_heads} (width / 64), which the weights' shapes cannot confirm; pass "
+                "num_heads= if the model was trained with another",
+                UserWarning,
+                stacklevel=3,
+            )
     if arch is not None:
         named = ViTConfig.for_arch(arch)
         config = config.with_overrides(embed_dim=named.embed_dim, depth=named.depth, num_heads=named.num_heads)
     kwargs = dict(kwargs)
     requested_size = kwargs.pop("img_size", None)
     config = config.with_overrides(**kwargs)
+    if config.uses_rope:  # no position grid: the stored size is the one the model was trained at
+        return config.with_overrides(img_size=requested_size or config.img_size)
     img_size = _checkpoint_image_size(requested_size, infer_image_size(state_dict, config.patch_size))
     return config.with_overrides(img_size=img_size)
 
@@ -252,8 +271,9 @@ def load_backbone(
     **kwargs,
 ) -> DinoVisionTransformer:
     """Any backbone: a hub name (``franca_vitb14``, ``franca_vitb14:IN21K_224``), a released weights name with
-    ``arch``, or a checkpoint file / export folder / URL of any of our ViTs (architecture read off the keys; ``arch``
-    sets the number of heads of a non-standard one, keywords override the rest)."""
+    ``arch``, a checkpoint file / export folder / URL of any of our ViTs (architecture read off the keys; ``arch``
+    sets the number of heads of a non-standard one, keywords override the rest), or a transformers / timm folder of
+    a DINOv2, DINOv3 or exported Franca backbone (:mod:`franca.interop.folders`)."""
     arch = _resolve_arch(arch)
     entry, _, name = str(weights).partition(":")
     if entry in HUB_ENTRIES and not os.path.exists(weights):
@@ -268,17 +288,41 @@ def load_backbone(
                 f"'franca_vitb14:{str(weights).upper()}'"
             )
         return _hub_model(arch, True, weights, use_rasa_head, rasa_weights, kwargs)
-    raw = load_checkpoint_file(weights)
-    stored = raw.get("backbone_config") if isinstance(raw, dict) else None
-    if stored is None and not is_url(str(weights)) and os.path.isdir(weights):
-        stored = read_export_config(weights)
-    state_dict, embedded_rasa = from_release(raw)
+    model, _ = _load_file_backbone(weights, arch, rasa_weights, use_rasa_head, kwargs)
+    return model
+
+
+def _load_file_backbone(
+    weights: str | os.PathLike, arch: str | None, rasa_weights, use_rasa_head: bool, kwargs: dict
+) -> tuple[DinoVisionTransformer, dict | None]:
+    """The backbone of a checkpoint file / export folder / transformers or timm folder / URL, and the raw checkpoint
+    it was read from (None for a transformers or timm folder)."""
+    raw = None
+    if not is_url(str(weights)) and folder_format(weights) is not None:
+        config, state_dict = read_foreign_folder(weights)
+        stored, embedded_rasa = config.to_dict(), {}
+    else:
+        raw = load_checkpoint_file(weights)
+        stored = raw.get("backbone_config") if isinstance(raw, dict) else None
+        if stored is None and not is_url(str(weights)) and os.path.isdir(weights):
+            stored = read_export_config(weights)
+        state_dict, embedded_rasa = from_release(raw)
     if is_timm_config(stored):
         model = build_loaded_timm(stored, state_dict, str(weights), kwargs)
     else:
         model = build_loaded_vit(_generic_config(weights, state_dict, arch, stored, kwargs), state_dict, str(weights))
     _attach_rasa(model, arch, use_rasa_head, rasa_weights, None, embedded_rasa)
-    return model
+    return model, raw
+
+
+def load_backbone_and_heads(weights: str | os.PathLike) -> tuple[DinoVisionTransformer, dict[str, dict]]:
+    """:func:`load_backbone` of ``weights`` (architecture read off the file), with the DINO / iBOT heads the file
+    carries (``{"dino_head": …, "ibot_head": …}``; none for hub names and released weights, which ship no heads)."""
+    entry = str(weights).partition(":")[0]
+    if (entry in HUB_ENTRIES and not os.path.exists(weights)) or is_weights_name(str(weights)):
+        return load_backbone(weights), {}
+    model, raw = _load_file_backbone(weights, None, None, False, {})
+    return model, extract_training_heads(raw) if isinstance(raw, dict) else {}
 
 
 def franca_from_checkpoint(
@@ -290,6 +334,7 @@ def franca_from_checkpoint(
 ) -> DinoVisionTransformer:
     """Any Franca backbone in one call, architecture read off the file: a release ``.pth`` (with or without
     ``backbone_config``), a ``teacher_checkpoint.pth``, a training checkpoint ``model_*.pth`` (its teacher backbone),
-    a safetensors export folder or file, a URL of one of those, or a hub name such as ``franca_vitb14:IN21K_224``.
+    a safetensors export folder or file, a URL of one of those, a hub name such as ``franca_vitb14:IN21K_224``, or a
+    transformers / timm folder (DINOv2, DINOv3, or one ``python -m franca.export.hf`` wrote).
     ``num_heads=`` fixes the head count of a non-standard width stored without a config; see :func:`load_backbone`."""
     return load_backbone(weights, arch=arch, rasa_weights=rasa_weights, use_rasa_head=use_rasa_head, **kwargs)

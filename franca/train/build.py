@@ -36,9 +36,12 @@ def seed_everything(seed: int) -> None:
 
 def build_optimizer(cfg: DictConfig, model: SSLMetaArch, device: torch.device) -> torch.optim.Optimizer:
     groups = []
-    for module in model.student.values():
+    for name, module in model.student.items():
         groups += get_params_groups(
-            module, layerwise_decay=cfg.optim.layerwise_decay, patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult
+            module,
+            layerwise_decay=cfg.optim.layerwise_decay,
+            patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
+            is_backbone=name == "backbone",
         )
     betas = (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2)
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
@@ -75,13 +78,21 @@ def build_collator(cfg: DictConfig, rank: int = 0, world_size: int = 1) -> Maski
     )
 
 
+def training_decoding(cfg: DictConfig) -> ImageDecoding:
+    """How the run decodes its images (``train.alpha_background``, ``train.image_max_value``,
+    ``train.image_max_megapixels``): the training loader, the periodic k-NN and the drift probe share it."""
+    return ImageDecoding.from_options(
+        cfg.train.alpha_background, cfg.train.image_max_value, cfg.train.image_max_megapixels
+    )
+
+
 def build_data(
     cfg: DictConfig, start_iteration: int, rank: int = 0, world_size: int = 1, batched_photometric: bool = False
 ):
     """The dataset and the training loader (map-style or shards) with the multi-crop transform and masking collate;
     ``batched_photometric`` gives the split transform, whose batches :func:`prepare_batch` finishes."""
     transform = build_transform(cfg, batched_photometric)
-    decoding = ImageDecoding.from_options(cfg.train.alpha_background, cfg.train.image_max_value)
+    decoding = training_decoding(cfg)
     dataset = make_dataset(cfg.train.dataset_path, decoding=decoding)
     collate = build_collator(cfg, rank, world_size)
     make_loader = make_webdataset_train_loader if isinstance(dataset, WebDatasetShards) else make_train_data_loader
@@ -146,6 +157,6 @@ def build_train_step(cfg: DictConfig, model: SSLMetaArch, runtime: Runtime) -> T
     """The run's :class:`TrainStep`: AdamW over the student's parameter groups, the schedules, the fp16 grad scaler
     (when used) and ``optim.clip_grad``."""
     optimizer = build_optimizer(cfg, model, runtime.device)
-    return TrainStep(
-        model, optimizer, build_schedules(cfg), runtime, cfg.optim.clip_grad, build_grad_scaler(cfg, runtime)
-    )
+    scaler = build_grad_scaler(cfg, runtime)
+    freeze = cfg.train.freeze_backbone_iterations
+    return TrainStep(model, optimizer, build_schedules(cfg), runtime, cfg.optim.clip_grad, scaler, freeze)

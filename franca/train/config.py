@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from franca.data.image_decoding import parse_background, parse_max_value
 from franca.layers.heads import HEAD_INITS, default_nesting_list
+from franca.models.config import POSITION_ENCODINGS, ROPE_COORDINATE_NORMALISATIONS
 from franca.models.vision_transformer import ARCHITECTURES, FFN_LAYERS
 from franca.train.parallel import SHARDING_STRATEGIES
 from franca.train.runtime import DISTRIBUTED_MODES, DTYPE_SETTINGS, SWITCH_SETTINGS
@@ -39,6 +40,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "compute_precision.chunked_losses": SWITCH_SETTINGS,
     "compute_precision.distributed": DISTRIBUTED_MODES,
     "crops.batched_photometric": SWITCH_SETTINGS,
+    "student.pretrained_heads": SWITCH_SETTINGS,
+    "student.position_encoding": POSITION_ENCODINGS,
+    "student.rope_normalize_coords": ROPE_COORDINATE_NORMALISATIONS,
     "student.arch": tuple(ARCHITECTURES),
     "student.ffn_layer": tuple(FFN_LAYERS),
     "optim.scaling_rule": ("sqrt_wrt_1024",),
@@ -162,9 +166,20 @@ VALUE_RULES: dict[str, ValueRule] = {
     ),
     "train.saveckp_freq": at_least(1, "a checkpoint is written every N epochs of train.OFFICIAL_EPOCH_LENGTH"),
     "train.keep_checkpoints": at_least(1, "set it to the resumable checkpoints to keep, 2 as the original"),
+    "train.image_max_megapixels": above(0, "images above it are skipped unread; e.g. 100, or more for larger photos"),
     "train.log_period": at_least(1, "a metrics line is written every N iterations, e.g. 10"),
     "train.seed": at_least(0, "use any non-negative integer"),
     "train.num_workers": at_least(0, "set it to the loader processes per rank; 0 loads in the training process"),
+    "train.freeze_backbone_iterations": at_least(0, "0 trains the backbone from the start; N trains the heads first"),
+    "train.grad_accumulation_steps": at_least(1, "1 = no accumulation; k micro-batches of batch_size_per_gpu a step"),
+    "train.drift_probe_images": at_least(0, "0 turns the drift monitor off; e.g. 64"),
+    "train.drift_warning_drop": within(0, 1, "the fall of the CLS cosine that warns, e.g. 0.2", low_open=True),
+    "train.drift_warning_window": at_least(1, "iterations after the backbone starts training, e.g. 200"),
+    "optim.backbone_lr_mult": above(0, "the backbone's lr relative to optim.lr, e.g. 0.1 to adapt a backbone"),
+    "optim.backbone_warmup_iterations": at_least(0, "iterations of the backbone's lr ramp, e.g. 100"),
+    "student.layer_norm_eps": above(0, "1e-6 as Franca and DINOv2, 1e-5 for DINOv3"),
+    "student.rope_base": above(0, "the RoPE period base, 100 as DINOv3"),
+    "student.mlp_ratio": above(0, "the FFN width relative to embed_dim, 4 for every released Franca ViT"),
     "train.stop_at_iteration": at_least(0, "0 trains to the end; N stops after iteration N of the schedule"),
     "train.OFFICIAL_EPOCH_LENGTH": at_least(1, "set it to the iterations of one epoch of every schedule, e.g. 1250"),
     "train.use_block_masking": ValueRule(
@@ -343,6 +358,17 @@ def _knn_datasets_paired(cfg: DictConfig) -> list[str]:
     return []
 
 
+def _stages_within_the_run(cfg: DictConfig) -> list[str]:
+    total = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
+    freeze, warmup = cfg.train.freeze_backbone_iterations, cfg.optim.backbone_warmup_iterations
+    if freeze + warmup > total:
+        return [
+            f"train.freeze_backbone_iterations={freeze} + optim.backbone_warmup_iterations={warmup} exceed the run's "
+            f"{total} iterations (optim.epochs x train.OFFICIAL_EPOCH_LENGTH); shorten the stages or lengthen the run"
+        ]
+    return []
+
+
 def _initial_weights_consistent(cfg: DictConfig) -> list[str]:
     weights, pretrained = cfg.MODEL.WEIGHTS, cfg.student.pretrained_weights
     if cfg.train.high_resolution_finetune and not weights:
@@ -369,6 +395,7 @@ CONSTRAINTS: tuple[Constraint, ...] = (
     _nesting_fits_the_heads,
     _level_weights_match_the_levels,
     _freeze_within_the_run,
+    _stages_within_the_run,
     _knn_datasets_paired,
     _initial_weights_consistent,
 )
@@ -420,19 +447,39 @@ def load_config(
     return cfg
 
 
+@dataclass(frozen=True)
+class CommandConfig:
+    """The config of a command that runs the trainer: its schema, value rules and constraints (the training config's
+    :data:`TRAINING_CONFIG`; ``python -m franca.distill``'s ``franca.train.distill_config.DISTILL_CONFIG``)."""
+
+    schema: ConfigSchema
+    rules: dict[str, ValueRule]
+    constraints: tuple[Constraint, ...]
+
+    def load(self, config_file: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> DictConfig:
+        return load_config(config_file, overrides, self.schema, self.rules, self.constraints)
+
+    def validate(self, cfg: DictConfig) -> None:
+        validate_values(cfg, self.schema, self.rules, self.constraints)
+
+
+TRAINING_CONFIG = CommandConfig(TRAINING_SCHEMA, VALUE_RULES, CONSTRAINTS)
+
+
 def apply_scaling_rules(cfg: DictConfig, world_size: int) -> DictConfig:
     """Set ``optim.lr`` from ``optim.base_lr`` (per 1024 images) and the global batch; returns cfg.
 
     The ``sqrt_wrt_1024`` rule of valeoai/Franca ``franca/utils/``, applied once at setup.
 
-    ``sqrt_wrt_1024``: lr = base_lr · sqrt(batch_size_per_gpu · world_size / 1024).
+    ``sqrt_wrt_1024``: lr = base_lr · sqrt(global batch / 1024), global batch = batch_size_per_gpu · world_size ·
+    ``train.grad_accumulation_steps``.
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(f"world_size={world_size!r} must be a positive integer (the number of training processes)")
     rule = cfg.optim.scaling_rule
     if rule != "sqrt_wrt_1024":
         raise ConfigError(f"optim.scaling_rule={rule!r} is not implemented; use optim.scaling_rule=sqrt_wrt_1024")
-    global_batch = cfg.train.batch_size_per_gpu * world_size
+    global_batch = cfg.train.batch_size_per_gpu * world_size * cfg.train.grad_accumulation_steps
     lr = float(cfg.optim.base_lr * math.sqrt(global_batch / 1024.0))
     if cfg.optim.lr and not math.isclose(cfg.optim.lr, lr):
         warnings.warn(

@@ -99,11 +99,15 @@ CONSTRAINTS = (
     _for_vit_students(training._block_chunks_fit_the_depth),
     training._koleo_has_neighbours,
     training._freeze_within_the_run,
+    training._stages_within_the_run,
     training._knn_datasets_paired,
     training._initial_weights_consistent,
 )
 
 
+DISTILL_CONFIG = training.CommandConfig(DISTILL_SCHEMA, VALUE_RULES, CONSTRAINTS)
+
+
 def load_distill_config(config_file: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> DictConfig:
     """Distill config: training defaults ← distill defaults ← ``config_file`` ← ``overrides``, validated."""
-    return training.load_config(config_file, overrides, DISTILL_SCHEMA, VALUE_RULES, CONSTRAINTS)
+    return DISTILL_CONFIG.load(config_file, overrides)

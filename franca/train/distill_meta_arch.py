@@ -39,7 +39,7 @@ from franca.loss.feature_distill import FeatureCenter, FeatureQueue, cosine_loss
 from franca.models.timm_backbone import TimmBackbone, is_timm_arch
 from franca.models.weights import from_release, load_strict
 from franca.train import health
-from franca.train.ssl_meta_arch import STEP_PHASES, SSLMetaArch, StudentFeatures, build_backbone
+from franca.train.ssl_meta_arch import SSLMetaArch, StudentFeatures, build_backbone
 
 
 @dataclass
@@ -138,7 +138,7 @@ class DistillMetaArch(SSLMetaArch):
         """Whether the student backbone has a mask token (our ViTs); a CNN sees its global crops unmasked."""
         return not isinstance(self.student["backbone"], TimmBackbone)
 
-    def update_teacher(self, momentum: float) -> None:
+    def update_teacher(self, momentum: float, include_backbone: bool = True) -> None:
         """Nothing: the teacher is frozen."""
 
     def load_pretrained_backbone(
@@ -183,7 +183,7 @@ class DistillMetaArch(SSLMetaArch):
 
 
 class HeadDistillMetaArch(DistillMetaArch):
-    """With heads: Franca's losses (``SSLMetaArch.compute_losses``) on the frozen teacher's targets."""
+    """With heads: Franca's losses (``SSLMetaArch.student_losses``) on the frozen teacher's targets."""
 
     def _build_objective(self, teacher: Teacher) -> None:
         width = self.student["backbone"].embed_dim
@@ -199,12 +199,24 @@ class HeadDistillMetaArch(DistillMetaArch):
         """The teacher on the global crops, its patch tokens on the student's grid (where the iBOT masks are)."""
         return self.teacher_tokens(batch["collated_global_crops"])
 
-    def student_backbone(self, batch: dict) -> StudentFeatures:
+    def student_backbone(self, batch: dict, train_backbone: bool = True) -> StudentFeatures:
         """As Franca's, but a student without mask token (a CNN) sees its global crops unmasked; the iBOT loss is
         then taken at the positions the masks select."""
         if self.student_takes_masks:
-            return super().student_backbone(batch)
-        return super().student_backbone({**batch, "collated_masks": None})
+            return super().student_backbone(batch, train_backbone)
+        return super().student_backbone({**batch, "collated_masks": None}, train_backbone)
+
+
+@dataclass
+class FeatureTargets:
+    """The teacher's side of one head-free (micro-)batch: per crop size the centred CLS features and the centred patch
+    features (rows = images × patches on the student's grid), the raw global CLS (health statistics) and the queue's
+    keys at the start of the step (``distill.feature_loss=kl_queue``, else None)."""
+
+    cls: list[torch.Tensor]
+    patch: list[torch.Tensor]
+    teacher_cls: torch.Tensor
+    queue_keys: list[torch.Tensor] | None
 
 
 class FeatureProjector(nn.Module):
@@ -244,50 +256,74 @@ class FeatureDistillMetaArch(DistillMetaArch):
             return smooth_l1_loss(student, teacher, cfg.smooth_l1_beta)
         return cosine_loss(student, teacher)
 
-    def _crop_losses(
-        self, images: torch.Tensor, keys: Callable[[torch.Tensor], torch.Tensor] | None
-    ) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
-        """(CLS loss, patch loss, teacher dict, student dict) of one batch of crops of one size."""
-        cfg = self.cfg.distill
-        teacher = self.teacher_tokens(images)
-        target_cls = self.cls_center(teacher["x_norm_clstoken"])
-        target_patch = self.patch_center(teacher["x_norm_patchtokens"]).flatten(0, 1)
-        student = self.student["backbone"](images, is_training=True)
-        cls, patch = self.student["projector"](student["x_norm_clstoken"], student["x_norm_patchtokens"])
-        patch = patch.flatten(0, 1)
-        if keys is not None:
-            cls_loss = queue_kl_loss(cls, target_cls, keys(target_cls), cfg.queue_student_temp, cfg.queue_teacher_temp)
-        else:
-            cls_loss = self._feature_loss(cls, target_cls)
-        patch_loss = cosine_loss(patch, target_patch) if keys is not None else self._feature_loss(patch, target_patch)
-        return cls_loss, patch_loss, teacher, student
-
-    def compute_losses(
-        self,
-        batch: dict,
-        teacher_temp: float,
-        chunk_size: int | None = None,
-        stats: dict | None = None,
-        on_phase: Callable[[str], None] = _no_mark,
-    ) -> dict[str, torch.Tensor]:
-        """``feature_cls_loss`` and ``feature_patch_loss`` (each the mean over the 2 + L crops of each image, crop sets
-        weighted by their crop counts) and KoLeo on the student's global CLS; ``stats`` gets the teacher's and the
-        student's CLS spread. ``teacher_temp`` and ``chunk_size`` concern the heads' targets only."""
-        cfg = self.cfg
-        keys = self.queue.keys if self.queue is not None else None
+    def _crops(self, batch: dict) -> list[tuple[int, torch.Tensor]]:
+        """(crops per image, images) of each crop size: the global crops, then the local crops."""
         crops = [(2, batch["collated_global_crops"])]
         if self.n_local_crops:
             crops.append((self.n_local_crops, batch["collated_local_crops"]))
+        return crops
+
+    @torch.no_grad()
+    def teacher_backbone(self, batch: dict) -> list[dict[str, torch.Tensor]]:
+        """The teacher's tokens of each crop size (:meth:`_crops`), patch tokens on the student's grid."""
+        return [self.teacher_tokens(images) for _, images in self._crops(batch)]
+
+    @torch.no_grad()
+    def teacher_targets(
+        self,
+        teacher_outs: list[list[dict[str, torch.Tensor]]],
+        batches: list[dict],
+        teacher_temp: float,
+        chunk_size: int | None = None,
+    ) -> list[FeatureTargets]:
+        """The centred teacher features of every micro-batch and crop size; then the step's teacher features are
+        folded into the centres, and its centred global CLS features into the queue (after the targets are made, as
+        the DINO centre). ``teacher_temp`` and ``chunk_size`` concern the heads' targets only."""
+        cls = [[self.cls_center(out["x_norm_clstoken"]) for out in outs] for outs in teacher_outs]
+        keys = None
+        if self.queue is not None:  # per crop size: the step's rows (all micro-batches) and the queue
+            keys = [self.queue.keys(torch.cat(rows)) for rows in zip(*cls, strict=True)]
+        targets = [
+            FeatureTargets(
+                cls=step_cls,
+                patch=[self.patch_center(out["x_norm_patchtokens"]).flatten(0, 1) for out in outs],
+                teacher_cls=outs[0]["x_norm_clstoken"],
+                queue_keys=keys,
+            )
+            for step_cls, outs in zip(cls, teacher_outs, strict=True)
+        ]
+        flat = [out for outs in teacher_outs for out in outs]
+        if self.queue is not None:
+            self.queue.push(torch.cat([target.cls[0] for target in targets]))
+        self.cls_center.update(torch.cat([out["x_norm_clstoken"] for out in flat]))
+        self.patch_center.update(torch.cat([out["x_norm_patchtokens"].flatten(0, 1) for out in flat]))
+        return targets
+
+    def student_losses(
+        self,
+        batch: dict,
+        teacher: "FeatureTargets",
+        chunk_size: int | None = None,
+        stats: dict | None = None,
+        on_phase: Callable[[str], None] = _no_mark,
+        train_backbone: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """``feature_cls_loss`` and ``feature_patch_loss`` (each the mean over the 2 + L crops of each image, crop sets
+        weighted by their crop counts) and KoLeo on the student's global CLS; ``stats`` gets the teacher's and the
+        student's CLS spread. Without ``train_backbone`` (the heads-first stage) only the projection learns."""
+        cfg = self.cfg
+        crops = self._crops(batch)
         n_crops = sum(count for count, _ in crops)
-        cls_total, patch_total, outputs = 0.0, 0.0, []
-        for count, images in crops:
-            cls_loss, patch_loss, teacher, student = self._crop_losses(images, keys)
+        cls_total, patch_total, student_global = 0.0, 0.0, None
+        for index, (count, images) in enumerate(crops):
+            with torch.set_grad_enabled(train_backbone and torch.is_grad_enabled()):
+                student = self.student["backbone"](images, is_training=True)
+            student_global = student if index == 0 else student_global
+            cls, patch = self.student["projector"](student["x_norm_clstoken"], student["x_norm_patchtokens"])
+            cls_loss, patch_loss = self._feature_losses(cls, patch.flatten(0, 1), teacher, index)
             cls_total = cls_total + cls_loss * count / n_crops
             patch_total = patch_total + patch_loss * count / n_crops
-            outputs.append((teacher, student))
-        for phase in STEP_PHASES[:3]:  # teacher and student ran crop size by crop size
-            on_phase(phase)
-        (teacher_global, student_global), *_ = outputs
+        on_phase("student_backbone")
         losses = {
             "feature_cls_loss": cfg.distill.cls_loss_weight * cls_total,
             "feature_patch_loss": cfg.distill.patch_loss_weight * patch_total,
@@ -297,20 +333,22 @@ class FeatureDistillMetaArch(DistillMetaArch):
             losses["koleo_loss"] = cfg.dino.koleo_loss_weight * sum(koleo_loss(view) for view in views)
         on_phase("student_heads_losses")
         if stats is not None:
-            stats["teacher_cls_spread"] = health.spread_stats(teacher_global["x_norm_clstoken"])
+            stats["teacher_cls_spread"] = health.spread_stats(teacher.teacher_cls)
             stats["student_cls_spread"] = health.spread_stats(student_global["x_norm_clstoken"].detach())
-        self._update_targets(outputs)
         return losses
 
-    @torch.no_grad()
-    def _update_targets(self, outputs: list[tuple[dict, dict]]) -> None:
-        """After the step's losses: fold its teacher features into the centres, and its centred global CLS features
-        into the queue."""
-        teacher_global = outputs[0][0]
-        if self.queue is not None:
-            self.queue.push(self.cls_center(teacher_global["x_norm_clstoken"]))
-        self.cls_center.update(torch.cat([teacher["x_norm_clstoken"] for teacher, _ in outputs]))
-        self.patch_center.update(torch.cat([teacher["x_norm_patchtokens"].flatten(0, 1) for teacher, _ in outputs]))
+    def _feature_losses(
+        self, cls: torch.Tensor, patch: torch.Tensor, teacher: "FeatureTargets", index: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CLS loss, patch loss) of crop size ``index``: the queue KL on the CLS and cosine on the patches with
+        ``distill.feature_loss=kl_queue``, else ``distill.feature_loss`` on both."""
+        cfg = self.cfg.distill
+        target_cls, target_patch = teacher.cls[index], teacher.patch[index]
+        if teacher.queue_keys is not None:
+            keys = teacher.queue_keys[index]
+            cls_loss = queue_kl_loss(cls, target_cls, keys, cfg.queue_student_temp, cfg.queue_teacher_temp)
+            return cls_loss, cosine_loss(patch, target_patch)
+        return self._feature_loss(cls, target_cls), self._feature_loss(patch, target_patch)
 
 
 def build_distill_meta_arch(cfg: DictConfig, teacher: Teacher, mode: str) -> DistillMetaArch:

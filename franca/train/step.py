@@ -25,11 +25,14 @@ def _no_mark(phase: str) -> None:
 
 
 class TrainStep:
-    """Runs iteration ``i`` of a run on one batch: the optimizer takes the schedules' lr, weight decay and last-layer
-    lr of ``i``, the losses use its teacher temperature, the teacher its EMA momentum.
+    """Runs iteration ``i`` of a run on one batch (or the micro-batches of one step): the optimizer takes the
+    schedules' lr, weight decay, last-layer lr and backbone lr scale of ``i``, the losses use its teacher temperature,
+    the teacher its EMA momentum.
 
     ``schedules``: per-iteration arrays of :func:`franca.train.schedules.build_schedules`; ``scaler``: a GradScaler
-    for fp16, else None; ``clip_grad``: the per-submodule gradient-norm limit (0 = no clipping).
+    for fp16, else None; ``clip_grad``: the per-submodule gradient-norm limit (0 = no clipping);
+    ``freeze_backbone_iterations``: the iterations of the heads-first stage, in which the student backbone runs
+    without gradients (no gradient, no optimizer state, no weight decay) and the teacher backbone stays as it is.
     """
 
     def __init__(
@@ -40,6 +43,7 @@ class TrainStep:
         runtime: Runtime,
         clip_grad: float,
         scaler: torch.amp.GradScaler | None = None,
+        freeze_backbone_iterations: int = 0,
     ):
         self.model = model
         self.optimizer = optimizer
@@ -47,6 +51,11 @@ class TrainStep:
         self.runtime = runtime
         self.clip_grad = clip_grad
         self.scaler = scaler
+        self.freeze_backbone_iterations = freeze_backbone_iterations
+
+    def trains_backbone(self, iteration: int) -> bool:
+        """False during the heads-first stage (``train.freeze_backbone_iterations``)."""
+        return iteration >= self.freeze_backbone_iterations
 
     def schedule_values(self, iteration: int) -> dict[str, float]:
         """The logged schedule values of ``iteration``: lr, wd, mom, teacher_temp."""
@@ -54,21 +63,33 @@ class TrainStep:
 
     def __call__(
         self,
-        batch: dict,
+        batches: dict | list[dict],
         iteration: int,
         stats: dict | None = None,
         on_phase: Callable[[str], None] = _no_mark,
     ) -> dict[str, torch.Tensor]:
-        """One iteration on ``batch``; returns the detached loss terms. ``stats``: a dict to fill with the
-        training-health statistics (``SSLMetaArch.compute_losses``); ``on_phase``: called with each of
+        """One iteration on a batch, or on the micro-batches of one step (gradient accumulation,
+        ``SSLMetaArch.forward_backward``); returns the detached loss terms. ``stats``: a dict to fill with the
+        training-health statistics (``SSLMetaArch.student_losses``); ``on_phase``: called with each of
         :data:`TRAIN_STEP_PHASES` once that phase is done."""
         s = self.schedules
+        train_backbone = self.trains_backbone(iteration)
         apply_optim_schedule(
-            self.optimizer, lr=s["lr"][iteration], wd=s["wd"][iteration], last_layer_lr=s["last_layer_lr"][iteration]
+            self.optimizer,
+            lr=s["lr"][iteration],
+            wd=s["wd"][iteration],
+            last_layer_lr=s["last_layer_lr"][iteration],
+            backbone_lr_scale=s["backbone_lr_scale"][iteration],
         )
         self.optimizer.zero_grad(set_to_none=True)
         losses = self.model.forward_backward(
-            batch, s["teacher_temp"][iteration], self.runtime, self.scaler, stats=stats, on_phase=on_phase
+            batches,
+            s["teacher_temp"][iteration],
+            self.runtime,
+            self.scaler,
+            stats=stats,
+            on_phase=on_phase,
+            train_backbone=train_backbone,
         )
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -79,7 +100,7 @@ class TrainStep:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.model.update_teacher(s["momentum"][iteration])
+        self.model.update_teacher(s["momentum"][iteration], include_backbone=train_backbone)
         on_phase("optimizer_ema")
         return losses
 

@@ -46,6 +46,7 @@ from franca.distributed import (
     is_main_process,
     setup_rank_output,
 )
+from franca.distributed.launcher_watch import stop_with_launcher
 from franca.train.build import (
     build_data,
     build_model,
@@ -54,15 +55,16 @@ from franca.train.build import (
     prepare_batch,
     seed_everything,
 )
-from franca.train.config import apply_scaling_rules, load_config
+from franca.train.config import TRAINING_CONFIG, CommandConfig, apply_scaling_rules
+from franca.train.drift import DriftMonitor, format_drift
 from franca.train.health import HealthMonitor, format_health, reduce_stats
 from franca.train.knn_monitor import build_knn_monitor
 from franca.train.nonfinite import NonFiniteTracker
-from franca.train.pretrained import load_pretrained
+from franca.train.pretrained import PretrainedWeights, load_pretrained, resolve_pretrained
+from franca.train.run_folder import lock_run_folder, open_run, release_run_folders, run_identity
 from franca.train.runtime import Runtime
 from franca.train.ssl_meta_arch import SSLMetaArch
 from franca.utils.atomic import sweep_stale_temporaries
-from franca.utils.config_schema import save_config
 from franca.utils.logging import MetricsWriter, Progress
 
 
@@ -70,27 +72,41 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("franca.train", description="Pretrain Franca (or the DINOv2 baseline).")
     parser.add_argument("--config-file", "--config_file", default=None, help="YAML recipe merged over the defaults")
     parser.add_argument("--output-dir", "--output_dir", required=True, help="where checkpoints and logs go")
-    parser.add_argument("--no-resume", action="store_true", help="start fresh even if DIR has checkpoints")
+    parser.add_argument(
+        "--no-resume", action="store_true", help="start a new run; the previous run's outputs move to previous_runs/"
+    )
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume although model-shaping config keys changed (recorded in DIR/run.json)",
+    )
     parser.add_argument("opts", nargs="*", default=[], help="config overrides, e.g. optim.epochs=10")
     return parser
 
 
-def setup_run(args: argparse.Namespace, load: Callable[..., DictConfig] = load_config) -> DictConfig:
-    """Join the process group (if launched with several), build the config, write it (rank 0), route printing.
+def setup_run(
+    args: argparse.Namespace, command: CommandConfig = TRAINING_CONFIG
+) -> tuple[DictConfig, PretrainedWeights | None]:
+    """Join the process group (if launched with several), route printing, build the config (completed from
+    ``student.pretrained_weights``, which is read here once), write it (rank 0); returns it and the read weights.
 
-    ``load(config_file, overrides)`` reads the config: the training config's, or another command's that runs this
-    trainer (``python -m franca.distill``)."""
+    ``command``: the config of the command that runs this trainer (training's, or ``python -m franca.distill``'s)."""
     env, _ = init_distributed()
-    cfg = load(args.config_file, list(args.opts))
+    stop_with_launcher()
+    overrides = list(args.opts)
+    cfg = command.load(args.config_file, overrides)
     cfg.train.output_dir = str(args.output_dir)
-    apply_scaling_rules(cfg, world_size=env.world_size)
+    lock_run_folder(args.output_dir, start_over=args.no_resume)
     if env.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         sweep_run_folder(Path(args.output_dir), cfg.train.keep_checkpoints)
-        save_config(cfg, Path(args.output_dir) / "config.yaml")
     barrier()
     setup_rank_output(args.output_dir, env.rank, env.world_size)
-    return cfg
+    pretrained = resolve_pretrained(cfg, command.schema.explicit_keys(args.config_file, overrides))
+    command.validate(cfg)
+    apply_scaling_rules(cfg, world_size=env.world_size)
+    open_run(cfg, env.world_size, resume=not args.no_resume, allow_config_change=args.allow_config_change)
+    barrier()
+    return cfg, pretrained
 
 
 def sweep_run_folder(out_dir: Path, keep_checkpoints: int) -> None:
@@ -140,14 +156,17 @@ def load_initial_weights(
 
 
 class StopRequest:
-    """Records SIGTERM/SIGUSR1 so the loop checkpoints at the end of the current iteration and exits."""
+    """Records SIGTERM/SIGUSR1/SIGINT so the loop checkpoints at the end of the current iteration and exits; a second
+    Ctrl-C (SIGINT) stops at once."""
 
     def __init__(self):
         self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signal is not None:
+            raise KeyboardInterrupt
         self.signal = signum
         print(f"received {signal.Signals(signum).name}: checkpointing after this iteration", flush=True)
 
@@ -169,12 +188,16 @@ def export_release_collective(model: SSLMetaArch, out_dir: Path, done: int, bloc
 
 
 def do_train(
-    cfg: DictConfig, resume: bool = True, meta_arch: Callable[[DictConfig], SSLMetaArch] = SSLMetaArch
+    cfg: DictConfig,
+    resume: bool = True,
+    meta_arch: Callable[[DictConfig], SSLMetaArch] = SSLMetaArch,
+    pretrained: PretrainedWeights | None = None,
 ) -> dict:
     """Run (or resume) the training of ``cfg`` and return the last logged metrics (on every rank).
 
     ``meta_arch(cfg)`` builds the model: Franca's :class:`SSLMetaArch`, or another with its interface (``student`` /
-    ``teacher`` module dicts, ``forward_backward``, ``clip_gradients``, ``update_teacher``, ``export_modules``)."""
+    ``teacher`` module dicts, ``forward_backward``, ``clip_gradients``, ``update_teacher``, ``export_modules``).
+    ``pretrained``: ``student.pretrained_weights`` already read by :func:`setup_run` (read again when None)."""
     out_dir = Path(cfg.train.output_dir)
     env, device = init_distributed()
     rank, world_size = env.rank, env.world_size
@@ -183,8 +206,9 @@ def do_train(
         torch.backends.cudnn.allow_tf32 = True
 
     runtime = Runtime.resolve(cfg, device, world_size)
-    initialise = partial(load_pretrained, cfg)
+    initialise = partial(load_pretrained, cfg, weights=pretrained)
     model = build_model(cfg, runtime, world_size, env.local_world_size, initialise=initialise, meta_arch=meta_arch)
+    drift = DriftMonitor.for_run(cfg, model.export_modules["backbone"], device, runtime.autocast_dtype)
     seed_everything(cfg.train.seed + rank)
     step = build_train_step(cfg, model, runtime)
     optimizer, scaler = step.optimizer, step.scaler
@@ -195,7 +219,7 @@ def do_train(
     block_chunks = cfg.student.block_chunks
     stop_at = cfg.train.stop_at_iteration or max_iter
 
-    checkpointer = TrainingCheckpointer(out_dir, keep=cfg.train.keep_checkpoints)
+    checkpointer = TrainingCheckpointer(out_dir, keep=cfg.train.keep_checkpoints, run=run_identity(out_dir))
     start = 0
     loaded = checkpointer.resume(model, optimizer) if resume else None
     if loaded is not None:
@@ -213,9 +237,11 @@ def do_train(
         return {}
 
     def save(iteration: int) -> None:
-        checkpointer.save(iteration, model, optimizer, scaler, OmegaConf.to_yaml(cfg))
+        backbone_config = model.export_modules["backbone"].build_config()
+        checkpointer.save(iteration, model, optimizer, scaler, OmegaConf.to_yaml(cfg), backbone_config)
 
-    dataset, loader = build_data(cfg, start, rank, world_size, runtime.batched_photometric)
+    accumulation = cfg.train.grad_accumulation_steps  # loader batches per iteration
+    dataset, loader = build_data(cfg, start * accumulation, rank, world_size, runtime.batched_photometric)
     if loaded is not None and loaded.rng is not None:
         restore_rng_state(loaded.rng)
     elif loaded is not None:
@@ -229,15 +255,23 @@ def do_train(
     metrics = MetricsWriter(out_dir / "training_metrics.json", resume_iteration=start) if main_process else None
     tb = _tensorboard(out_dir) if main_process else None
     stop = StopRequest()
-    images_per_iteration = cfg.train.batch_size_per_gpu * world_size
+    images_per_iteration = cfg.train.batch_size_per_gpu * world_size * accumulation
     progress = Progress("Training", max_iter, start)
+    micro = f" x {accumulation} accumulated" if accumulation > 1 else ""
     print(
-        f"training {cfg.student.arch}/{cfg.student.patch_size} on {cfg.train.dataset_path} "
+        f"training {model.export_modules['backbone'].config.label} on {cfg.train.dataset_path} "
         f"({describe_dataset_size(dataset)}) "
-        f"for {max_iter} iterations, batch {cfg.train.batch_size_per_gpu} x {world_size} process(es), "
+        f"for {max_iter} iterations, batch {cfg.train.batch_size_per_gpu} x {world_size} process(es){micro}, "
         f"lr {cfg.optim.lr:.3g}, {runtime.describe()}",
         flush=True,
     )
+    if cfg.train.freeze_backbone_iterations:
+        print(
+            f"stage 1: heads only for {cfg.train.freeze_backbone_iterations} iterations (backbone frozen), then the "
+            f"backbone joins at {cfg.optim.backbone_lr_mult:g} x the lr over a {cfg.optim.backbone_warmup_iterations}"
+            "-iteration ramp",
+            flush=True,
+        )
 
     last_record: dict = {}
     nonfinite = NonFiniteTracker()
@@ -249,14 +283,14 @@ def do_train(
     data_iter = iter(loader)
     for iteration in range(start, max_iter):
         t_data = time.perf_counter()
-        batch = prepare_batch(next(data_iter), runtime)
+        batches = [prepare_batch(next(data_iter), runtime) for _ in range(accumulation)]
         data_time = time.perf_counter() - t_data
 
         done = iteration + 1
         knn_now = knn is not None and knn.due(done, max_iter)  # its accuracies go into this iteration's record
         log_now = done % cfg.train.log_period == 0 or done in (max_iter, stop_at, start + 1) or knn_now
         step_stats: dict | None = {} if log_now else None
-        losses = step(batch, iteration, stats=step_stats)
+        losses = step(batches if accumulation > 1 else batches[0], iteration, stats=step_stats)
         nonfinite.update(losses, iteration)
         window_iters += 1
 
@@ -265,7 +299,7 @@ def do_train(
         save_now = done % ckpt_period == 0 or done == max_iter or stopping or planned_stop
         if log_now or save_now:
             values = all_reduce_mean({k: float(v) for k, v in losses.items()})
-            nonfinite.check(values, iteration, out_dir / "checkpoints")
+            nonfinite.check(values, iteration, checkpointer)
         if log_now:
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -282,10 +316,13 @@ def do_train(
             }
             health_values = reduce_stats(step_stats)
             record.update(health_values)
+            drift_values = drift.measure(model.export_modules["backbone"]) if drift is not None else {}
+            record.update(drift_values)
             if knn_now:
                 record.update(knn.run(model.export_modules["backbone"], done, max_iter, main_process))
             last_record = record
             warnings = monitor.update(health_values, iteration)
+            warnings += drift.update(drift_values, iteration) if drift is not None else []
             if main_process:  # the statistics are global: one warning for the run, not one per rank
                 for warning in warnings:
                     print(f"WARNING: {warning}", flush=True)
@@ -298,7 +335,8 @@ def do_train(
                 progress.print(
                     done,
                     f"loss {record['total_loss']:.4f} ({_format_losses(values)}) lr {schedule_values['lr']:.2e} "
-                    f"{images_per_iteration / iter_time:.1f} img/s{mem} | {format_health(health_values)}",
+                    f"{images_per_iteration / iter_time:.1f} img/s{mem} | {format_health(health_values)}"
+                    + format_drift(drift_values),
                 )
             window_start, window_iters = time.perf_counter(), 0
         if eval_period and done % eval_period == 0 and done != max_iter:
@@ -347,9 +385,10 @@ def main(argv: list[str] | None = None) -> dict:
     """Entry point for ``python -m franca.train``, torchrun workers and SLURM tasks alike."""
     args = get_args_parser().parse_args(argv)
     try:
-        cfg = setup_run(args)
-        return do_train(cfg, resume=not args.no_resume)
+        cfg, pretrained = setup_run(args)
+        return do_train(cfg, resume=not args.no_resume, pretrained=pretrained)
     finally:
+        release_run_folders()
         destroy_distributed()
 
 

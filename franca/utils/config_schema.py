@@ -159,10 +159,21 @@ class ConfigSchema:
             raise ConfigError(
                 f"{self.label} file {str(path)!r} must hold a mapping of sections (e.g. `optim:`), not a list"
             )
+        if not cfg:
+            raise ConfigError(
+                f"{self.label} file {str(path)!r} is empty (no keys); pass the recipe you mean, or leave the file out "
+                f"to use the defaults of {self.defaults_file.name} on purpose"
+            )
         self._check_keys(OmegaConf.to_container(cfg), "", f"{self.label} file {str(path)!r}")
         return cfg
 
     def _parse_override(self, item: str) -> DictConfig:
+        if not item.isascii() and any("\udc80" <= char <= "\udcff" for char in item):
+            raise ConfigError(
+                f"override {item.encode(errors='surrogateescape')!r} holds bytes that are not UTF-8 text (a path "
+                "named in another encoding); the config and its record are text: pass a UTF-8 path, e.g. a symlink "
+                "to that folder"
+            )
         if "=" not in item:
             raise ConfigError(f"override {item!r} has no '='; write it as key=value, e.g. {self.example}")
         try:
@@ -171,6 +182,23 @@ class ConfigSchema:
             raise ConfigError(f"override {item!r} cannot be parsed: {error}; write it as key=value") from error
         self._check_keys(OmegaConf.to_container(cfg), "", f"override {item!r}")
         return cfg
+
+    def explicit_keys(self, config_file: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> set[str]:
+        """The dotted leaf keys that ``config_file`` or ``overrides`` set (those left to the defaults are not)."""
+        layers = [self._load_file(config_file)] if config_file is not None else []
+        layers += [self._parse_override(item) for item in overrides]
+        keys: set[str] = set()
+
+        def visit(node: dict, prefix: str) -> None:
+            for name, value in node.items():
+                if isinstance(value, dict):
+                    visit(value, f"{prefix}{name}.")
+                else:
+                    keys.add(f"{prefix}{name}")
+
+        for layer in layers:
+            visit(OmegaConf.to_container(layer), "")
+        return keys
 
     def load(self, config_file: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> DictConfig:
         """Defaults ← ``config_file`` ← ``overrides`` (``key=value`` strings), type-checked; in struct mode.
