@@ -70,8 +70,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=default_num_workers())
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--alpha-background", default="white", help="colour transparent pixels are composited onto")
-    p.add_argument("--image-max-value", default="0", help="16/32-bit images: 0 = each by its range, else the maximum")
+    p.add_argument("--alpha-background", default=None, help="colour under transparent pixels (default: the model's)")
+    p.add_argument("--image-max-value", default=None, help="16/32-bit images' maximum (default: the model's)")
     p.add_argument("--predictions", type=int, default=4, help="HummingBird val images pictured (default 4)")
     return p
 
@@ -113,7 +113,8 @@ def protocol_argv(name: str, args: argparse.Namespace, folder: Path) -> list[str
     """The command line of one protocol: the shared flags plus its datasets."""
     argv = ["--weights", args.weights, "--output-dir", str(folder), "--seed", str(args.seed)]
     argv += ["--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers)]
-    argv += ["--alpha-background", args.alpha_background, "--image-max-value", args.image_max_value]
+    for flag, value in (("--alpha-background", args.alpha_background), ("--image-max-value", args.image_max_value)):
+        argv += [flag, value] if value is not None else []
     if args.rasa_weights:
         argv += ["--rasa-weights", args.rasa_weights]
     if args.image_size:

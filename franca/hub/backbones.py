@@ -20,7 +20,7 @@ from franca.hub.registry import (
     is_weights_name,
 )
 from franca.layers.rasa_head import RASAHead
-from franca.models.config import ARCHITECTURES, ViTConfig
+from franca.models.config import ARCHITECTURES, ViTConfig, stored_input_decoding
 from franca.models.vision_transformer import DinoVisionTransformer
 from franca.models.weights import extract_rasa_state_dict, from_release, infer_config, infer_image_size, load_strict
 
@@ -212,13 +212,21 @@ def _resolve_arch(arch: str | None) -> str | None:
     raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHITECTURES)} or {sorted(HUB_ENTRIES)}")
 
 
+def _stored_config(weights: str | os.PathLike, raw: dict) -> dict | None:
+    """The stored backbone config of a checkpoint: the ``backbone_config`` our trainer writes beside the teacher, or
+    an export folder's ``config.json``; None when there is none (released and older files)."""
+    if isinstance(raw, dict) and raw.get("backbone_config") is not None:
+        return raw["backbone_config"]
+    if not is_url(str(weights)) and os.path.isdir(weights):
+        return read_export_config(weights)
+    return None
+
+
 def _generic_config(
     weights: str | os.PathLike, state_dict: dict, arch: str | None, stored: dict | None, kwargs: dict
 ) -> ViTConfig:
-    """The ViTConfig of an arbitrary checkpoint: an export folder's config.json or the ``backbone_config`` our
-    trainer stores beside the teacher, else read off the keys; then ``arch``'s width/depth/heads, then ``kwargs``."""
-    if stored is None and not is_url(str(weights)) and os.path.isdir(weights):
-        stored = read_export_config(weights)
+    """The ViTConfig of an arbitrary checkpoint: ``stored`` (:func:`_stored_config`), else read off the keys; then
+    ``arch``'s width/depth/heads, then ``kwargs``."""
     if stored is not None:
         config = ViTConfig.from_dict(stored, source=f"the backbone config of {weights}")
     else:
@@ -258,10 +266,11 @@ def load_backbone(
             )
         return _hub_model(arch, True, weights, use_rasa_head, rasa_weights, kwargs)
     raw = load_checkpoint_file(weights)
-    stored = raw.get("backbone_config") if isinstance(raw, dict) else None
+    stored = _stored_config(weights, raw)
     state_dict, embedded_rasa = from_release(raw)
     config = _generic_config(weights, state_dict, arch, stored, kwargs)
     model = build_loaded_vit(config, state_dict, str(weights))
+    model.input_decoding = stored_input_decoding(stored, f"the backbone config of {weights}")
     _attach_rasa(model, arch, use_rasa_head, rasa_weights, None, embedded_rasa)
     return model
 

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from franca.data.augmentations import make_classification_eval_transform
-from franca.data.image_decoding import ImageDecoding
+from franca.data.image_decoding import training_decoding
 from franca.data.loaders import make_dataset
 from franca.distributed import is_distributed
 from franca.utils.features import extract_features
@@ -120,7 +120,7 @@ def load_knn_dataset(cfg: DictConfig, key: str) -> Dataset:
     images decoded as the training images are (``train.alpha_background``, ``train.image_max_value``)."""
     dataset_str = cfg.evaluation[key]
     size = cfg.crops.global_crops_size
-    decoding = ImageDecoding.from_options(cfg.train.alpha_background, cfg.train.image_max_value)
+    decoding = training_decoding(cfg)
     try:
         transform = make_classification_eval_transform(size, size)
         dataset = make_dataset(dataset_str, transform=transform, decoding=decoding)
