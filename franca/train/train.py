@@ -59,6 +59,7 @@ from franca.parallel import parallelize
 from franca.train.health import HealthMonitor, format_health, reduce_stats
 from franca.train.knn_monitor import build_knn_monitor
 from franca.train.param_groups import apply_optim_schedule, fuse_params_groups, get_params_groups
+from franca.train.progress import announce_uniform_values, finished_run_note, format_losses, model_uniform_values
 from franca.train.runtime import Runtime
 from franca.train.schedules import build_schedules
 from franca.train.ssl_meta_arch import SSLMetaArch
@@ -257,10 +258,6 @@ class StopRequest:
         print(f"received {signal.Signals(signum).name}: checkpointing after this iteration", flush=True)
 
 
-def _format_losses(losses: dict[str, float]) -> str:
-    return " ".join(f"{k.replace('_crops', '').replace('_loss', '')} {v:.4f}" for k, v in losses.items())
-
-
 class NonFiniteTracker:
     """Remembers, on the device and without a host sync, which loss terms went non-finite and since when.
 
@@ -360,6 +357,9 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
     if start >= stop_at and stop_at < max_iter:
         print(f"train.stop_at_iteration={stop_at}: the run is already at iteration {start}; nothing to do", flush=True)
         return {}
+    if start >= max_iter and teacher_export_path(out_dir, max_iter).is_file():
+        print(finished_run_note(out_dir, max_iter), flush=True)
+        return {}
 
     def save(iteration: int) -> None:
         checkpointer.save(iteration, model, optimizer, scaler, OmegaConf.to_yaml(cfg))
@@ -386,6 +386,9 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
         f"lr {cfg.optim.lr:.3g}, {runtime.describe()}",
         flush=True,
     )
+    uniform = model_uniform_values(model, world_size)
+    if main_process:
+        print(announce_uniform_values(uniform), flush=True)
 
     last_record: dict = {}
     nonfinite = NonFiniteTracker()
@@ -393,6 +396,12 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
         cfg.train.health_entropy_threshold, cfg.train.health_min_cls_spread, cfg.train.health_patience
     )
     knn = build_knn_monitor(cfg, device, runtime.autocast_dtype, rank, world_size)
+    if start == 0:  # the run's floor: the teacher at initialisation, exported and, with a k-NN, measured
+        export_teacher_collective(model, out_dir, 0, block_chunks)
+        if knn is not None:
+            initial = {"iteration": -1, **knn.run(model.teacher["backbone"], 0, max_iter, main_process)}
+            if main_process:
+                metrics.write(initial)
     window_start, window_iters = time.perf_counter(), 0
     data_iter = iter(loader)
     for iteration in range(start, max_iter):
@@ -461,7 +470,7 @@ def do_train(cfg: DictConfig, resume: bool = True) -> dict:
                 mem = f" mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GiB" if device.type == "cuda" else ""
                 progress.print(
                     done,
-                    f"loss {record['total_loss']:.4f} ({_format_losses(values)}) lr {lr:.2e} "
+                    f"loss {record['total_loss']:.4f} ({format_losses(values, uniform)}) lr {lr:.2e} "
                     f"{images_per_iteration / iter_time:.1f} img/s{mem} | {format_health(health_values)}",
                 )
             window_start, window_iters = time.perf_counter(), 0
