@@ -95,7 +95,7 @@ def test_every_command_runs_at_the_trained_size_and_records_what_it_measured(
             assert metadata["sizes"]["resize_size"] == round(TRAINED_SIZE * 256 / 224) == 32
     seg = json.loads((tmp_path / "linear_seg" / "results_eval_linear_seg.json").read_text())
     assert seg["protocol"]["input_size"] == [TRAINED_SIZE, TRAINED_SIZE] and seg["protocol"]["name"] == "franca"
-    assert seg["metadata"]["sizes"]["eval_mask_size"] == [100, 100]
+    assert seg["metadata"]["sizes"]["eval_mask_size"] == [TRAINED_SIZE, TRAINED_SIZE]  # 100 px capped at the input
 
 
 def test_old_flag_names_still_work_and_print_a_note(tiny_export, photos, tmp_path, capsys):
