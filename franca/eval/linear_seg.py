@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_dataset": args.train_dataset,
         "val_dataset": args.val_dataset,
         "ignore_index": IGNORE_INDEX,
+        "class_names": getattr(train_dataset, "classes", None),
         **results,
     }
     datasets = {"train": args.train_dataset, "val": args.val_dataset}

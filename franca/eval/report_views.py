@@ -91,7 +91,7 @@ def matryoshka_tables(record: dict) -> list[Table]:
 
 # ------------------------------------------------------------------------------------------------- segmentation
 def segmentation_headline(record: dict) -> Headline:
-    return Headline("mIoU", percent(record["mIoU"]), [("pixel accuracy", percent(record["pixel_accuracy"]))])
+    return Headline(f"mIoU (pixel accuracy {percent(record['pixel_accuracy'])})", percent(record["mIoU"]))
 
 
 def segmentation_tables(record: dict) -> list[Table]:
@@ -101,7 +101,12 @@ def segmentation_tables(record: dict) -> list[Table]:
         [[percent(record["mIoU"]), percent(record["pixel_accuracy"]), str(record.get("num_classes_evaluated", "")),
           str(record.get("num_pixels", ""))]],
     )  # fmt: skip
-    per_class = [[str(c), percent(iou)] for c, iou in enumerate(record.get("per_class_IoU", [])) if iou is not None]
+    names = record.get("class_names") or []
+    per_class = [
+        [names[c] if c < len(names) else str(c), percent(iou)]
+        for c, iou in enumerate(record.get("per_class_IoU", []))
+        if iou is not None
+    ]
     return [summary, Table("IoU per class (classes present)", ["class", "IoU"], per_class)]
 
 
@@ -165,7 +170,7 @@ NOT_SETTINGS = {
     "metadata", "weights", "rasa_weights", "floors", "knn", "linear", "best", "mIoU", "pixel_accuracy",
     "per_class_IoU", "num_classes_evaluated", "num_pixels", "top1", "top5", "holdout_top1", "foreground_share",
     "grids", "images", "train_dataset", "val_dataset", "top1_before_refit", "top5_before_refit", "c_values",
-    "history", "classifiers", "results",
+    "history", "classifiers", "results", "class_names",
 }  # fmt: skip
 
 
