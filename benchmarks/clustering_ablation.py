@@ -23,13 +23,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import environment, markdown_table, write_json_atomic  # noqa: E402
-from franca.config import apply_scaling_rules, load_config  # noqa: E402
 from franca.data.augmentations import make_classification_eval_transform  # noqa: E402
 from franca.data.loaders import make_dataset  # noqa: E402
 from franca.eval.features import extract_features  # noqa: E402
 from franca.eval.knn import knn_accuracies  # noqa: E402
 from franca.hub import load_backbone  # noqa: E402
 from franca.train import train as trainer  # noqa: E402
+from franca.train.config import apply_scaling_rules, load_config  # noqa: E402
 from franca.train.health import level_values  # noqa: E402
 from franca.train.ssl_meta_arch import build_backbone  # noqa: E402
 

@@ -47,11 +47,11 @@ from common import append_results_section, environment, markdown_table, resolve_
 from PIL import Image
 from torchvision import io as tvio
 
-from franca.config import load_config
 from franca.data.batched_augmentations import apply_photometric
 from franca.data.collate import stack_crop_major
-from franca.data.datasets.files import scan_image_files
-from franca.train.train import build_data, build_transform
+from franca.data.datasets.folder_scan import scan_image_files
+from franca.train.build import build_data, build_transform
+from franca.train.config import load_config
 
 PHOTOS = (
     "astronaut",

@@ -46,7 +46,6 @@ from torch import nn
 from torch.utils.data import Subset
 
 from franca.checkpoint import teacher_export_path
-from franca.config import apply_scaling_rules, load_config
 from franca.data.augmentations import make_classification_eval_transform
 from franca.data.loaders import make_dataset, parse_dataset_string
 from franca.data.seeded_transform import seeded_global_rngs
@@ -58,6 +57,7 @@ from franca.eval.matryoshka import matryoshka_dims, matryoshka_knn
 from franca.eval.models import FeatureModel
 from franca.hub import load_backbone, load_rasa_head
 from franca.train import train as trainer
+from franca.train.config import apply_scaling_rules, load_config
 from franca.train.health import level_values
 from franca.train.ssl_meta_arch import build_backbone
 from franca.utils.atomic import atomic_write

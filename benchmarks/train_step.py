@@ -1,9 +1,9 @@
 """Training-step throughput, FLOPs, MFU, peak memory and a time breakdown of the full Franca step.
 
-One step is exactly the trainer's (``franca.train.train.do_train``): schedules applied to the param
-groups, ``SSLMetaArch.forward_backward`` under autocast (teacher + student backbones, five-level Matryoshka DINO and
-iBOT heads, Sinkhorn-Knopp, KoLeo), per-submodule gradient clipping, AdamW (built by the trainer's
-``build_optimizer``) and the EMA teacher update. One "img" is one image with 2×224² + 8×98² crops.
+One step is the trainer's own :class:`franca.train.step.TrainStep` (built by ``franca.train.build.build_train_step``):
+schedules applied to the param groups, ``SSLMetaArch.forward_backward`` under autocast (teacher + student backbones,
+five-level Matryoshka DINO and iBOT heads, Sinkhorn-Knopp, KoLeo), per-submodule gradient clipping, AdamW and the EMA
+teacher update. One "img" is one image with 2×224² + 8×98² crops.
 
 - Data: ``synthetic`` batches have the collated format of the trainer (``collated_global_crops`` [2B,3,224,224],
   ``collated_local_crops`` [8B,3,98,98], masks drawn by the real ``MaskingCollator``, so the masked-token count is
@@ -16,13 +16,14 @@ iBOT heads, Sinkhorn-Knopp, KoLeo), per-submodule gradient clipping, AdamW (buil
 - MFU = FLOPs per step / mean step time / the measured dense ``--peak-size``³ matmul rate in the autocast dtype.
 - Peak memory: ``torch.cuda.max_memory_allocated`` over the timed steps (CUDA only).
 - ``--breakdown``: the same step with device marks from the library's phase hook (``forward_backward(...,
-  on_phase=...)``, ``franca.train.ssl_meta_arch.STEP_PHASES``) after teacher backbone, teacher heads + targets,
+  on_phase=...)``, ``franca.train.step.TRAIN_STEP_PHASES``) after teacher backbone, teacher heads + targets,
   student backbones, student heads + losses and backward, then after clip + AdamW + EMA, averaged over ``--steps``
   steps; and the counted FLOPs of each phase (one eager instrumented step under ``FlopCounterMode``; they sum to the
   FLOPs per step).
-- ``--compile``: ``torch.compile`` on every transformer block of both backbones (``franca.parallel.apply_compile``:
-  one graph per crop resolution and batch size); it sets ``compute_precision.compile``, as ``--dtype`` sets
-  ``compute_precision.dtype``, and the run's settings are resolved once into the trainer's ``Runtime``.
+- ``--compile``: ``torch.compile`` on every transformer block of both backbones
+  (``franca.train.parallel.apply_compile``: one graph per crop resolution and batch size); it sets
+  ``compute_precision.compile``, as ``--dtype`` sets ``compute_precision.dtype``, and the run's settings are resolved
+  once into the trainer's ``Runtime``.
 - The override ``compute_precision.activation_checkpointing=true`` checkpoints the student's blocks as the trainer
   does (after the FLOP count, so MFU keeps counting model FLOPs, not the recomputation). Records are keyed by the
   overrides too, so such a run sits beside the plain one.
@@ -72,16 +73,14 @@ from common import (
 from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from franca.config import apply_scaling_rules, load_config
 from franca.data.samplers import SampleKey
-from franca.parallel import apply_activation_checkpointing, apply_compile
-from franca.train.param_groups import apply_optim_schedule
+from franca.train.build import build_collator, build_data, build_train_step, move_batch, prepare_batch
+from franca.train.config import apply_scaling_rules, load_config
+from franca.train.parallel import apply_activation_checkpointing, apply_compile
 from franca.train.runtime import Runtime, resolve_autocast_dtype
-from franca.train.schedules import build_schedules
-from franca.train.ssl_meta_arch import STEP_PHASES, SSLMetaArch
-from franca.train.train import build_collator, build_data, build_optimizer, move_batch, prepare_batch
+from franca.train.ssl_meta_arch import SSLMetaArch
+from franca.train.step import TRAIN_STEP_PHASES, TrainStep
 
-PHASES = (*STEP_PHASES, "optimizer_ema")
 FLOP_NOTE = (
     "FlopCounterMode counts matmul (mm/addmm/bmm), convolution and scaled-dot-product-attention FLOPs of forward and "
     "backward only; elementwise ops, norms, softmax, Sinkhorn-Knopp and the optimizer are not counted"
@@ -183,50 +182,19 @@ def batch_stream(cfg: DictConfig, data: str, runtime: Runtime) -> Iterator[dict]
     return (prepare_batch(batch, runtime) for batch in loader)
 
 
-class TrainStep:
-    """The trainer's iteration for one model (``step``), and the same with device marks between phases (``timed``)."""
+def make_train_step(cfg: DictConfig, runtime: Runtime) -> TrainStep:
+    """The trainer's :class:`TrainStep` for ``cfg`` on an unparallelised model (compile and activation checkpointing
+    are applied later, after the FLOP count)."""
+    model = SSLMetaArch(cfg).to(runtime.device, dtype=runtime.param_dtype)
+    model.train()
+    return build_train_step(cfg, model, runtime)
 
-    def __init__(self, cfg: DictConfig, runtime: Runtime):
-        self.cfg = cfg
-        self.runtime = runtime
-        self.device = runtime.device
-        self.model = SSLMetaArch(cfg).to(runtime.device)
-        self.model.train()
-        self.optimizer = build_optimizer(cfg, self.model, runtime.device)
-        self.schedules = build_schedules(cfg)
 
-    def _begin(self, iteration: int) -> tuple[float, float]:
-        s = self.schedules
-        apply_optim_schedule(
-            self.optimizer, lr=s["lr"][iteration], wd=s["wd"][iteration], last_layer_lr=s["last_layer_lr"][iteration]
-        )
-        self.optimizer.zero_grad(set_to_none=True)
-        return s["teacher_temp"][iteration], s["momentum"][iteration]
-
-    def _finish(self, momentum: float) -> None:
-        if self.cfg.optim.clip_grad:
-            self.model.clip_gradients(self.cfg.optim.clip_grad)
-        self.optimizer.step()
-        self.model.update_teacher(momentum)
-
-    def step(self, batch: dict, iteration: int) -> dict[str, torch.Tensor]:
-        """One training iteration exactly as ``do_train`` runs it (bf16/fp32: no grad scaler)."""
-        teacher_temp, momentum = self._begin(iteration)
-        losses = self.model.forward_backward(batch, teacher_temp, self.runtime)
-        self._finish(momentum)
-        return losses
-
-    def timed(self, batch: dict, iteration: int, clock) -> dict[str, torch.Tensor]:
-        """``step`` with ``clock.mark`` after each of :data:`PHASES`, the library's own marks inside the step.
-
-        ``clock`` is a :class:`DeviceClock` (time) or a :class:`FlopMarks` (FLOPs).
-        """
-        clock.mark("start")
-        teacher_temp, momentum = self._begin(iteration)
-        losses = self.model.forward_backward(batch, teacher_temp, self.runtime, on_phase=clock.mark)
-        self._finish(momentum)
-        clock.mark("optimizer_ema")
-        return losses
+def timed_step(step: TrainStep, batch: dict, iteration: int, clock) -> dict[str, torch.Tensor]:
+    """One :class:`TrainStep` call with ``clock.mark`` at its start and after each of :data:`TRAIN_STEP_PHASES` (the
+    library's own marks); ``clock`` is a :class:`DeviceClock` (time) or a :class:`FlopMarks` (FLOPs)."""
+    clock.mark("start")
+    return step(batch, iteration, on_phase=clock.mark)
 
 
 class FlopMarks:
@@ -246,37 +214,37 @@ class FlopMarks:
 def count_step_flops(step: TrainStep, batch: dict, iteration: int) -> int:
     """FLOPs of one real eager step (see :data:`FLOP_NOTE`)."""
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
-        step.step(batch, iteration)
+        step(batch, iteration)
     return counter.get_total_flops()
 
 
 def count_phase_flops(step: TrainStep, batch: dict, iteration: int) -> dict[str, int]:
-    """FLOPs of each of :data:`PHASES` in one eager instrumented step."""
+    """FLOPs of each of :data:`TRAIN_STEP_PHASES` in one eager instrumented step."""
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
         marks = FlopMarks(counter)
-        step.timed(batch, iteration, marks)
+        timed_step(step, batch, iteration, marks)
     return dict(marks.intervals())
 
 
 def run_steps(step: TrainStep, batches: Iterator[dict], start: int, count: int) -> tuple[list[float], list[float]]:
     """Time ``count`` full steps from iteration ``start``: per-step ms (device clock) and data-wait ms (host)."""
-    clock, waits = DeviceClock(step.device), []
+    clock, waits = DeviceClock(step.runtime.device), []
     clock.mark("start")
     for iteration in range(start, start + count):
         t0 = time.perf_counter()
         batch = next(batches)
         waits.append((time.perf_counter() - t0) * 1000.0)
-        step.step(batch, iteration)
+        step(batch, iteration)
         clock.mark("step")
     return [ms for _, ms in clock.intervals()], waits
 
 
 def run_breakdown(step: TrainStep, batches: Iterator[dict], start: int, count: int) -> dict[str, float]:
-    """Mean ms per phase of :data:`PHASES` over ``count`` instrumented steps."""
-    totals = dict.fromkeys(PHASES, 0.0)
+    """Mean ms per phase of :data:`TRAIN_STEP_PHASES` over ``count`` instrumented steps."""
+    totals = dict.fromkeys(TRAIN_STEP_PHASES, 0.0)
     for iteration in range(start, start + count):
-        clock = DeviceClock(step.device)
-        step.timed(next(batches), iteration, clock)
+        clock = DeviceClock(step.runtime.device)
+        timed_step(step, next(batches), iteration, clock)
         for name, ms in clock.intervals():
             totals[name] += ms
     return {name: total / count for name, total in totals.items()}
@@ -303,7 +271,7 @@ def benchmark(
         "overrides": list(args.opts),
     }
     torch.manual_seed(cfg.train.seed)
-    step = TrainStep(cfg, Runtime.resolve(cfg, device))
+    step = make_train_step(cfg, Runtime.resolve(cfg, device))
     record["loss_chunk_size"] = step.runtime.loss_chunk_size
     record["autocast_dtype"] = str(step.runtime.autocast_dtype or torch.float32).removeprefix("torch.")
     batches = batch_stream(cfg, args.data, step.runtime)
@@ -363,7 +331,7 @@ def merge_records(existing: list[dict], new: dict) -> list[dict]:
 
 def results_table(records: list[dict]) -> str:
     headers = ["model", "batch", "mode", "data", "img/s", "step ms", "TFLOP/step", "TFLOP/s", "MFU", "peak GiB"]
-    headers += [f"{p} ms" for p in PHASES]
+    headers += [f"{p} ms" for p in TRAIN_STEP_PHASES]
     rows = []
     for r in records:
         mode = ("compiled" if r["compile"] else "eager") + f" {r.get('autocast_dtype', r['dtype'])}"
@@ -386,7 +354,7 @@ def results_table(records: list[dict]) -> str:
                 r["mfu"],
                 r["peak_memory_gib"],
             ]
-            + [phases.get(p) for p in PHASES]
+            + [phases.get(p) for p in TRAIN_STEP_PHASES]
         )
     return markdown_table(headers, rows)
 

@@ -1,7 +1,8 @@
 """RASA training configuration: ``rasa/defaults.yaml`` ← config file ← ``key=value`` overrides, validated.
 
-As for pretraining (:mod:`franca.config`), the defaults file is the schema: an unknown key or a value of the wrong type
-raises :class:`franca.config.ConfigError` naming the dotted key and the fix. The type rules are franca.config's.
+As for pretraining (:mod:`franca.train.config`), the defaults file is the schema
+(:class:`franca.utils.config_schema.ConfigSchema`): an unknown key or a value of the wrong type raises its
+:class:`~franca.utils.config_schema.ConfigError` naming the dotted key and the fix.
 """
 
 import os
@@ -10,7 +11,7 @@ from typing import Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
-from franca.config import ConfigError, ConfigSchema
+from franca.utils.config_schema import ConfigError, ConfigSchema
 
 DEFAULTS_FILE = Path(__file__).parent / "defaults.yaml"
 REGRESSOR_CHOICES = ("trained", "cross_covariance")

@@ -36,11 +36,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from franca.checkpoint.resumable import atomic_torch_save
-from franca.config import ConfigError, save_config
 from franca.data.seeded_transform import seeded_global_rngs
 from franca.eval.features import default_device
 from franca.layers.rasa_head import RASAHead
 from franca.utils.atomic import atomic_write
+from franca.utils.config_schema import ConfigError, save_config
 from franca.utils.logging import MetricsWriter, Progress
 from rasa.config import DEFAULTS_FILE, load_rasa_config
 from rasa.data import (

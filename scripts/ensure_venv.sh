@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "[franca] creating .venv with $("$PY" --version)"
   "$PY" -m venv .venv
 fi
-extras=${FRANCA_EXTRAS:-dev,eval,export,log,slurm}
+extras=${FRANCA_EXTRAS:-dev,eval,export,hf,log,slurm,timm}
 stamp=".venv/.franca-installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${extras//,/_}"
 if [ ! -f "$stamp" ]; then
   echo "[franca] installing franca[$extras] into .venv (torch is large: the first install takes a few minutes)"

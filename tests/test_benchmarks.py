@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from franca.parallel import apply_activation_checkpointing
+from franca.train.parallel import apply_activation_checkpointing
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -79,7 +79,7 @@ def test_train_step_writes_json_with_plausible_fields(train_step_run):
         run["flops_per_step"] / (run["step_ms"]["mean"] / 1000) / run["matmul_peak"]["flops_per_s"]
     )
     assert run["peak_memory_gib"] is None  # CPU: no CUDA allocator statistics
-    assert set(run["breakdown_ms"]) == set(train_step.PHASES)
+    assert set(run["breakdown_ms"]) == set(train_step.TRAIN_STEP_PHASES)
     assert all(ms > 0 for ms in run["breakdown_ms"].values())
     assert run["environment"]["torch"] == torch.__version__ and run["environment"]["date"]
     assert "matmul" in run["flop_counter"] and run["command"].startswith("python benchmarks/train_step.py")
@@ -135,13 +135,13 @@ def test_instrumented_step_equals_the_trainer_step(chunked_losses):
     args = train_step.get_args_parser().parse_args(["--config", CONFIG, *TINY])
     cfg = train_step.build_config(CONFIG, BATCH, args, chunked_losses)
     torch.manual_seed(0)
-    reference = train_step.TrainStep(cfg, train_step.Runtime.resolve(cfg, torch.device("cpu")))
+    reference = train_step.make_train_step(cfg, train_step.Runtime.resolve(cfg, torch.device("cpu")))
     instrumented = copy.deepcopy(reference)
     batch = train_step.synthetic_batches(cfg, torch.device("cpu"), n_mask_sets=1)[0]
     torch.manual_seed(1)
-    expected = reference.step(batch, 3)
+    expected = reference(batch, 3)
     torch.manual_seed(1)
-    got = instrumented.timed(batch, 3, train_step.DeviceClock(torch.device("cpu")))
+    got = train_step.timed_step(instrumented, batch, 3, train_step.DeviceClock(torch.device("cpu")))
     assert (
         got.keys() == expected.keys() == {"dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss"}
     )

@@ -11,7 +11,6 @@ import pytest
 import torch
 from helpers import MODEL_OVERRIDES, TINY_STEP, make_batch, relative_error, student_gradients, with_mask_lists
 
-from franca.config import load_config
 from franca.loss import (
     DenseTargets,
     DINOLoss,
@@ -22,6 +21,7 @@ from franca.loss import (
     sinkhorn_knopp,
     sinkhorn_knopp_streaming,
 )
+from franca.train.config import load_config
 from franca.train.health import reduce_stats
 from franca.train.runtime import Runtime
 from franca.train.ssl_meta_arch import SSLMetaArch
@@ -174,7 +174,7 @@ def test_meta_arch_chunked_path_equals_plain_on_cuda(dtype, tolerance):
 @pytest.mark.cuda
 def test_training_step_has_no_host_sync_on_cuda():
     """forward_backward, clipping, fused AdamW and the EMA update run without a device-to-host synchronisation."""
-    from franca.train.train import build_optimizer
+    from franca.train.build import build_optimizer
 
     device = torch.device("cuda")
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Per-block ``torch.compile`` (``franca.parallel.apply_compile``) against eager on CUDA: one full Franca step.
+"""Per-block ``torch.compile`` (``franca.train.parallel.apply_compile``) against eager on CUDA: one full Franca step.
 
 Compilation must not change what is computed: the same losses and student gradients as the eager step on the same
 model and batch, up to the rounding of reordered and fused reductions. Parameters with tiny, cancelling gradients (the
@@ -12,8 +12,8 @@ import pytest
 import torch
 from helpers import MODEL_OVERRIDES, TINY_STEP, make_batch, relative_error, student_gradients, with_mask_lists
 
-from franca.config import load_config
-from franca.parallel import apply_compile
+from franca.train.config import load_config
+from franca.train.parallel import apply_compile
 from franca.train.runtime import Runtime
 from franca.train.ssl_meta_arch import SSLMetaArch
 

@@ -1,6 +1,8 @@
-"""Config loading and validation (franca.config) and the shipped recipes, against the original configs, training.md."""
+"""Config loading and validation (franca.train.config) and the shipped recipes, against the original configs and
+training.md."""
 
 import math
+import os
 import warnings
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -10,8 +12,9 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from franca.config import VALUE_RULES, ConfigError, apply_scaling_rules, load_config, save_config
 from franca.layers.patch_embed import PatchEmbed
+from franca.train.config import VALUE_RULES, apply_scaling_rules, load_config
+from franca.utils.config_schema import ConfigError, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_RECIPES = ["IN21K/vitb14", "IN21K/vitl14", "IN21K/vitg14", "LAION/vitl14", "LAION/vitg14"]
@@ -357,6 +360,20 @@ def test_invalid_yaml_and_non_mapping_files_are_named(tmp_path):
         load_config(_write(tmp_path, "- 1\n- 2\n", "list.yaml"))
 
 
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n"], ids=["empty", "comment", "empty_mapping"])
+def test_an_empty_config_file_is_an_error_not_the_default_recipe(tmp_path, text):
+    empty = _write(tmp_path, text, "empty.yaml")
+    with pytest.raises(ConfigError, match="is empty .*leave the file out") as error:
+        load_config(empty)
+    assert str(empty) in str(error.value)
+
+
+def test_an_override_with_bytes_that_are_not_utf8_is_named_not_a_crash():
+    path = os.fsdecode(b"/data/ph\xffotos")
+    with pytest.raises(ConfigError, match=r"ph\\xffotos' holds bytes that are not UTF-8 .*symlink"):
+        load_config(None, [f"train.dataset_path=ImageFolder:root={path}"])
+
+
 def test_override_without_equals_sign_is_rejected():
     with pytest.raises(ConfigError, match=r"'optim\.epochs' has no '='"):
         load_config(None, ["optim.epochs"])
@@ -441,7 +458,7 @@ def test_a_user_set_lr_is_replaced_with_a_warning():
         apply_scaling_rules(cfg, world_size=4)  # a config saved by a run (lr already computed) stays silent
 
 
-# One out-of-range value per rule of franca.config.VALUE_RULES: (override, the key the message must name).
+# One out-of-range value per rule of franca.train.config.VALUE_RULES: (override, the key the message must name).
 OUT_OF_RANGE = [
     ("compute_precision.loss_chunk_size=0", "compute_precision.loss_chunk_size"),
     (
@@ -468,9 +485,20 @@ OUT_OF_RANGE = [
     ("train.batch_size_per_gpu=-4", "train.batch_size_per_gpu"),
     ("train.dataset_path=", "train.dataset_path"),
     ("train.saveckp_freq=0", "train.saveckp_freq"),
+    ("train.image_max_megapixels=0", "train.image_max_megapixels"),
     ("train.keep_checkpoints=0", "train.keep_checkpoints"),
     ("train.log_period=0", "train.log_period"),
     ("train.stop_at_iteration=-1", "train.stop_at_iteration"),
+    ("train.freeze_backbone_iterations=-1", "train.freeze_backbone_iterations"),
+    ("train.grad_accumulation_steps=0", "train.grad_accumulation_steps"),
+    ("train.drift_probe_images=-1", "train.drift_probe_images"),
+    ("train.drift_warning_drop=0", "train.drift_warning_drop"),
+    ("train.drift_warning_window=0", "train.drift_warning_window"),
+    ("optim.backbone_lr_mult=0", "optim.backbone_lr_mult"),
+    ("optim.backbone_warmup_iterations=-1", "optim.backbone_warmup_iterations"),
+    ("student.mlp_ratio=0", "student.mlp_ratio"),
+    ("student.layer_norm_eps=0", "student.layer_norm_eps"),
+    ("student.rope_base=0", "student.rope_base"),
     ("train.seed=-1", "train.seed"),
     ("train.num_workers=-1", "train.num_workers"),
     ("train.OFFICIAL_EPOCH_LENGTH=0", "train.OFFICIAL_EPOCH_LENGTH"),
@@ -600,6 +628,15 @@ def test_values_at_the_edges_of_their_ranges_load(overrides):
         (["dino.nesting_list=[64,128]", "ibot.level_weights=[1,1,1]"], ["ibot.level_weights", "2 level(s)"]),
         (["dino.MRL=false", "dino.level_weights=[1,1]"], ["dino.level_weights", "1 level(s)", "dino.MRL=False"]),
         (["optim.freeze_last_layer_epochs=101"], ["optim.freeze_last_layer_epochs=101", "optim.epochs=100"]),
+        (
+            [
+                "optim.epochs=1",
+                "train.OFFICIAL_EPOCH_LENGTH=10",
+                "train.freeze_backbone_iterations=6",
+                "optim.backbone_warmup_iterations=5",
+            ],
+            ["train.freeze_backbone_iterations=6", "optim.backbone_warmup_iterations=5", "10 iterations"],
+        ),
         (["evaluation.knn_train_dataset=ImageFolder:root=/a"], ["evaluation.knn_train_dataset", "knn_val_dataset=''"]),
         (["evaluation.knn_val_dataset=ImageFolder:root=/b"], ["evaluation.knn_train_dataset=''", "knn_val_dataset"]),
         (

@@ -7,9 +7,10 @@ from helpers import TINY_MODEL
 
 from franca.checkpoint import TrainingCheckpointer
 from franca.checkpoint.consolidate import consolidate, find_checkpoints, main
-from franca.config import load_config, save_config
 from franca.hub import load_backbone
+from franca.train.config import load_config
 from franca.train.ssl_meta_arch import SSLMetaArch
+from franca.utils.config_schema import save_config
 
 TINY = [*TINY_MODEL, "student.block_chunks=2"]
 

@@ -85,6 +85,10 @@ def test_config_of_a_released_architecture():
         "num_register_tokens": 0,
         "interpolate_offset": 0.1,
         "interpolate_antialias": False,
+        "layer_norm_eps": 1e-6,
+        "position_encoding": "learned",
+        "rope_base": 100.0,
+        "rope_normalize_coords": "separate",
     }
 
 

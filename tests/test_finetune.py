@@ -8,6 +8,7 @@ import torch
 
 from franca.models import build_vit
 from franca.train import train as trainer
+from franca.train.pretrained import load_pretrained
 from franca.train.ssl_meta_arch import SSLMetaArch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,9 +82,9 @@ def test_finetune_recipe_runs_from_a_highres_converted_release_checkpoint(tmp_pa
     recipe = str(REPO / "configs" / "finetune" / "vitb14_finetune.yaml")
     out = tmp_path / "finetune"
     argv = ["--config-file", recipe, "--output-dir", str(out), *TINY_FINETUNE]
-    cfg = trainer.setup_run(trainer.get_args_parser().parse_args(argv + [f"student.pretrained_weights={converted}"]))
+    cfg, _ = trainer.setup_run(trainer.get_args_parser().parse_args(argv + [f"student.pretrained_weights={converted}"]))
     model = SSLMetaArch(cfg)
-    trainer.load_pretrained(cfg, model)
+    load_pretrained(cfg, model)
     x = torch.randn(2, 3, 24, 24)
     with torch.no_grad():
         expected = source(x)  # the 16 px model run at 24 px interpolates its grid at run time
@@ -93,7 +94,7 @@ def test_finetune_recipe_runs_from_a_highres_converted_release_checkpoint(tmp_pa
             assert torch.equal(backbone(x), expected)
 
     # Loading the 16 px file directly resizes the grid at load time with the same interpolation.
-    cfg_direct = trainer.setup_run(
+    cfg_direct, _ = trainer.setup_run(
         trainer.get_args_parser().parse_args(
             [
                 "--config-file",
@@ -106,7 +107,7 @@ def test_finetune_recipe_runs_from_a_highres_converted_release_checkpoint(tmp_pa
         )
     )
     direct = SSLMetaArch(cfg_direct)
-    trainer.load_pretrained(cfg_direct, direct)
+    load_pretrained(cfg_direct, direct)
     assert torch.equal(direct.student["backbone"].pos_embed, model.student["backbone"].pos_embed)
 
     record = trainer.main(argv + [f"student.pretrained_weights={converted}"])

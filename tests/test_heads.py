@@ -114,6 +114,25 @@ def test_matryoshka_forward_matches_hand_formula(input_mode):
         torch.testing.assert_close(output, h @ prototypes.T)
 
 
+def test_one_layer_heads_are_a_bare_linear_with_the_original_keys():
+    """nlayers=1 as the original ``_build_mlp``: a bare Linear(in → bottleneck), no GELU, keys ``mlps.{l}.weight``;
+    a state dict with those keys (an original 1-layer checkpoint) loads strictly."""
+    head = tiny_matryoshka(nlayers=1).double()
+    state = head.state_dict()
+    assert {k for k in state if k.startswith("mlps.0.")} == {"mlps.0.weight", "mlps.0.bias"}
+    original = {k: torch.randn_like(v) for k, v in state.items()}
+    head.load_state_dict(original)
+    x = torch.randn(3, 64, dtype=torch.float64)
+    for level, (d, output) in enumerate(zip(head.level_dims, head(x), strict=True)):
+        h = x[:, :d] @ original[f"matryoshka_projections.{level}.weight"].T
+        h = h + original[f"matryoshka_projections.{level}.bias"]
+        h = h @ original[f"mlps.{level}.weight"].T + original[f"mlps.{level}.bias"]  # no GELU after the only layer
+        prototypes = weight_normed(original[f"last_layers.{level}.weight_g"], original[f"last_layers.{level}.weight_v"])
+        torch.testing.assert_close(output, h @ prototypes.T)
+    dino = DINOHead(64, 32, hidden_dim=16, bottleneck_dim=8, nlayers=1)
+    assert set(dino.state_dict()) == {"mlp.weight", "mlp.bias", "last_layer.weight_g", "last_layer.weight_v"}
+
+
 def test_weight_norm_names_load_into_torch_legacy_weight_norm():
     head = tiny_matryoshka()
     with warnings.catch_warnings():

@@ -591,3 +591,18 @@ def test_random_init_uses_the_registry_image_size():
         assert franca_vitb14(pretrained=False).pos_embed.shape[1] == 1370
     with pytest.raises(ValueError, match=r"give arch= too, or use a hub name such as 'franca_vitb14:IN21K'"):
         load_backbone("in21k")
+
+
+def test_the_upstream_card_name_in21k_518_is_an_alias():
+    from franca.hub.registry import is_weights_name, release_of
+
+    assert is_weights_name("in21k_518")
+    assert get_weights("vit_base", "IN21K_518") is get_weights("vit_base", "IN21K")
+    assert release_of("franca_vitb14:IN21K_518") is get_weights("vit_base", "IN21K")
+    with pytest.raises(ValueError, match=r"weights 'IN21K_518' \(another name of IN21K\) were not released for vit_l"):
+        get_weights("vit_large", "IN21K_518")
+    with torch.device("meta"):
+        assert franca_vitb14(pretrained=False, weights="IN21K_518").pos_embed.shape[1] == 1370
+    assert release_of(get_weights("vit_large", "LAION").urls[0]).name == "LAION"
+    assert release_of("IN21K_224", arch="vit_base").name == "IN21K_224"
+    assert release_of("/some/own/teacher_checkpoint.pth") is None

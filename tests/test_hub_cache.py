@@ -73,20 +73,32 @@ def test_first_download_records_its_digest_and_later_loads_check_it(server):
     ]
 
 
-def test_planted_file_without_a_record_is_moved_aside_and_downloaded(server):
+@pytest.mark.parametrize(
+    "record", [None, "d41d8cd98f00b204e9800998ecf8427e  small.pth\n"], ids=["no_record", "garbled_record_an_md5"]
+)
+def test_planted_file_without_a_valid_record_is_moved_aside_and_downloaded(server, record):
     files, requested, cache = server
     files[URL] = checkpoint_bytes(1.0)
     cache.mkdir(parents=True)
     planted = checkpoint_bytes(666.0)
     (cache / "small.pth").write_bytes(planted)
+    if record is not None:
+        (cache / "small.pth.sha256").write_text(record)
 
     with pytest.warns(UserWarning) as caught:
         assert loaded_value(URL) == 1.0
     messages = " ".join(str(w.message) for w in caught)
-    assert "small.pth has no recorded SHA-256" in messages and "sha256sum small.pth > small.pth.sha256" in messages
+    if record is None:
+        assert "small.pth has no recorded SHA-256" in messages
+    else:
+        assert "small.pth has a garbled SHA-256 record (small.pth.sha256 holds 'd41d8cd98f00b204" in messages
+        assert "no recorded SHA-256" not in messages
+    assert "sha256sum small.pth > small.pth.sha256" in messages
     assert requested == [URL]
-    (aside,) = set_aside(cache, "small.pth")
+    (aside,) = [path for path in set_aside(cache, "small.pth") if path.suffix != ".sha256"]
     assert aside.read_bytes() == planted, "the planted file is kept, not deleted"
+    if record is not None:
+        assert (cache / f"{aside.name}.sha256").read_text() == record, "the garbled record is kept beside it"
     assert (cache / "small.pth.sha256").read_text().split()[0] == sha256_of(files[URL])
 
 
@@ -99,6 +111,35 @@ def test_a_copy_recorded_by_hand_in_sha256sum_format_is_trusted(server):
     (cache / "small.pth.sha256").write_text(f"{sha256_of(own_copy)}  small.pth\n")
     assert load_quietly(URL) == 2.0
     assert requested == []
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo this must never run",))
+
+
+@pytest.mark.parametrize("protocol", [0, 2])
+def test_a_legacy_format_malicious_pickle_is_refused_as_unsafe_not_called_damaged(tmp_path, protocol, capfd):
+    """torch's legacy (non-zip) format; with protocol 0 the refusal is an opcode, not a named global."""
+    path = tmp_path / "legacy.pth"
+    torch.save(
+        {"w": torch.ones(2), "x": _RunsCode()}, path, _use_new_zipfile_serialization=False, pickle_protocol=protocol
+    )
+    with pytest.raises(
+        RuntimeError, match=r"refusing to load .*legacy\.pth: it is a pickle that the weights-only reader"
+    ) as info:
+        load_checkpoint_file(path)
+    assert "damaged" not in str(info.value) and "could run arbitrary code" in str(info.value)
+    assert "this must never run" not in capfd.readouterr().out
+
+
+def test_random_bytes_are_damage_not_a_refusal(tmp_path):
+    path = tmp_path / "noise.pth"
+    path.write_bytes(bytes(range(210, 256)) * 20)
+    with pytest.raises(RuntimeError, match="is not a readable checkpoint: .*damaged or incomplete"):
+        load_checkpoint_file(path)
 
 
 def test_tampered_file_is_moved_aside_and_downloaded_again(server):

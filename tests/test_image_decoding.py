@@ -14,11 +14,12 @@ import pytest
 from PIL import Image
 
 from franca import demo
-from franca.config import ConfigError, load_config
 from franca.data.datasets import decode_image
 from franca.data.image_decoding import ImageDecoding, parse_background, parse_max_value, to_rgb
 from franca.data.loaders import make_dataset
 from franca.eval.common import add_backbone_arguments, make_eval_dataset, resolve_decoding
+from franca.train.config import load_config
+from franca.utils.config_schema import ConfigError
 
 CORNFLOWER = (100, 149, 237)
 DARK_GREEN = (0, 100, 0)

@@ -13,6 +13,7 @@ from torch.utils.data import TensorDataset
 
 from franca.models import build_vit
 from franca.train import train as trainer
+from franca.train.config import load_config
 from franca.train.knn_monitor import KnnMonitor, build_knn_monitor, require_labels, shard_indices
 from franca.utils.knn import knn_classify, knn_top1
 
@@ -144,13 +145,13 @@ def test_unlabelled_images_streams_and_missing_folders_are_refused(tmp_path):
         require_labels(torch.tensor([0, -1, 3, -1]), "knn_val_dataset")
     tarfile.open(tmp_path / "a.tar", "w").close()
     shards = f"WebDataset:urls={tmp_path / 'a.tar'}"
-    cfg = trainer.load_config(None, [f"evaluation.knn_train_dataset={shards}", "evaluation.knn_val_dataset=X:root=/"])
+    cfg = load_config(None, [f"evaluation.knn_train_dataset={shards}", "evaluation.knn_val_dataset=X:root=/"])
     with pytest.raises(ValueError, match=r"evaluation\.knn_train_dataset='WebDataset:urls=.*' is a stream"):
         build_knn_monitor(cfg, torch.device("cpu"), None)
     cfg.evaluation.knn_train_dataset = f"ImageFolder:root={tmp_path / 'missing'}"
     with pytest.raises(FileNotFoundError, match=r"evaluation\.knn_train_dataset='ImageFolder:root=.*missing'"):
         build_knn_monitor(cfg, torch.device("cpu"), None)
-    assert build_knn_monitor(trainer.load_config(), torch.device("cpu"), None) is None
+    assert build_knn_monitor(load_config(), torch.device("cpu"), None) is None
 
 
 def test_tiny_run_logs_the_teacher_knn_every_period_and_at_the_end(tiny_config, tmp_path, capsys):

@@ -12,13 +12,13 @@ import math
 import torch
 from torch.utils.data import Subset
 
-from franca.config import load_config
 from franca.data.augmentations import make_classification_eval_transform
 from franca.data.loaders import make_dataset
 from franca.eval.features import extract_features
 from franca.eval.knn import knn_accuracies
 from franca.hub import load_backbone
 from franca.train import train as trainer
+from franca.train.config import load_config
 from franca.train.health import level_values
 from franca.train.ssl_meta_arch import build_backbone
 

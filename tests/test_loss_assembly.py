@@ -20,7 +20,7 @@ import pytest
 import torch
 from helpers import TINY_STEP
 
-from franca.config import load_config
+from franca.train.config import load_config
 from franca.train.ssl_meta_arch import SSLMetaArch, StudentOutputs, TeacherTargets
 
 STUDENT_TEMP = 0.1

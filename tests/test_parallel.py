@@ -14,9 +14,9 @@ import torch
 import torch.multiprocessing as mp
 from helpers import IMAGES, TINY_STEP, free_port, make_batch, with_mask_lists
 
-from franca.config import load_config
 from franca.models import build_vit
-from franca.parallel import apply_activation_checkpointing, mixed_precision_policy
+from franca.train.config import load_config
+from franca.train.parallel import apply_activation_checkpointing, mixed_precision_policy
 from franca.train.runtime import Runtime
 
 
@@ -73,7 +73,7 @@ def full_param(p: torch.Tensor) -> torch.Tensor:
 def _worker(rank: int, port: int, mode: str, failures) -> None:
     import torch.distributed as dist
 
-    from franca.parallel import parallelize
+    from franca.train.parallel import parallelize
     from franca.train.ssl_meta_arch import SSLMetaArch
 
     torch.set_num_threads(1)

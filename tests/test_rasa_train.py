@@ -9,8 +9,8 @@ import skimage.data
 import torch
 from PIL import Image
 
-from franca.config import ConfigError
 from franca.models.vision_transformer import build_vit
+from franca.utils.config_schema import ConfigError
 from rasa.train import main
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "cat", "hubble_deep_field", "immunohistochemistry")

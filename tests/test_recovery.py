@@ -22,15 +22,22 @@ from franca.checkpoint import (
     CheckpointMismatchError,
     TrainingCheckpointer,
     UnreadableCheckpointError,
+    atomic_torch_save,
     list_checkpoints,
+    save_teacher_release,
+    teacher_export_path,
 )
+from franca.checkpoint import distributed as checkpoint_distributed
 from franca.checkpoint.consolidate import main as consolidate_main
 from franca.checkpoint.distributed import DCP_STAGING_PATTERN, TRAIN_STATE_FILE, model_and_optimizer_state
-from franca.config import load_config, save_config
+from franca.checkpoint.records import record_path
 from franca.train import train as trainer
+from franca.train.config import load_config
 from franca.train.ssl_meta_arch import SSLMetaArch
-from franca.utils.atomic import atomic_write, sweep_stale_temporaries
+from franca.utils.atomic import atomic_write, sweep_stale_temporaries, temporary_path
+from franca.utils.config_schema import save_config
 from franca.utils.logging import MetricsWriter
+from franca.utils.processes import process_token
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,6 +91,38 @@ def test_sweep_removes_temporaries_of_dead_writers_only(tmp_path):
     assert live.exists() and keep.exists()
 
 
+def test_a_temporary_tagged_with_the_pid_of_a_live_unrelated_process_is_swept(tmp_path):
+    unrelated = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        token = process_token(unrelated.pid)
+        other_token = f".{(int(token, 16) ^ 1):08x}" if token else ""
+        # a temporary of an older franca (pid only), written before that process started: not its writer
+        legacy = tmp_path / f".model_0000003.pth.tmp.{unrelated.pid}"
+        legacy.write_bytes(b"partial")
+        os.utime(legacy, (time.time() - 3600, time.time() - 3600))
+        # a temporary whose token names another process that had the same pid
+        reused = tmp_path / f".model_0000006.pth.tmp.{unrelated.pid}{other_token}"
+        reused.write_bytes(b"partial")
+        # the live writer itself (its own token), and a pid-only temporary it may still be writing
+        writing = tmp_path / (f".model_0000009.pth.tmp.{unrelated.pid}" + (f".{token}" if token else ""))
+        recent = tmp_path / f".model_0000012.pth.tmp.{unrelated.pid}"
+        writing.write_bytes(b"partial")
+        recent.write_bytes(b"partial")
+        removed = sweep_stale_temporaries(tmp_path)
+    finally:
+        unrelated.kill()
+        unrelated.wait()
+    assert sorted(removed) == sorted([legacy, reused] if token else [legacy])
+    assert writing.exists() and recent.exists()
+
+
+def test_temporaries_carry_this_process_token():
+    token = process_token(os.getpid())
+    if token is None:
+        pytest.skip("no /proc here: temporaries carry the pid alone")
+    assert temporary_path("/x/model.pth").name == f".model.pth.tmp.{os.getpid()}.{token}"
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 256 KiB tmpfs (root only), unmounted afterwards."""
@@ -99,22 +138,64 @@ def small_disk(tmp_path):
 
 
 def test_disk_full_says_how_much_was_needed_and_leaves_the_disk_as_it_was(small_disk):
-    with pytest.raises(OSError, match=r"no space left writing .*f\.bin: .* MiB were written .* MiB are free") as info:
+    written_and_free = r".* were written before the disk filled; .* are free in .*; it needs about 1\.0 MiB"
+    with pytest.raises(OSError, match=r"no space left writing .*f\.bin: " + written_and_free) as info:
         atomic_write(small_disk / "f.bin", os.urandom(1 << 20))
     assert info.value.errno == errno.ENOSPC
     assert list(small_disk.iterdir()) == []
     atomic_write(small_disk / "config.yaml", "a: 1\n")  # the rerun's first write succeeds
 
 
-def test_a_checkpoint_that_does_not_fit_on_disk_names_the_previous_size(small_disk):
+@pytest.mark.parametrize("layout", ["file", "dcp"])
+def test_a_checkpoint_that_does_not_fit_on_disk_names_the_space_needed_and_free(small_disk, layout, monkeypatch):
+    """torch.save and DCP report a full disk as ``RuntimeError: ... unexpected pos``; the message must still come."""
+    if layout == "dcp":  # the several-process layout, in this one process (collectives are no-ops here)
+        monkeypatch.setattr(checkpoint_distributed, "get_world_size", lambda: 2)
     cfg = load_config(None, TINY_MODEL)
     model = SSLMetaArch(cfg)
     optimizer = torch.optim.AdamW(model.student.parameters())
     checkpointer = TrainingCheckpointer(small_disk, keep=1)
-    with pytest.raises(OSError, match="no space left") as info:
+    with pytest.raises(OSError) as info:
         checkpointer.save(3, model, optimizer)
+    moments = [t for state in optimizer.state.values() for t in state.values()]  # zero moments and steps, saved too
+    needed = sum(t.numel() * t.element_size() for t in [*model.state_dict().values(), *moments]) / 1024
     assert info.value.errno == errno.ENOSPC
-    assert temporaries(small_disk) == [] and list_checkpoints(checkpointer.dir) == []
+    assert f"no space left writing the checkpoint of iteration 3 to {checkpointer.dir}: it needs about " in str(
+        info.value
+    )
+    assert f"{needed:.1f} KiB (model and optimizer state) and " in str(info.value) and "are free there" in str(
+        info.value
+    )
+    assert temporaries(small_disk) == [] and list(checkpointer.dir.iterdir()) == []
+
+
+def test_a_torch_save_that_fills_the_disk_says_so_instead_of_unexpected_pos(small_disk):
+    with pytest.raises(OSError, match=r"no space left writing .*big\.pth: .* were written .*it needs about 1\.0 MiB"):
+        atomic_torch_save({"w": torch.zeros(1 << 18)}, small_disk / "big.pth")
+    assert list(small_disk.iterdir()) == []
+
+
+def _fill(disk: Path) -> None:
+    try:
+        with open(disk / "filler", "wb", buffering=0) as handle:
+            while True:
+                handle.write(b"\0" * 4096)
+    except OSError:
+        pass
+
+
+def test_a_metrics_append_and_a_teacher_export_on_a_full_disk_name_the_file(small_disk):
+    writer = MetricsWriter(small_disk / "training_metrics.json")
+    _fill(small_disk)
+    with pytest.raises(
+        OSError, match=r"no space left writing .*training_metrics\.json: .* are free in .*; it needs"
+    ) as info:
+        writer.write({"iteration": 0, "total_loss": 1.0, "note": "x" * 8192})
+    assert info.value.errno == errno.ENOSPC
+    export = teacher_export_path(small_disk, 3)
+    with pytest.raises(OSError, match=r"no space left writing .*teacher_checkpoint\.pth: .* it needs about"):
+        save_teacher_release({"dino_head.w": torch.zeros(1 << 16)}, {}, export, block_chunks=0)
+    assert temporaries(small_disk) == []
 
 
 # ------------------------------------------------------------------------------------------ checkpoint fallback
@@ -156,17 +237,25 @@ def _unsafe(path: Path) -> None:
     torch.save({"model": _Unsafe(), "iteration": 6}, path)
 
 
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "without_record"])
 @pytest.mark.parametrize("damage", [_truncate, _empty, _unsafe], ids=["truncated", "empty", "unsafe_pickle"])
-def test_resume_falls_back_to_the_older_checkpoint_and_moves_the_damaged_one_aside(saved, damage, capsys):
+def test_resume_falls_back_to_the_older_checkpoint_and_moves_the_damaged_one_aside(saved, damage, recorded, capsys):
+    """With its record, the digest check finds the damage; without (an older franca's file), the reader does."""
     checkpointer, cfg, weights = saved
     newest = checkpointer.dir / "model_0000006.pth"
+    if not recorded:
+        record_path(newest).unlink()
     damage(newest)
     model = SSLMetaArch(cfg)
     loaded = checkpointer.resume(model, torch.optim.AdamW(model.student.parameters()))
     assert loaded.iteration == 3
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights[3].items())
     out = capsys.readouterr().out
-    assert f"WARNING: cannot read {newest}" in out or f"WARNING: {newest} is empty" in out
+    if recorded:
+        assert f"WARNING: {newest} fails its integrity check: {newest} has SHA-256" in out
+        assert (checkpointer.dir / "model_0000006.pth.unreadable.record.json").is_file()
+    else:
+        assert f"WARNING: cannot read {newest}" in out or f"WARNING: {newest} is empty" in out
     assert "this must never run" not in out
     assert not newest.exists() and (checkpointer.dir / "model_0000006.pth.unreadable").is_file()
     assert [it for it, _ in list_checkpoints(checkpointer.dir)] == [3]

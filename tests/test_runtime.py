@@ -6,9 +6,10 @@ CUDA resolution is checked with a ``torch.device("cuda")`` object, which needs n
 import pytest
 import torch
 
-from franca.config import ConfigError, load_config
-from franca.parallel import SHARDING_STRATEGIES
+from franca.train.config import load_config
+from franca.train.parallel import SHARDING_STRATEGIES
 from franca.train.runtime import Runtime, resolve_distributed_mode, resolve_loss_chunk_size, resolve_switch
+from franca.utils.config_schema import ConfigError
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from franca.config import ConfigError, apply_scaling_rules, load_config
+from franca.train.config import apply_scaling_rules, load_config
 from franca.train.schedules import CosineScheduler, ZeroedPrefix, build_schedules
+from franca.utils.config_schema import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

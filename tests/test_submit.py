@@ -9,8 +9,8 @@ import threading
 import pytest
 import torch
 
-from franca.config import ConfigError
 from franca.run import submit
+from franca.utils.config_schema import ConfigError
 
 
 def _printed_parameters(text: str) -> dict:
@@ -22,7 +22,8 @@ def test_dry_run_prints_one_task_per_gpu_and_the_trainer_command(tiny_config, tm
     monkeypatch.chdir(tmp_path)
     slurm = ["--nodes", "3", "--ngpus", "4", "--partition", "gpu", "--timeout", "90", "--account", "proj", "--qos",
              "high", "--constraint", "h100", "--exclude", "node[01-02]", "--comment", "franca run"]  # fmt: skip
-    trainer = ["--config-file", "tiny.yaml", "--output-dir", "run", "--no-resume", "optim.base_lr=0.02"]
+    trainer = ["--config-file", "tiny.yaml", "--output-dir", "run", "--no-resume", "--allow-config-change"]
+    trainer.append("optim.base_lr=0.02")
     argv = slurm + trainer + ["--dry-run"]
     assert submit.main(argv) == 0
     out = capsys.readouterr().out
@@ -35,7 +36,8 @@ def test_dry_run_prints_one_task_per_gpu_and_the_trainer_command(tiny_config, tm
     assert parameters["slurm_exclude"] == "node[01-02]" and parameters["slurm_comment"] == "franca run"
     command = next(line for line in out.splitlines() if "tasks runs:" in line)
     assert "each of the 12 tasks runs:" in command
-    assert f"-m franca.train --config-file {tiny_config} --output-dir {tmp_path / 'run'} --no-resume" in command
+    flags = f"--config-file {tiny_config} --output-dir {tmp_path / 'run'} --no-resume --allow-config-change"
+    assert f"-m franca.train {flags}" in command
     assert command.endswith("optim.base_lr=0.02")
     # 12 processes x 8 images; lr = base_lr * sqrt(96 / 1024), written out here
     assert "global batch 96," in out and f"lr {0.02 * (96 / 1024) ** 0.5:.3g} " in out

@@ -13,10 +13,13 @@ import pytest
 import torch
 from helpers import TINY_RUN
 
-from franca.config import ConfigError
 from franca.data.batched_augmentations import apply_photometric_to_batch
 from franca.hub import load_backbone
+from franca.train import build
 from franca.train import train as trainer
+from franca.train.nonfinite import NonFiniteLossError
+from franca.train.pretrained import load_pretrained
+from franca.utils.config_schema import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 HEALTH_KINDS = ("target_entropy", "student_entropy", "prototypes_used")
@@ -48,7 +51,7 @@ class ReferenceRuns:
                 trainer.main(argv)
             else:
                 with pytest.MonkeyPatch.context() as patch:
-                    patch.setattr(trainer, "apply_photometric_to_batch", self._spy)
+                    patch.setattr(build, "apply_photometric_to_batch", self._spy)
                     trainer.main([*argv, "crops.batched_photometric=true"])
             self._finished.add(name)
         return out
@@ -191,15 +194,19 @@ def test_pretrained_weights_initialise_both_backbones(tiny_config, tmp_path):
     export = first / "eval" / "training_3" / "teacher_checkpoint.pth"
     cfg_args = ["--config-file", str(tiny_config), "--output-dir", str(tmp_path / "second")]
     args = trainer.get_args_parser().parse_args(cfg_args + [f"student.pretrained_weights={export}"])
-    cfg = trainer.setup_run(args)
+    cfg, pretrained = trainer.setup_run(args)
     from franca.train.ssl_meta_arch import SSLMetaArch
 
     model = SSLMetaArch(cfg)
-    trainer.load_pretrained(cfg, model)
+    load_pretrained(cfg, model, pretrained)
     source = load_backbone(export).state_dict()
+    exported = torch.load(export, weights_only=True)["teacher"]
     for name in ("student", "teacher"):
         own = model.__getattr__(name)["backbone"].state_dict()
         assert all(torch.equal(own[k], v) for k, v in source.items())
+        for head in ("dino_head", "ibot_head"):  # the export carries the teacher's heads: both runs start from them
+            own_head = model.__getattr__(name)[head].state_dict()
+            assert all(torch.equal(v, exported[f"{head}.{k}"]) for k, v in own_head.items())
 
 
 def test_config_and_dataset_errors_are_clear(tiny_config, tmp_path):
@@ -213,22 +220,22 @@ def test_config_and_dataset_errors_are_clear(tiny_config, tmp_path):
 def test_nonfinite_loss_stops_with_the_term_name(tiny_config, tmp_path, monkeypatch):
     from franca.train.ssl_meta_arch import SSLMetaArch
 
-    original = SSLMetaArch.compute_losses
+    original = SSLMetaArch.assemble_losses
 
     def poisoned(self, *args, **kwargs):
         losses = original(self, *args, **kwargs)
         losses["koleo_loss"] = losses["koleo_loss"] * float("nan")
         return losses
 
-    monkeypatch.setattr(SSLMetaArch, "compute_losses", poisoned)
-    with pytest.raises(trainer.NonFiniteLossError, match="koleo_loss"):
+    monkeypatch.setattr(SSLMetaArch, "assemble_losses", poisoned)
+    with pytest.raises(NonFiniteLossError, match="koleo_loss"):
         trainer.main(["--config-file", str(tiny_config), "--output-dir", str(tmp_path / "nan")])
 
 
 def test_nonfinite_loss_between_log_steps_is_caught_before_the_next_checkpoint(tiny_config, tmp_path, monkeypatch):
     from franca.train.ssl_meta_arch import SSLMetaArch
 
-    original, calls = SSLMetaArch.compute_losses, []
+    original, calls = SSLMetaArch.assemble_losses, []
 
     def poisoned_once(self, *args, **kwargs):
         losses = original(self, *args, **kwargs)
@@ -237,11 +244,13 @@ def test_nonfinite_loss_between_log_steps_is_caught_before_the_next_checkpoint(t
             losses["ibot_loss"] = losses["ibot_loss"] * float("inf")
         return losses
 
-    monkeypatch.setattr(SSLMetaArch, "compute_losses", poisoned_once)
+    monkeypatch.setattr(SSLMetaArch, "assemble_losses", poisoned_once)
     out = tmp_path / "inf"
-    with pytest.raises(trainer.NonFiniteLossError, match=r"ibot_loss.*since iteration 4"):
+    with pytest.raises(NonFiniteLossError, match=r"ibot_loss.*since iteration 4") as info:
         trainer.main(["--config-file", str(tiny_config), "--output-dir", str(out), "train.log_period=5"])
-    assert sorted(p.name for p in (out / "checkpoints").glob("model_*")) == ["model_0000003.pth"]
+    assert sorted(p.name for p in (out / "checkpoints").glob("model_*.pth")) == ["model_0000003.pth"]
+    checkpoint = out / "checkpoints" / "model_0000003.pth"
+    assert f"integrity check and was followed by finite steps is {checkpoint}" in str(info.value)
 
 
 def test_quickstart_runs_end_to_end_in_short_form(tmp_path, capsys):

@@ -20,6 +20,7 @@ import torch
 from helpers import free_port
 
 from franca.checkpoint.consolidate import main as consolidate_main
+from franca.checkpoint.records import read_record
 from franca.hub import load_backbone
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +85,9 @@ def test_two_ranks_give_the_single_process_losses_and_rank_zero_writes(runs):
     assert sorted(p.name for p in (runs["two"] / "checkpoints").iterdir()) == ["dcp_0000006", "dcp_0000009"]
     dcp_dir = runs["two"] / "checkpoints" / "dcp_0000009"
     assert {"rng_rank0.pth", "rng_rank1.pth", "train_state.pth"} <= {p.name for p in dcp_dir.iterdir()}
+    digests = read_record(dcp_dir).files  # every rank's files, hashed by the rank that wrote them
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(digests)
+    assert sorted(digests) == sorted(p.name for p in dcp_dir.iterdir() if p.name != "record.json")
     assert (runs["two"] / "logs" / "log.rank1.txt").is_file()
     assert "Training [" not in (runs["two"] / "logs" / "log.rank1.txt").read_text()  # progress: rank 0 only
     a = torch.load(runs["one"] / "eval" / "training_9" / "teacher_checkpoint.pth", weights_only=True)["teacher"]

@@ -100,12 +100,17 @@ def test_from_student_config_reads_every_student_key():
             layerscale=1e-5,
             drop_path_uniform=False,
             ffn_layer="mlp",
+            mlp_ratio=3.0,
             qkv_bias=False,
             proj_bias=True,
             ffn_bias=False,
             num_register_tokens=4,
             interpolate_antialias=True,
             interpolate_offset=0.0,
+            layer_norm_eps=1e-5,
+            position_encoding="rope",
+            rope_base=50.0,
+            rope_normalize_coords="max",
         )
     )
     expected = ViTConfig(
@@ -115,6 +120,7 @@ def test_from_student_config_reads_every_student_key():
         depth=12,
         num_heads=4,
         ffn_layer="mlp",
+        mlp_ratio=3.0,
         layerscale=1e-5,
         drop_path_rate=0.3,
         drop_path_uniform=False,
@@ -124,6 +130,10 @@ def test_from_student_config_reads_every_student_key():
         num_register_tokens=4,
         interpolate_offset=0.0,
         interpolate_antialias=True,
+        layer_norm_eps=1e-5,
+        position_encoding="rope",
+        rope_base=50.0,
+        rope_normalize_coords="max",
     )
     assert ViTConfig.from_student_config(student, img_size=96) == expected
     assert ViTConfig.from_student_config(student, img_size=96, drop_path=False).drop_path_rate == 0.0

@@ -10,9 +10,12 @@ number of ranks, or a single-process ``model_*.pth`` — and writes into the fol
 * ``backbone/``: the teacher backbone as a safetensors folder (:mod:`franca.models.safetensors_folder`, the folder
   ``python -m franca.export.safetensors`` writes).
 
-Only the teacher's tensors are read from a DCP folder (not the student nor the optimizer). Without ``--iteration``,
-an unreadable newest checkpoint (truncated, empty, refused by the weights-only reader) is reported and the next older
-one is used; nothing in the run folder is changed.
+Only the teacher's tensors are read from a DCP folder (not the student nor the optimizer). Only checkpoints of the
+folder's run (``run.json``, :mod:`franca.checkpoint.records`) are used, each checked against its recorded SHA-256
+digests first. Without ``--iteration``, an unreadable newest checkpoint (truncated, empty, refused by the weights-only
+reader, failing its digest check) is reported and the next older one is used; nothing in the run folder is changed.
+The teacher is rebuilt with the config recorded with the checkpoint (else the one stored in a DCP folder, else the
+run's ``config.yaml``).
 """
 
 import argparse
@@ -29,7 +32,9 @@ from franca.checkpoint.distributed import (
     list_checkpoints,
     read_checkpoint_file,
     read_dcp_tensors,
+    verify_checkpoint,
 )
+from franca.checkpoint.records import RecordError, read_record, read_run_id
 from franca.checkpoint.release import save_teacher_release
 from franca.data.image_decoding import training_decoding
 from franca.models.config import ViTConfig
@@ -42,8 +47,9 @@ BACKBONE_PREFIX = "backbone."
 
 
 def find_checkpoints(run_dir: str | os.PathLike, iteration: int | None = None) -> list[Path]:
-    """The checkpoints of ``run_dir`` to try, newest first (only the one saved to resume at ``iteration`` if given)."""
-    found = list_checkpoints(Path(run_dir) / "checkpoints")
+    """The checkpoints of ``run_dir``'s run to try, newest first (only the one saved to resume at ``iteration`` if
+    given)."""
+    found = [(it, path) for it, path in list_checkpoints(Path(run_dir) / "checkpoints") if _of_the_run(run_dir, path)]
     if not found:
         raise FileNotFoundError(f"no training checkpoint under {Path(run_dir) / 'checkpoints'}; is it a run dir?")
     if iteration is None:
@@ -56,18 +62,38 @@ def find_checkpoints(run_dir: str | os.PathLike, iteration: int | None = None) -
     return matching
 
 
+def _of_the_run(run_dir: str | os.PathLike, checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` belongs to the run of ``run_dir`` (any checkpoint, in a folder without ``run.json``);
+    one of another run is named on stderr."""
+    run_id = read_run_id(run_dir)
+    if run_id is None:
+        return True
+    try:
+        record = read_record(checkpoint)
+    except RecordError:
+        return True  # damaged: reported when it is read
+    if record is not None and record.run_id == run_id:
+        return True
+    print(f"skipping {checkpoint}: it is not a checkpoint of the run {run_id} of {run_dir}", file=sys.stderr)
+    return False
+
+
 def load_teacher_state(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
-    """The teacher ModuleDict state dict of a checkpoint, and the config YAML stored with it (DCP only)."""
+    """The teacher ModuleDict state dict of a checkpoint, checked against its record, and the config YAML recorded
+    or stored with it (None when neither has one)."""
     path = Path(checkpoint)
+    record = verify_checkpoint(path, collective=False)
+    recorded_yaml = OmegaConf.to_yaml(OmegaConf.create(record.config)) if record and record.config else None
     if path.is_dir():
         train_state = read_checkpoint_file(path / TRAIN_STATE_FILE)
         prefix = "model." + TEACHER_PREFIX
         teacher = {k[len(prefix) :]: v for k, v in read_dcp_tensors(path, prefix).items()}
-        stored_yaml = train_state.get("config") or None
+        stored_yaml = recorded_yaml or train_state.get("config") or None
     else:
-        model = read_checkpoint_file(path).get("model", {})
+        state = read_checkpoint_file(path)
+        model = state.get("model", {})
         teacher = {k[len(TEACHER_PREFIX) :]: v for k, v in model.items() if k.startswith(TEACHER_PREFIX)}
-        stored_yaml = None
+        stored_yaml = recorded_yaml or state.get("config") or None
     if not teacher:
         raise ValueError(f"checkpoint {path} holds no teacher weights; it is not a franca training checkpoint")
     return teacher, stored_yaml

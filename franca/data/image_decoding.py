@@ -17,9 +17,14 @@
 * Everything else (L, P, 1, CMYK, YCbCr, ...) is converted by Pillow as before.
 
 8-bit images are never rescaled: ``max_value`` only concerns the high-bit-depth modes.
+
+* **The decode-size cap**: an image whose header says it has more than ``max_pixels`` pixels raises
+  :class:`ImageTooLargeError` before any pixel is decoded (datasets then skip it as unreadable). Pillow's own
+  decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) is raised to the cap when the cap is larger, so the cap rules.
 """
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +41,11 @@ BACKGROUND_FORMS = (
 )
 _HEX_COLOUR = re.compile(r"#([0-9a-fA-F]{6})")
 _TRIPLE = re.compile(r"\s*(\d{1,3})\s*,\s*(\d{1,3})\s*,\s*(\d{1,3})\s*")
+DEFAULT_MAX_MEGAPIXELS = 100.0
+
+
+class ImageTooLargeError(ValueError):
+    """An image with more pixels than the decode-size cap."""
 
 
 def parse_background(value: str) -> Colour:
@@ -138,11 +148,44 @@ class ImageDecoding:
 
     background: Colour = WHITE
     max_value: float | None = None
+    max_pixels: int = int(DEFAULT_MAX_MEGAPIXELS * 1e6)
 
     @classmethod
-    def from_options(cls, alpha_background: str = "white", image_max_value: float = 0.0) -> "ImageDecoding":
-        """From the option values (``train.alpha_background``, ``train.image_max_value``; 0 = per-image range)."""
-        return cls(parse_background(alpha_background), parse_max_value(image_max_value))
+    def from_options(
+        cls,
+        alpha_background: str = "white",
+        image_max_value: float = 0.0,
+        image_max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+    ) -> "ImageDecoding":
+        """From the option values (``train.alpha_background``, ``train.image_max_value``; 0 = per-image range,
+        ``train.image_max_megapixels``)."""
+        background, max_value = parse_background(alpha_background), parse_max_value(image_max_value)
+        return cls(background, max_value, int(image_max_megapixels * 1e6))
+
+    def open(self, stream) -> Image.Image:
+        """``Image.open`` of a file object, refused with :class:`ImageTooLargeError` when its header says it has more
+        than ``max_pixels`` pixels (nothing is decoded yet)."""
+        if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < self.max_pixels:
+            Image.MAX_IMAGE_PIXELS = self.max_pixels
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the cap below is the rule
+            try:
+                image = Image.open(stream)
+            except Image.DecompressionBombError as err:  # over twice Pillow's limit, refused while opening
+                raise ImageTooLargeError(f"{err} {self._fix}") from None
+        width, height = image.size
+        if width * height > self.max_pixels:
+            image.close()
+            size = f"{width}x{height} = {width * height / 1e6:.0f} megapixels"
+            raise ImageTooLargeError(f"the image is {size}. {self._fix}")
+        return image
+
+    @property
+    def _fix(self) -> str:
+        return (
+            f"That is above the decode-size cap of {self.max_pixels / 1e6:g} megapixels (train.image_max_megapixels), "
+            "so it is not decoded; raise the cap to use it, or downscale the file"
+        )
 
     @classmethod
     def from_record(cls, record: dict) -> "ImageDecoding":
@@ -166,5 +209,9 @@ DEFAULT_DECODING = ImageDecoding()
 
 
 def training_decoding(cfg) -> ImageDecoding:
-    """The decoding of a training config's ``train.alpha_background`` and ``train.image_max_value``."""
-    return ImageDecoding.from_options(cfg.train.alpha_background, cfg.train.image_max_value)
+    """How a training run decodes its images (``train.alpha_background``, ``train.image_max_value``,
+    ``train.image_max_megapixels``): the training loader, the periodic k-NN, the drift probe and the decoding stored
+    with the exported model share it."""
+    return ImageDecoding.from_options(
+        cfg.train.alpha_background, cfg.train.image_max_value, cfg.train.image_max_megapixels
+    )

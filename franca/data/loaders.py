@@ -139,9 +139,10 @@ def train_worker_loader(
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """Workers ignore SIGTERM/SIGUSR1 (sent to the whole process group on preemption) so that the main process can
-    finish its iteration and write a checkpoint before the loader shuts them down."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    """Workers ignore SIGTERM/SIGUSR1 (sent to the whole process group on preemption) and SIGINT (Ctrl-C reaches the
+    whole foreground group) so that the main process can finish its iteration and write a checkpoint before the loader
+    shuts them down."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 

@@ -9,6 +9,7 @@ from franca.distributed.environment import (
 )
 from franca.distributed.logging import setup_rank_output
 from franca.distributed.process_group import (
+    all_gather_object,
     all_reduce_mean,
     any_rank,
     barrier,
@@ -24,6 +25,7 @@ from franca.distributed.process_group import (
 
 __all__ = [
     "DistributedEnvironment",
+    "all_gather_object",
     "all_reduce_mean",
     "any_rank",
     "barrier",

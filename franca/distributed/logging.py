@@ -10,16 +10,23 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from franca.utils.atomic import disk_full_message, is_disk_full
+
 
 class _Tee:
-    """A text stream that writes to several streams."""
+    """A text stream that writes to several streams; a full disk under a log file raises ``OSError`` naming it."""
 
     def __init__(self, *streams: TextIO):
         self.streams = streams
 
     def write(self, text: str) -> int:
         for stream in self.streams:
-            stream.write(text)
+            try:
+                stream.write(text)
+            except OSError as err:
+                if not is_disk_full(err) or not isinstance(getattr(stream, "name", None), str):
+                    raise
+                raise OSError(err.errno, disk_full_message(stream.name, len(text.encode()), code=err.errno)) from err
         return len(text)
 
     def flush(self) -> None:
@@ -46,7 +53,7 @@ def setup_rank_output(output_dir: str | os.PathLike, rank: int, world_size: int)
     path.parent.mkdir(parents=True, exist_ok=True)
     log = open(path, "a", buffering=1)
     previous = sys.stdout
-    sys.stdout = _Tee(previous, log) if rank == 0 else log
+    sys.stdout = _Tee(previous, log) if rank == 0 else _Tee(log)
 
     def restore() -> None:  # before the interpreter's last flush of sys.stdout, which must not hit a closed file
         sys.stdout = previous

@@ -17,6 +17,7 @@ import torch
 
 import franca
 from franca.hub import DEFAULT_WEIGHTS, HUB_ENTRIES, get_weights
+from franca.utils.digest import file_sha256
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
@@ -33,14 +34,6 @@ def git_revision(root: Path = REPOSITORY_ROOT) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return result.stdout.strip() or None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def hub_checkpoint_dir() -> Path:

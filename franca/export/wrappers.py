@@ -133,6 +133,11 @@ class ExportableBackbone(nn.Module):
 
     def __init__(self, model: DinoVisionTransformer, image_size: tuple[int, int] | None = None):
         super().__init__()
+        if model.pos_embed is None:
+            raise ValueError(
+                "graph export (ONNX, Core ML) covers backbones with learned position embeddings; this one uses RoPE "
+                "(DINOv3), which the exported graph does not compute: run it in PyTorch"
+            )
         if model.pos_embed.dtype != torch.float32:
             raise ValueError(
                 f"graph export expects a float32 model, got {model.pos_embed.dtype}; call model.float() first "

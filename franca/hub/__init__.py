@@ -8,6 +8,7 @@ from franca.hub.backbones import (
     franca_vitg14,
     franca_vitl14,
     load_backbone,
+    load_backbone_and_heads,
     load_rasa_head,
 )
 from franca.hub.loading import download_file, load_checkpoint_file, load_multipart_checkpoint, read_export_config
@@ -38,6 +39,7 @@ __all__ = [
     "franca_vitl14",
     "get_weights",
     "load_backbone",
+    "load_backbone_and_heads",
     "load_checkpoint_file",
     "load_multipart_checkpoint",
     "load_rasa_head",

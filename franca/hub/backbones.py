@@ -6,7 +6,10 @@ strictly: a checkpoint of another architecture is refused with its missing, unex
 ``load_backbone`` builds any of our ViTs from an arbitrary checkpoint, reading the architecture off its keys.
 """
 
+import json
 import os
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -19,10 +22,18 @@ from franca.hub.registry import (
     get_weights,
     is_weights_name,
 )
+from franca.interop.folders import FRANCA_CONFIG_FILE, folder_format, read_foreign_folder
 from franca.layers.rasa_head import RASAHead
-from franca.models.config import ARCHITECTURES, ViTConfig, stored_input_decoding
+from franca.models.config import ARCHITECTURES, INPUT_DECODING_KEY, ViTConfig, stored_input_decoding
 from franca.models.vision_transformer import DinoVisionTransformer
-from franca.models.weights import extract_rasa_state_dict, from_release, infer_config, infer_image_size, load_strict
+from franca.models.weights import (
+    extract_rasa_state_dict,
+    extract_training_heads,
+    from_release,
+    infer_config,
+    infer_image_size,
+    load_strict,
+)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading sources
@@ -231,12 +242,22 @@ def _generic_config(
         config = ViTConfig.from_dict(stored, source=f"the backbone config of {weights}")
     else:
         config = infer_config(state_dict, num_heads=kwargs.get("num_heads"))
+        if arch is None and "num_heads" not in kwargs and config.arch is None:
+            warnings.warn(
+                f"{weights} stores no backbone config and its width {config.embed_dim} is not a standard one: the head "
+                f"count is guessed as {config.num_heads} (width / 64), which the weights' shapes cannot confirm; pass "
+                "num_heads= if the model was trained with another",
+                UserWarning,
+                stacklevel=3,
+            )
     if arch is not None:
         named = ViTConfig.for_arch(arch)
         config = config.with_overrides(embed_dim=named.embed_dim, depth=named.depth, num_heads=named.num_heads)
     kwargs = dict(kwargs)
     requested_size = kwargs.pop("img_size", None)
     config = config.with_overrides(**kwargs)
+    if config.uses_rope:  # no position grid: the stored size is the one the model was trained at
+        return config.with_overrides(img_size=requested_size or config.img_size)
     img_size = _checkpoint_image_size(requested_size, infer_image_size(state_dict, config.patch_size))
     return config.with_overrides(img_size=img_size)
 
@@ -249,8 +270,9 @@ def load_backbone(
     **kwargs,
 ) -> DinoVisionTransformer:
     """Any backbone: a hub name (``franca_vitb14``, ``franca_vitb14:IN21K_224``), a released weights name with
-    ``arch``, or a checkpoint file / export folder / URL of any of our ViTs (architecture read off the keys; ``arch``
-    sets the number of heads of a non-standard one, keywords override the rest)."""
+    ``arch``, a checkpoint file / export folder / URL of any of our ViTs (architecture read off the keys; ``arch``
+    sets the number of heads of a non-standard one, keywords override the rest), or a transformers / timm folder of
+    a DINOv2, DINOv3 or exported Franca backbone (:mod:`franca.interop.folders`)."""
     arch = _resolve_arch(arch)
     entry, _, name = str(weights).partition(":")
     if entry in HUB_ENTRIES and not os.path.exists(weights):
@@ -265,14 +287,45 @@ def load_backbone(
                 f"'franca_vitb14:{str(weights).upper()}'"
             )
         return _hub_model(arch, True, weights, use_rasa_head, rasa_weights, kwargs)
-    raw = load_checkpoint_file(weights)
-    stored = _stored_config(weights, raw)
-    state_dict, embedded_rasa = from_release(raw)
+    model, _ = _load_file_backbone(weights, arch, rasa_weights, use_rasa_head, kwargs)
+    return model
+
+
+def _load_file_backbone(
+    weights: str | os.PathLike, arch: str | None, rasa_weights, use_rasa_head: bool, kwargs: dict
+) -> tuple[DinoVisionTransformer, dict | None]:
+    """The backbone of a checkpoint file / export folder / transformers or timm folder / URL, and the raw checkpoint
+    it was read from (None for a transformers or timm folder)."""
+    raw = None
+    if not is_url(str(weights)) and folder_format(weights) is not None:
+        config, state_dict = read_foreign_folder(weights)
+        stored, embedded_rasa = {**config.to_dict(), **_franca_config_decoding(weights)}, {}
+    else:
+        raw = load_checkpoint_file(weights)
+        stored = _stored_config(weights, raw)
+        state_dict, embedded_rasa = from_release(raw)
     config = _generic_config(weights, state_dict, arch, stored, kwargs)
     model = build_loaded_vit(config, state_dict, str(weights))
     model.input_decoding = stored_input_decoding(stored, f"the backbone config of {weights}")
     _attach_rasa(model, arch, use_rasa_head, rasa_weights, None, embedded_rasa)
-    return model
+    return model, raw
+
+
+def _franca_config_decoding(folder: str | os.PathLike) -> dict:
+    """``{"input_decoding": …}`` of an exported transformers / timm folder's ``franca_config.json``, else {}."""
+    path = Path(folder) / FRANCA_CONFIG_FILE
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    return {key: stored[key] for key in (INPUT_DECODING_KEY,) if key in stored}
+
+
+def load_backbone_and_heads(weights: str | os.PathLike) -> tuple[DinoVisionTransformer, dict[str, dict]]:
+    """:func:`load_backbone` of ``weights`` (architecture read off the file), with the DINO / iBOT heads the file
+    carries (``{"dino_head": …, "ibot_head": …}``; none for hub names and released weights, which ship no heads)."""
+    entry = str(weights).partition(":")[0]
+    if (entry in HUB_ENTRIES and not os.path.exists(weights)) or is_weights_name(str(weights)):
+        return load_backbone(weights), {}
+    model, raw = _load_file_backbone(weights, None, None, False, {})
+    return model, extract_training_heads(raw) if isinstance(raw, dict) else {}
 
 
 def franca_from_checkpoint(
@@ -284,6 +337,7 @@ def franca_from_checkpoint(
 ) -> DinoVisionTransformer:
     """Any Franca backbone in one call, architecture read off the file: a release ``.pth`` (with or without
     ``backbone_config``), a ``teacher_checkpoint.pth``, a training checkpoint ``model_*.pth`` (its teacher backbone),
-    a safetensors export folder or file, a URL of one of those, or a hub name such as ``franca_vitb14:IN21K_224``.
+    a safetensors export folder or file, a URL of one of those, a hub name such as ``franca_vitb14:IN21K_224``, or a
+    transformers / timm folder (DINOv2, DINOv3, or one ``python -m franca.export.hf`` wrote).
     ``num_heads=`` fixes the head count of a non-standard width stored without a config; see :func:`load_backbone`."""
     return load_backbone(weights, arch=arch, rasa_weights=rasa_weights, use_rasa_head=use_rasa_head, **kwargs)

@@ -15,11 +15,9 @@
   ``config.json`` (``{"arch": <name in ARCHITECTURES or null>, <DinoVisionTransformer keyword>: value, ...}``).
 """
 
-import hashlib
 import json
 import os
 import pickle
-import re
 import shutil
 import struct
 import tarfile
@@ -35,10 +33,11 @@ import torch
 
 from franca.models.safetensors_folder import CONFIG_FILE, WEIGHTS_FILE
 from franca.utils.atomic import atomic_write, temporary_path
+from franca.utils.digest import SHA256_PATTERN, file_sha256
+from franca.utils.pickle_refusal import refused_pickle
 
 SHA256_RECORD_SUFFIX = ".sha256"
 UNTRUSTED_INFIX = ".untrusted-"
-_SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 # What torch.load raises on a truncated or damaged file (zip reader, legacy unpickler, storage reads).
 _DAMAGED_FILE_ERRORS = (EOFError, RuntimeError, OSError, IndexError, ValueError, struct.error)
 
@@ -50,14 +49,6 @@ def is_url(value: str) -> bool:
 def hub_checkpoint_dir() -> Path:
     """torch.hub's checkpoint cache (follows ``$TORCH_HOME``)."""
     return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -84,22 +75,16 @@ def _describe_failure(err: BaseException) -> str:
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
-def _unsafe_global(err: pickle.UnpicklingError) -> str | None:
-    """The line of a ``weights_only`` refusal that names the blocked global, if the refusal is about one."""
-    return next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), None)
-
-
 def _torch_load(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        blocked = _unsafe_global(err)
-        if blocked is None:
+        refused = refused_pickle(path, err)
+        if refused is None:
             raise UnreadableCheckpointError(path, err) from err
         raise RuntimeError(
-            f"refusing to load {path}: it is not a plain tensor checkpoint, and unpickling it could run arbitrary "
-            f"code ({blocked}). If you trust its source, load it yourself with torch.load(weights_only=False) and "
-            "save its state dict with torch.save(state_dict, path)"
+            f"refusing to load {path}: it is {refused}. If you trust its source, load it yourself with "
+            "torch.load(weights_only=False) and save its state dict with torch.save(state_dict, path)"
         ) from err
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
@@ -162,7 +147,15 @@ def read_recorded_sha256(path: Path) -> str | None:
         return None
     fields = record.read_text().split()
     digest = fields[0].lower() if fields else ""
-    return digest if _SHA256_PATTERN.fullmatch(digest) else None
+    return digest if SHA256_PATTERN.fullmatch(digest) else None
+
+
+def garbled_sha256_record(path: Path) -> str | None:
+    """The start of the record beside ``path`` when it exists but holds no SHA-256 (None otherwise)."""
+    record = sha256_record_path(path)
+    if not record.is_file() or read_recorded_sha256(path) is not None:
+        return None
+    return record.read_bytes()[:64].decode(errors="replace")
 
 
 def _record_sha256(path: Path, digest: str) -> None:
@@ -226,8 +219,14 @@ def _cached_copy_is_trusted(target: Path, published: str | None, source: str) ->
             f" To keep using that copy, move it back and record its digest: run `sha256sum {target.name} > "
             f"{sha256_record_path(target).name}` in {target.parent}"
         )
-        reason = "has no recorded SHA-256 (it was put there by hand or by an older version of franca)"
-        _set_aside_untrusted(target, reason, source, with_record=False, hint=hint)
+        garbled = garbled_sha256_record(target)
+        reason = (
+            f"has a garbled SHA-256 record ({sha256_record_path(target).name} holds {garbled!r}, not a 64-digit hex "
+            "SHA-256; moved aside with the file)"
+            if garbled is not None
+            else "has no recorded SHA-256 (it was put there by hand or by an older version of franca)"
+        )
+        _set_aside_untrusted(target, reason, source, with_record=garbled is not None, hint=hint)
         return False
     actual = file_sha256(target)
     if actual != expected.value:

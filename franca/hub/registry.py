@@ -7,11 +7,26 @@ download and checks every later load of the cached file against the digest it re
 a published digest, once filled in here, rules over that record.
 """
 
+import os
 from dataclasses import dataclass
 
 RELEASES_URL = "https://github.com/valeoai/Franca/releases/download"
 
 WEIGHTS_NAMES = ("IN21K", "IN21K_224", "LAION", "LAION_224", "LAION_518", "DINOV2_IN21K", "DINOV2_IN21K_518")
+# Other names of released weights: the upstream model card (valeoai/Franca ``model_card.md``) calls the 518 px
+# ViT-B/14 IN21K release "IN21K_518".
+WEIGHTS_ALIASES = {"IN21K_518": "IN21K"}
+
+# What each release was trained on (valeoai/Franca README and ``model_card.md``; our model_card.md).
+TRAINING_DATA = {
+    "IN21K": "ImageNet-21K, then 518 px finetuning on ImageNet-1k",
+    "IN21K_224": "ImageNet-21K",
+    "DINOV2_IN21K": "ImageNet-21K (DINOv2 baseline)",
+    "DINOV2_IN21K_518": "ImageNet-21K, then 518 px finetuning (DINOv2 baseline)",
+    "LAION": "LAION-600M",
+    "LAION_224": "LAION-600M",
+    "LAION_518": "LAION-600M, then 518 px finetuning on LAION shards",
+}
 
 # torch.hub entry name -> architecture; patch size 14 for all of them.
 HUB_ENTRIES = {"franca_vitb14": "vit_base", "franca_vitl14": "vit_large", "franca_vitg14": "vit_giant2"}
@@ -85,8 +100,8 @@ REGISTRY: dict[tuple[str, str], ReleasedWeights] = {(entry.arch, entry.name): en
 
 
 def is_weights_name(value: str) -> bool:
-    """Whether ``value`` names released weights (case-insensitive), as opposed to a path or URL."""
-    return isinstance(value, str) and value.upper() in WEIGHTS_NAMES
+    """Whether ``value`` names released weights (case-insensitive, aliases too), as opposed to a path or URL."""
+    return isinstance(value, str) and (value.upper() in WEIGHTS_NAMES or value.upper() in WEIGHTS_ALIASES)
 
 
 def available_weights(arch: str) -> list[str]:
@@ -100,10 +115,23 @@ def get_weights(arch: str, name: str) -> ReleasedWeights:
     if not available:
         archs = sorted({entry_arch for entry_arch, _ in REGISTRY})
         raise ValueError(f"no weights were released for architecture {arch!r}; released architectures: {archs}")
-    key = (arch, name.upper())
+    canonical = WEIGHTS_ALIASES.get(name.upper(), name.upper())
+    key = (arch, canonical)
     if key not in REGISTRY:
+        alias = f" (another name of {canonical})" if canonical != name.upper() else ""
         raise ValueError(
-            f"weights {name!r} were not released for {arch}; available for {arch}: {available} "
+            f"weights {name!r}{alias} were not released for {arch}; available for {arch}: {available} "
             f"(or pass a local file, folder or URL as weights=)"
         )
     return REGISTRY[key]
+
+
+def release_of(weights: str, arch: str | None = None) -> ReleasedWeights | None:
+    """The release a ``weights`` value names: a hub name (``franca_vitb14``, ``franca_vitb14:IN21K_224``), a weights
+    name with ``arch``, or the URL of a released file; None for anything else (a local file or folder)."""
+    entry, _, name = str(weights).partition(":")
+    if entry in HUB_ENTRIES and not os.path.exists(weights):
+        return get_weights(HUB_ENTRIES[entry], name or DEFAULT_WEIGHTS[HUB_ENTRIES[entry]])
+    if arch is not None and is_weights_name(str(weights)):
+        return get_weights(arch, str(weights))
+    return next((entry for entry in REGISTRY.values() if str(weights) in entry.urls), None)

@@ -6,6 +6,7 @@ from franca.layers.drop_path import DropPath
 from franca.layers.layer_scale import LayerScale
 from franca.layers.mlp import Mlp
 from franca.layers.patch_embed import PatchEmbed
+from franca.layers.rope import RotaryPositions
 from franca.layers.swiglu_ffn import SwiGLUFFN, swiglu_hidden_dim
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "LayerScale",
     "Mlp",
     "PatchEmbed",
+    "RotaryPositions",
     "SwiGLUFFN",
     "swiglu_hidden_dim",
 ]

@@ -4,7 +4,10 @@ Stochastic depth follows the original's training path (valeoai/Franca ``franca/l
 ``NestedTensorBlock``, list path): when a rate r > 0 is active in
 training, each residual branch is computed for a random subset of ⌊B(1−r)⌋ (≥ 1) samples only and added back scaled
 by B/subset. Its expectation equals the classic per-sample DropPath, and it skips r of the branch compute.
+``rope`` (sin, cos tables of a RoPE backbone) is passed on to the attention; it is the same for every sample.
 """
+
+from functools import partial
 
 import torch
 from torch import nn
@@ -31,25 +34,26 @@ class Block(nn.Module):
         proj_bias: bool = True,
         layerscale: float | None = 1e-5,
         drop_path: float = 0.0,
+        norm_eps: float = 1e-6,
     ):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
         self.ls1 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = ffn
         self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
         self.drop_path = drop_path
 
-    def _attn_branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ls1(self.attn(self.norm1(x)))
+    def _attn_branch(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        return self.ls1(self.attn(self.norm1(x), rope))
 
     def _ffn_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.ls2(self.mlp(self.norm2(x)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if self.training and self.drop_path > 0.0:
-            x = _subset_residual(x, self._attn_branch, self.drop_path)
+            x = _subset_residual(x, partial(self._attn_branch, rope=rope), self.drop_path)
             return _subset_residual(x, self._ffn_branch, self.drop_path)
-        x = x + self._attn_branch(x)
+        x = x + self._attn_branch(x, rope)
         return x + self._ffn_branch(x)

@@ -43,14 +43,20 @@ class WeightNormLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
-def build_mlp(in_dim: int, hidden_dim: int, bottleneck_dim: int, nlayers: int, gelu_after_bottleneck: bool):
+def build_mlp(
+    in_dim: int, hidden_dim: int, bottleneck_dim: int, nlayers: int, gelu_after_bottleneck: bool
+) -> nn.Module:
     """Linear(in→hidden), GELU, (nlayers−2)×[Linear(hidden→hidden), GELU], Linear(hidden→bottleneck) [, GELU].
 
     With nlayers=3 the Linear layers are at indices 0, 2, 4 as in the released checkpoints. Franca's Matryoshka
-    branches end with a GELU after the bottleneck, DINOv2's head does not (original ``MRLDINOHead``).
+    branches end with a GELU after the bottleneck, DINOv2's head does not (original ``MRLDINOHead``). With nlayers=1
+    the original's ``_build_mlp`` returns a bare Linear(in→bottleneck), no GELU and no Sequential (keys
+    ``mlp.weight`` / ``mlps.{l}.weight``), and so do we, so its 1-layer checkpoints load.
     """
     if nlayers < 1:
         raise ValueError(f"head nlayers={nlayers} must be >= 1 (the released configs use 3)")
+    if nlayers == 1:
+        return nn.Linear(in_dim, bottleneck_dim)
     dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
     layers: list[nn.Module] = []
     for index, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):

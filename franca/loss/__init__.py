@@ -4,7 +4,7 @@ The ``chunked_*`` / ``*_streaming`` variants compute the same values without [to
 """
 
 from franca.loss.centering import SoftmaxCentering
-from franca.loss.chunked import DenseTargets, TargetRows
+from franca.loss.chunked import DenseTargets, TargetRows, target_rows
 from franca.loss.dino_clstoken import DINOLoss, chunked_dino_cross_entropy, dino_cross_entropy
 from franca.loss.ibot_patch import IBOTPatchLoss, chunked_token_cross_entropy
 from franca.loss.koleo import koleo_loss
@@ -23,4 +23,5 @@ __all__ = [
     "koleo_loss",
     "sinkhorn_knopp",
     "sinkhorn_knopp_streaming",
+    "target_rows",
 ]

@@ -52,6 +52,32 @@ class DenseTargets(TargetRows):
         return self.probs[start:stop].float()
 
 
+@dataclass(frozen=True)
+class RowRange(TargetRows):
+    """Rows ``start:stop`` of other targets, served by the same chunks (one micro-batch's share of targets made for
+    an accumulated batch)."""
+
+    parent: TargetRows
+    start: int
+    stop: int
+
+    @property
+    def chunk_size(self) -> int:
+        return self.parent.chunk_size
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.stop - self.start, self.parent.shape[1]))
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.parent.rows(self.start + start, self.start + stop)
+
+
+def target_rows(targets: torch.Tensor | TargetRows, start: int, stop: int) -> torch.Tensor | TargetRows:
+    """Rows ``start:stop`` of targets held whole (a tensor view) or served by chunks (a :class:`RowRange`)."""
+    return targets[start:stop] if isinstance(targets, torch.Tensor) else RowRange(targets, start, stop)
+
+
 def chunk_bounds(n_rows: int, chunk_size: int) -> Iterator[tuple[int, int]]:
     """(start, stop) of consecutive chunks of at most ``chunk_size`` rows covering ``n_rows``."""
     if chunk_size < 1:

@@ -6,7 +6,9 @@ The same frozen dataclass is built by the trainer (from ``cfg.student``), read o
 (:meth:`ViTConfig.from_dict`). Beside the fields, a stored dict may carry ``input_decoding``: how image files were
 decoded into what the model saw in training (:func:`stored_input_decoding`; read by the hub, followed by evaluation,
 the demo and the exports). Defaults are the released Franca ViT (patch 14, SwiGLU, LayerScale 1e-5, no
-registers, interpolation offset 0.1; valeoai/Franca ``franca/hub/backbones.py``) at ViT-B/14 size.
+registers, learned position embeddings interpolated with offset 0.1, LayerNorm eps 1e-6; valeoai/Franca
+``franca/hub/backbones.py``) at ViT-B/14 size. ``position_encoding="rope"`` with ``rope_base`` and
+``rope_normalize_coords`` describes DINOv3 backbones instead (rotary embeddings, no table; docs/export.md).
 """
 
 from dataclasses import asdict, dataclass, fields, replace
@@ -20,6 +22,10 @@ ARCHITECTURES = {
     "vit_giant2": (1536, 40, 24),
 }
 FFN_LAYER_NAMES = ("mlp", "swiglu", "swiglufused")
+# "learned": a position-embedding table added to the tokens (Franca, DINOv2); "rope": 2-D rotary embeddings of the
+# patch queries and keys, no table (DINOv3; franca.layers.rope).
+POSITION_ENCODINGS = ("learned", "rope")
+ROPE_COORDINATE_NORMALISATIONS = ("separate", "min", "max")
 ARCH_KEY = "arch"
 INPUT_DECODING_KEY = "input_decoding"
 INPUT_DECODING_FIELDS = ("alpha_background", "image_max_value")
@@ -46,6 +52,10 @@ class ViTConfig:
     num_register_tokens: int = 0
     interpolate_offset: float = 0.1
     interpolate_antialias: bool = False
+    layer_norm_eps: float = 1e-6
+    position_encoding: str = "learned"
+    rope_base: float = 100.0
+    rope_normalize_coords: str = "separate"
 
     def __post_init__(self) -> None:
         if self.ffn_layer not in FFN_LAYER_NAMES:
@@ -55,12 +65,37 @@ class ViTConfig:
                 f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}; pick a head count "
                 "that divides the width"
             )
+        if self.position_encoding not in POSITION_ENCODINGS:
+            raise ValueError(
+                f"position_encoding={self.position_encoding!r} is unknown; choose one of {list(POSITION_ENCODINGS)}"
+            )
+        if self.rope_normalize_coords not in ROPE_COORDINATE_NORMALISATIONS:
+            raise ValueError(
+                f"rope_normalize_coords={self.rope_normalize_coords!r} is unknown; choose one of "
+                f"{list(ROPE_COORDINATE_NORMALISATIONS)}"
+            )
+        if self.uses_rope and (self.embed_dim // self.num_heads) % 4:
+            raise ValueError(
+                f"RoPE needs a head dimension divisible by 4 (two axes, sine and cosine halves); embed_dim="
+                f"{self.embed_dim} / num_heads={self.num_heads} gives {self.embed_dim // self.num_heads}"
+            )
+
+    @property
+    def uses_rope(self) -> bool:
+        """Rotary position embeddings instead of a learned table (DINOv3)."""
+        return self.position_encoding == "rope"
 
     @property
     def arch(self) -> str | None:
         """The name in :data:`ARCHITECTURES` with this (embed_dim, depth, num_heads), or None."""
         dims = (self.embed_dim, self.depth, self.num_heads)
         return next((name for name, spec in ARCHITECTURES.items() if spec == dims), None)
+
+    @property
+    def label(self) -> str:
+        """A short name for messages: ``vit_base/14``, or ``ViT 64-d x 2 blocks/4`` for a non-standard size."""
+        name = self.arch or f"ViT {self.embed_dim}-d x {self.depth} blocks"
+        return f"{name}/{self.patch_size}"
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -116,6 +151,7 @@ class ViTConfig:
             img_size=img_size,
             patch_size=student.patch_size,
             ffn_layer=student.ffn_layer,
+            mlp_ratio=student.mlp_ratio,
             layerscale=student.layerscale,
             drop_path_rate=student.drop_path_rate if drop_path else 0.0,
             drop_path_uniform=student.drop_path_uniform,
@@ -125,6 +161,10 @@ class ViTConfig:
             num_register_tokens=student.num_register_tokens,
             interpolate_offset=student.interpolate_offset,
             interpolate_antialias=student.interpolate_antialias,
+            layer_norm_eps=student.layer_norm_eps,
+            position_encoding=student.position_encoding,
+            rope_base=student.rope_base,
+            rope_normalize_coords=student.rope_normalize_coords,
         )
 
 

@@ -34,12 +34,23 @@ def backbone_config(model: DinoVisionTransformer) -> dict:
     return model.build_config()
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on CPU, contiguous and alone in its storage (safetensors refuses tensors that share one); a tensor
+    that already is (a parameter) is not copied, which keeps the memory of a large export at one model."""
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()
+    return tensor
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` to a ``.safetensors`` file atomically (views, e.g. rows of a fused matrix, are copied;
+    ``metadata`` strings in the header beside ``format: pt``, which transformers requires)."""
     try:
         from safetensors.torch import save
     except ImportError as err:
         raise ImportError("safetensors export needs the 'safetensors' package: pip install safetensors") from err
-    plain = {key: tensor.detach().cpu().contiguous().clone() for key, tensor in tensors.items()}
+    plain = {key: _own_storage(tensor) for key, tensor in tensors.items()}
     atomic_write(path, save(plain, metadata={**(metadata or {}), "format": "pt"}))
 
 
@@ -60,10 +71,10 @@ def export_safetensors(
     backbone = {key: tensor for key, tensor in state.items() if not key.startswith(RASA_PREFIX)}
     config = json.dumps(backbone_config(model), indent=2) + "\n"
     atomic_write(out_dir / CONFIG_FILE, config)
-    _save_tensors(backbone, out_dir / WEIGHTS_FILE, metadata)
+    save_tensors(backbone, out_dir / WEIGHTS_FILE, metadata)
     rasa = {key[len(RASA_PREFIX) :]: tensor for key, tensor in state.items() if key.startswith(RASA_PREFIX)}
     if rasa:
-        _save_tensors(rasa, out_dir / RASA_FILE)
+        save_tensors(rasa, out_dir / RASA_FILE)
     else:
         (out_dir / RASA_FILE).unlink(missing_ok=True)
     return out_dir

@@ -5,6 +5,10 @@ Blocks are stored flat (``blocks.{i}``); :mod:`franca.models.weights` also reads
 ``blocks.{c}.{i}`` keys. The constructor arguments are one :class:`~franca.models.config.ViTConfig`. Token
 preparation, the output dict and the position-embedding interpolation reproduce the original exactly, so released
 weights give the original outputs at any input size divisible by the patch size.
+
+With ``position_encoding="rope"`` (DINOv3 backbones) there is no ``pos_embed``: each block rotates the patch queries
+and keys by their grid position (:class:`~franca.layers.RotaryPositions`), registers sit after CLS as before, and the
+plain path is untouched (the blocks are called exactly as without RoPE).
 """
 
 import math
@@ -15,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from franca.layers import Block, Mlp, PatchEmbed, SwiGLUFFN
+from franca.layers import Block, Mlp, PatchEmbed, RotaryPositions, SwiGLUFFN
 from franca.models.config import ARCHITECTURES as ARCHITECTURES  # re-exported: the names build_vit accepts
 from franca.models.config import INPUT_DECODING_KEY, ViTConfig
 from franca.utils.precision import at_least_fp32
@@ -79,7 +83,12 @@ class DinoVisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, config.in_chans, embed_dim)
         grid = img_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
+        self.pos_embed = None if config.uses_rope else nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
+        self.rope = (
+            RotaryPositions(embed_dim // config.num_heads, config.rope_base, config.rope_normalize_coords)
+            if config.uses_rope
+            else None
+        )
         self.register_tokens = (
             nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
         )
@@ -101,10 +110,11 @@ class DinoVisionTransformer(nn.Module):
                 proj_bias=config.proj_bias,
                 layerscale=config.layerscale,
                 drop_path=rate,
+                norm_eps=config.layer_norm_eps,
             )
             for rate in rates
         )
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.norm = nn.LayerNorm(embed_dim, eps=config.layer_norm_eps)
         self.head = nn.Identity()
         self.rasa_head: nn.Module | None = None
         # How image files become this model's input (franca.models.config.stored_input_decoding); None = unknown.
@@ -113,7 +123,8 @@ class DinoVisionTransformer(nn.Module):
 
     def init_weights(self) -> None:
         """The original's initialisation (Linear trunc-normal .02, zero bias; conv/LayerNorm PyTorch defaults)."""
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)
@@ -138,10 +149,27 @@ class DinoVisionTransformer(nn.Module):
         if masks is not None:
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
         x = torch.cat((self.cls_token.expand(B, -1, -1).to(x.dtype), x), dim=1)
-        x = x + self.interpolate_pos_encoding(x, h, w)
+        if self.pos_embed is not None:
+            x = x + self.interpolate_pos_encoding(x, h, w)
         if self.register_tokens is not None:
             x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1).to(x.dtype), x[:, 1:]), dim=1)
         return x
+
+    def _rope_tables(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(sin, cos) for the images' patch grid with RoPE, else None."""
+        if self.rope is None:
+            return None
+        h, w = images.shape[-2:]
+        return self.rope(h // self.patch_size, w // self.patch_size, images.device)
+
+    def _run_blocks(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, keep=()) -> tuple:
+        """The tokens after all blocks, and the outputs of the blocks whose index is in ``keep``."""
+        kept = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x) if rope is None else blk(x, rope)
+            if i in keep:
+                kept.append(x)
+        return x, kept
 
     def _output_dict(self, x: torch.Tensor, masks: torch.Tensor | None, use_rasa_head: bool) -> dict:
         x_norm = self.norm(x)
@@ -171,9 +199,8 @@ class DinoVisionTransformer(nn.Module):
         if isinstance(x, (list, tuple)):
             masks_list = masks if masks is not None else [None] * len(x)
             return [self.forward_features(xi, mi, use_rasa_head) for xi, mi in zip(x, masks_list)]
-        x = self.prepare_tokens_with_masks(x, masks)
-        for blk in self.blocks:
-            x = blk(x)
+        rope = self._rope_tables(x)
+        x, _ = self._run_blocks(self.prepare_tokens_with_masks(x, masks), rope)
         return self._output_dict(x, masks, use_rasa_head)
 
     def forward(self, x: torch.Tensor, is_training: bool = False, **kwargs) -> torch.Tensor | dict:
@@ -210,12 +237,7 @@ class DinoVisionTransformer(nn.Module):
         bad = sorted(i for i in take if not 0 <= i < total)
         if bad:
             raise ValueError(f"get_intermediate_layers: block indices {bad} out of range for depth {total}")
-        tokens = self.prepare_tokens_with_masks(x)
-        outputs = []
-        for i, blk in enumerate(self.blocks):
-            tokens = blk(tokens)
-            if i in take:
-                outputs.append(tokens)
+        _, outputs = self._run_blocks(self.prepare_tokens_with_masks(x), self._rope_tables(x), take)
         if norm:
             outputs = [self.norm(o) for o in outputs]
         class_tokens = [o[:, 0] for o in outputs]

@@ -114,6 +114,18 @@ def from_release(raw: dict, config: ViTConfig | None = None) -> tuple[dict[str, 
     return backbone, rasa
 
 
+def extract_training_heads(raw: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """The DINO / iBOT heads a checkpoint carries (a training checkpoint's teacher heads, or a teacher export's):
+    ``{"dino_head": state dict, "ibot_head": state dict}``, only those present (released backbones carry none)."""
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in _teacher_part(unwrap_state_dict(raw)).items():
+        key = strip_prefixes(key, ("module.", "_orig_mod."))
+        for prefix in TRAINING_HEAD_PREFIXES:
+            if key.startswith(prefix):
+                heads.setdefault(prefix[:-1], {})[key[len(prefix) :]] = tensor
+    return heads
+
+
 def extract_rasa_state_dict(raw: dict) -> dict[str, torch.Tensor]:
     """The RASA head tensors (``pre_pos_layers.{j}.weight``, ``pos_pred.weight``) of a RASA file or a checkpoint."""
     state = {}
@@ -214,10 +226,13 @@ def _swiglu_mlp_ratio(embed_dim: int, hidden: int) -> float:
     raise ValueError(f"SwiGLU hidden width {hidden} cannot be built by our SwiGLUFFN (it must be a multiple of 8)")
 
 
-def infer_config(state_dict: dict[str, torch.Tensor], num_heads: int | None = None) -> ViTConfig:
+def infer_config(
+    state_dict: dict[str, torch.Tensor], num_heads: int | None = None, img_size: int | None = None
+) -> ViTConfig:
     """The :class:`ViTConfig` of a flat backbone state dict. Everything but the head count is in the shapes; heads
-    come from ``num_heads``, else the named architecture of that width (else width / 64, as DINOv2)."""
-    required = ("pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight")
+    come from ``num_heads``, else the named architecture of that width (else width / 64, as DINOv2). A state dict
+    without ``pos_embed`` (a RoPE backbone, whose position encoding the caller sets) needs ``img_size``."""
+    required = ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", *(() if img_size else ("pos_embed",)))
     missing = [key for key in required if key not in state_dict]
     if missing:
         raise ValueError(f"not a ViT backbone state dict: missing {missing} (keys start with {sorted(state_dict)[:6]})")
@@ -233,7 +248,7 @@ def infer_config(state_dict: dict[str, torch.Tensor], num_heads: int | None = No
         raise ValueError("unknown feed-forward layer: neither 'blocks.0.mlp.w12.weight' nor 'blocks.0.mlp.fc1.weight'")
     registers = state_dict.get("register_tokens")
     return ViTConfig(
-        img_size=infer_image_size(state_dict, patch_size),
+        img_size=infer_image_size(state_dict, patch_size) if "pos_embed" in state_dict else img_size,
         patch_size=patch_size,
         in_chans=in_chans,
         embed_dim=embed_dim,

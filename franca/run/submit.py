@@ -39,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         "franca.run.train",
         description="Submit franca.train to SLURM with submitit. Arguments not listed here (--config-file, "
-        "--output-dir, --no-resume, key=value overrides) are passed to franca.train.",
+        "--output-dir, --no-resume, --allow-config-change, key=value overrides) are passed to franca.train.",
     )
     parser.add_argument("--nodes", type=int, default=1, help="number of nodes")
     parser.add_argument("--ngpus", type=int, default=8, help="GPUs per node = training tasks per node")
@@ -102,6 +102,8 @@ def _trainer_argv(trainer_args: argparse.Namespace) -> list[str]:
     argv += ["--output-dir", str(Path(trainer_args.output_dir).expanduser().resolve())]
     if trainer_args.no_resume:
         argv.append("--no-resume")
+    if trainer_args.allow_config_change:
+        argv.append("--allow-config-change")
     return argv + list(trainer_args.opts)
 
 
@@ -142,7 +144,7 @@ def executor_parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 def plan_launch(argv: list[str] | None = None) -> LaunchPlan:
     """Parse the launcher's and the trainer's arguments, validate the config, and return the launch plan."""
-    from franca.config import apply_scaling_rules, load_config
+    from franca.train.config import apply_scaling_rules, load_config
     from franca.train.train import get_args_parser as get_trainer_args_parser
 
     args, rest = get_args_parser().parse_known_args(argv)

@@ -2,8 +2,9 @@
 (valeoai/Franca ``franca/utils/``, ``get_params_groups_with_decay``).
 
 Each trainable parameter of one student submodule (backbone, DINO head or iBOT head) gets an ``lr_multiplier``, a
-``wd_multiplier`` and an ``is_last_layer`` flag; parameters that share all three are fused into one optimizer group.
-Every iteration :func:`apply_optim_schedule` sets each group's lr and weight decay from the schedules.
+``wd_multiplier`` and ``is_last_layer`` / ``is_backbone`` flags; parameters that share all four are fused into one
+optimizer group. Every iteration :func:`apply_optim_schedule` sets each group's lr and weight decay from the schedules
+(the backbone's lr also scaled by the stage schedule of ``train.freeze_backbone_iterations``).
 """
 
 from collections.abc import Iterable
@@ -11,15 +12,15 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-# Module names inserted by wrappers: torch.compile, FSDP1, activation checkpointing, DDP / DataParallel.
-_WRAPPER_NAMES = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "module"})
+from franca.utils.names import unwrapped_name
+
 # Backbone parameters in front of the first block (layer 0).
 _EMBEDDING_NAMES = frozenset({"pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens"})
 
 
 def canonical_name(name: str) -> str:
     """``name`` without wrapper components and without a leading ``backbone.``."""
-    parts = [part for part in name.split(".") if part not in _WRAPPER_NAMES]
+    parts = unwrapped_name(name).split(".")
     if parts and parts[0] == "backbone":
         parts = parts[1:]
     return ".".join(parts)
@@ -52,8 +53,10 @@ def get_params_groups(
     layerwise_decay: float = 1.0,
     patch_embed_lr_mult: float = 0.2,
     n_blocks: int | None = None,
+    is_backbone: bool = False,
 ) -> list[dict]:
-    """One dict per trainable parameter: ``params``, ``name``, ``lr_multiplier``, ``wd_multiplier``, ``is_last_layer``.
+    """One dict per trainable parameter: ``params``, ``name``, ``lr_multiplier``, ``wd_multiplier``,
+    ``is_last_layer`` and ``is_backbone`` (as given: the module is the backbone).
 
     lr multiplier = ``layerwise_decay ** (n_blocks + 1 − layer_id)`` (× ``patch_embed_lr_mult`` under
     ``patch_embed.``); a module without blocks (a head) gets 1. ``n_blocks`` defaults to the number of blocks found
@@ -78,20 +81,22 @@ def get_params_groups(
                 "lr_multiplier": lr_multiplier,
                 "wd_multiplier": 0.0 if no_decay else 1.0,
                 "is_last_layer": "last_layer" in canonical,
+                "is_backbone": is_backbone,
             }
         )
     return groups
 
 
 def fuse_params_groups(groups: Iterable[dict]) -> list[dict]:
-    """Merge per-parameter dicts with equal (lr_multiplier, wd_multiplier, is_last_layer) into optimizer groups.
+    """Merge per-parameter dicts with equal (lr_multiplier, wd_multiplier, is_last_layer, is_backbone) into optimizer
+    groups.
 
-    Each group: ``params`` (list), ``names`` (list), ``lr_multiplier``, ``wd_multiplier``, ``is_last_layer``; groups
-    are ordered by first appearance.
+    Each group: ``params`` (list), ``names`` (list), ``lr_multiplier``, ``wd_multiplier``, ``is_last_layer``,
+    ``is_backbone``; groups are ordered by first appearance.
     """
     fused: dict[tuple, dict] = {}
     for group in groups:
-        key = (group["lr_multiplier"], group["wd_multiplier"], group["is_last_layer"])
+        key = (group["lr_multiplier"], group["wd_multiplier"], group["is_last_layer"], group.get("is_backbone", False))
         if key not in fused:
             fused[key] = {
                 "params": [],
@@ -99,15 +104,19 @@ def fuse_params_groups(groups: Iterable[dict]) -> list[dict]:
                 "lr_multiplier": key[0],
                 "wd_multiplier": key[1],
                 "is_last_layer": key[2],
+                "is_backbone": key[3],
             }
         fused[key]["params"].append(group["params"])
         fused[key]["names"].append(group["name"])
     return list(fused.values())
 
 
-def apply_optim_schedule(optimizer: torch.optim.Optimizer, lr: float, wd: float, last_layer_lr: float) -> None:
-    """Set each group's lr = (last_layer_lr if is_last_layer else lr) · lr_multiplier and weight_decay = wd ·
-    wd_multiplier, each iteration (as valeoai/Franca ``franca/train/train.py``, ``do_train``)."""
+def apply_optim_schedule(
+    optimizer: torch.optim.Optimizer, lr: float, wd: float, last_layer_lr: float, backbone_lr_scale: float = 1.0
+) -> None:
+    """Set each group's lr = (last_layer_lr if is_last_layer else lr) · lr_multiplier (· ``backbone_lr_scale`` for
+    the backbone's groups) and weight_decay = wd · wd_multiplier, each iteration (as valeoai/Franca
+    ``franca/train/train.py``, ``do_train``; the backbone scale is ours, docs/deviations.md)."""
     for index, group in enumerate(optimizer.param_groups):
         missing = {"lr_multiplier", "wd_multiplier", "is_last_layer"} - group.keys()
         if missing:
@@ -116,4 +125,6 @@ def apply_optim_schedule(optimizer: torch.optim.Optimizer, lr: float, wd: float,
                 "fuse_params_groups(get_params_groups(...))"
             )
         group["lr"] = (last_layer_lr if group["is_last_layer"] else lr) * group["lr_multiplier"]
+        if group.get("is_backbone"):
+            group["lr"] *= backbone_lr_scale
         group["weight_decay"] = wd * group["wd_multiplier"]

@@ -4,7 +4,7 @@
 (the defaults of ``franca/configs/ssl_default_config.yaml``). The trainer resolves them at the start of ``do_train``
 and hands the result to ``parallelize``, ``SSLMetaArch.forward_backward``, the data builder and the benchmarks, so
 every part of a run sees the same choices. The allowed values defined here are also the config schema's
-(``franca.config.CHOICES``).
+(``franca.train.config.CHOICES``).
 """
 
 from dataclasses import dataclass

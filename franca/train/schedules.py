@@ -10,7 +10,7 @@ import operator
 
 from omegaconf import DictConfig
 
-from franca.config import ConfigError
+from franca.utils.config_schema import ConfigError
 
 
 def _check_count(name: str, value: int) -> int:
@@ -70,6 +70,25 @@ class CosineScheduler:
         return self.final_value + 0.5 * (self.base_value - self.final_value) * (1 + math.cos(math.pi * step / n_cosine))
 
 
+class BackboneStages:
+    """The backbone's lr scale per iteration (``train.freeze_backbone_iterations`` and the ``optim.backbone_*`` keys):
+    0 during the heads-first stage, then a linear ramp to ``lr_mult`` over ``warmup_iters`` (reached at the last
+    ramp iteration), then ``lr_mult``. Freeze 0, warm-up 0 and multiplier 1 give 1 everywhere (plain pretraining)."""
+
+    def __init__(self, freeze_iters: int, warmup_iters: int, lr_mult: float):
+        self.freeze_iters = _check_count("freeze_iters", freeze_iters)
+        self.warmup_iters = _check_count("warmup_iters", warmup_iters)
+        self.lr_mult = float(lr_mult)
+
+    def __getitem__(self, iteration: int) -> float:
+        it = operator.index(iteration) - self.freeze_iters
+        if it < 0:
+            return 0.0
+        if it < self.warmup_iters:
+            return self.lr_mult * (it + 1) / self.warmup_iters
+        return self.lr_mult
+
+
 class ZeroedPrefix:
     """``schedule`` with its first ``zero_iters`` values replaced by 0 (the frozen last-layer lr)."""
 
@@ -85,17 +104,17 @@ class ZeroedPrefix:
         return 0.0 if operator.index(iteration) < self.zero_iters else value
 
 
-def build_schedules(cfg: DictConfig) -> dict[str, CosineScheduler | ZeroedPrefix]:
-    """The five training schedules of a validated config whose ``optim.lr`` is set (original ``franca/train/train.py``).
+def build_schedules(cfg: DictConfig) -> dict[str, CosineScheduler | ZeroedPrefix | BackboneStages]:
+    """The training schedules of a validated config whose ``optim.lr`` is set (original ``franca/train/train.py``).
 
     Keys: ``lr`` (warmup 0 → lr, cosine → min_lr), ``wd`` and ``momentum`` (cosine, no warmup), ``teacher_temp``
-    (linear warmup_teacher_temp → teacher_temp, then constant) and ``last_layer_lr`` (``lr`` with its first
-    ``freeze_last_layer_epochs`` epochs at 0).
+    (linear warmup_teacher_temp → teacher_temp, then constant), ``last_layer_lr`` (``lr`` with its first
+    ``freeze_last_layer_epochs`` epochs at 0) and ``backbone_lr_scale`` (:class:`BackboneStages`, ours).
     """
     if cfg.optim.lr <= 0:
         raise ConfigError(
             f"optim.lr={cfg.optim.lr} is not positive; it is computed from optim.base_lr: call "
-            "franca.config.apply_scaling_rules(cfg, world_size) before build_schedules(cfg)"
+            "franca.train.config.apply_scaling_rules(cfg, world_size) before build_schedules(cfg)"
         )
     if cfg.optim.warmup_epochs > cfg.optim.epochs:
         raise ConfigError(
@@ -118,4 +137,7 @@ def build_schedules(cfg: DictConfig) -> dict[str, CosineScheduler | ZeroedPrefix
             start_warmup_value=cfg.teacher.warmup_teacher_temp,
         ),
         "last_layer_lr": ZeroedPrefix(lr, cfg.optim.freeze_last_layer_epochs * epoch),
+        "backbone_lr_scale": BackboneStages(
+            cfg.train.freeze_backbone_iterations, cfg.optim.backbone_warmup_iterations, cfg.optim.backbone_lr_mult
+        ),
     }

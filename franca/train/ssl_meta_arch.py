@@ -10,9 +10,10 @@ One ``forward_backward`` computes the whole objective (paper arXiv 2507.14137, S
 The DINOv2 baseline is the same code with ``dino.MRL: false`` (one-level heads).
 
 The step runs in named phases (:data:`STEP_PHASES`): ``teacher_backbone`` → ``teacher_targets`` →
-``student_backbone`` → ``student_heads`` → ``assemble_losses`` → backward. ``compute_losses`` composes them and calls an
-optional ``on_phase`` hook after each (``benchmarks/train_step.py`` times and counts FLOPs with it), so the library
-holds the only copy of the loss assembly, checked in float64 in tests/test_loss_assembly.py.
+``student_backbone`` → ``student_heads`` → ``assemble_losses`` → backward. ``forward_backward`` composes them (the
+student phases once per micro-batch with gradient accumulation) and calls an optional ``on_phase`` hook after each
+(``benchmarks/train_step.py`` times and counts FLOPs with it), so the library holds the only copy of the loss
+assembly, checked in float64 in tests/test_loss_assembly.py.
 
 ``Runtime.loss_chunk_size`` (``compute_precision.chunked_losses``, auto = on CUDA; ``franca.train.runtime``) switches
 the targets and the DINO / iBOT cross-entropies to their chunked forms (``franca.loss.chunked``): the same values in
@@ -38,6 +39,7 @@ from franca.loss import (
     koleo_loss,
     sinkhorn_knopp,
     sinkhorn_knopp_streaming,
+    target_rows,
 )
 from franca.models import DinoVisionTransformer, ViTConfig
 from franca.models.weights import from_release, load_strict
@@ -130,6 +132,19 @@ def _no_mark(phase: str) -> None:
     """The default ``on_phase`` hook: nothing to record."""
 
 
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The rows of all micro-batches (no copy for one)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _split_levels(levels: list, counts: list[int]) -> list[list]:
+    """Per-level targets of concatenated rows → for each micro-batch of ``counts`` rows, its per-level targets."""
+    if len(counts) == 1:
+        return [levels]
+    bounds = [sum(counts[:i]) for i in range(len(counts) + 1)]
+    return [[target_rows(level, start, stop) for level in levels] for start, stop in zip(bounds[:-1], bounds[1:])]
+
+
 class SSLMetaArch(nn.Module):
     def __init__(self, cfg: DictConfig):
         super().__init__()
@@ -139,7 +154,7 @@ class SSLMetaArch(nn.Module):
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
         self.teacher.eval()
-        self._ema_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._ema_pairs: dict[bool, tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
 
         self.n_local_crops = cfg.crops.local_crops_number
         # Decided by the config, not by the batch: a rank whose batch has no masked token still runs the iBOT heads
@@ -156,6 +171,11 @@ class SSLMetaArch(nn.Module):
         super().train(mode)
         self.teacher.eval()
         return self
+
+    @property
+    def export_modules(self) -> nn.ModuleDict:
+        """What the run exports in the release format and evaluates (periodic k-NN): the EMA teacher."""
+        return self.teacher
 
     def _ibot_head(self, which: str) -> nn.Module:
         models = self.student if which == "student" else self.teacher
@@ -197,29 +217,46 @@ class SSLMetaArch(nn.Module):
 
     @torch.no_grad()
     def teacher_targets(
-        self, teacher_out: dict[str, torch.Tensor], batch: dict, teacher_temp: float, chunk_size: int | None = None
-    ) -> TeacherTargets:
-        """Phase ``teacher_heads_targets``: teacher heads on the CLS and masked patch tokens, then per-level targets
-        (Sinkhorn-Knopp, or softmax centering with ``train.centering=centering``)."""
-        cls_logits = self.teacher["dino_head"](teacher_out["x_norm_clstoken"])
-        patches = teacher_out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
-        patch_logits = self._ibot_head("teacher")(patches) if self.use_ibot else None
-        use_center = self.centering == "centering"
-        dino_center = self.dino_center if use_center else None
-        dino_targets = self._level_targets(cls_logits, teacher_temp, dino_center, chunk_size)
-        ibot_targets = None
-        if patch_logits is not None:
-            ibot_center = self.ibot_center if use_center else None
-            ibot_targets = self._level_targets(patch_logits, teacher_temp, ibot_center, chunk_size)
-        return TeacherTargets(dino_targets, ibot_targets, teacher_out["x_norm_clstoken"])
+        self,
+        teacher_outs: list[dict[str, torch.Tensor]],
+        batches: list[dict],
+        teacher_temp: float,
+        chunk_size: int | None = None,
+    ) -> list[TeacherTargets]:
+        """Phase ``teacher_heads_targets``: teacher heads on the CLS and masked patch tokens of every micro-batch, then
+        per-level targets over all of them at once (Sinkhorn-Knopp, or softmax centering with
+        ``train.centering=centering``), split back into one :class:`TeacherTargets` per micro-batch.
 
-    def student_backbone(self, batch: dict) -> StudentFeatures:
-        """Phase ``student_backbone``: the student backbone on the masked global crops, then on the local crops."""
+        With several micro-batches (``train.grad_accumulation_steps``) the targets are those of one step on the
+        concatenated batch: Sinkhorn-Knopp and the centre see all rows (both are unchanged by reordering rows)."""
+        cls = [out["x_norm_clstoken"] for out in teacher_outs]
+        cls_logits = self.teacher["dino_head"](_cat(cls))
+        dino_targets = self._level_targets(cls_logits, teacher_temp, self._center("dino"), chunk_size)
+        dino_split = _split_levels(dino_targets, [len(c) for c in cls])
+        ibot_split: list[list | None] = [None] * len(batches)
+        if self.use_ibot:
+            patches = [
+                out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
+                for out, batch in zip(teacher_outs, batches, strict=True)
+            ]
+            patch_logits = self._ibot_head("teacher")(_cat(patches))
+            ibot_targets = self._level_targets(patch_logits, teacher_temp, self._center("ibot"), chunk_size)
+            ibot_split = _split_levels(ibot_targets, [len(p) for p in patches])
+        return [TeacherTargets(dino, ibot, c) for dino, ibot, c in zip(dino_split, ibot_split, cls, strict=True)]
+
+    def _center(self, head: str) -> SoftmaxCentering | None:
+        """The softmax centre of the ``dino`` or ``ibot`` head with ``train.centering=centering``, else None."""
+        return getattr(self, f"{head}_center") if self.centering == "centering" else None
+
+    def student_backbone(self, batch: dict, train_backbone: bool = True) -> StudentFeatures:
+        """Phase ``student_backbone``: the student backbone on the masked global crops, then on the local crops;
+        without gradients when ``train_backbone`` is False (stage 1 of ``train.freeze_backbone_iterations``)."""
         backbone = self.student["backbone"]
-        global_out = backbone(batch["collated_global_crops"], masks=batch["collated_masks"], is_training=True)
-        local_cls = None
-        if self.n_local_crops:
-            local_cls = backbone(batch["collated_local_crops"], is_training=True)["x_norm_clstoken"]
+        with torch.set_grad_enabled(train_backbone and torch.is_grad_enabled()):
+            global_out = backbone(batch["collated_global_crops"], masks=batch["collated_masks"], is_training=True)
+            local_cls = None
+            if self.n_local_crops:
+                local_cls = backbone(batch["collated_local_crops"], is_training=True)["x_norm_clstoken"]
         return StudentFeatures(global_out, local_cls)
 
     def student_heads(self, features: StudentFeatures, batch: dict) -> StudentOutputs:
@@ -264,27 +301,23 @@ class SSLMetaArch(nn.Module):
             losses["ibot_loss"] = cfg.ibot.loss_weight * ibot
         return losses
 
-    def compute_losses(
+    def student_losses(
         self,
         batch: dict,
-        teacher_temp: float,
+        teacher: TeacherTargets,
         chunk_size: int | None = None,
         stats: dict | None = None,
         on_phase: Callable[[str], None] = _no_mark,
+        train_backbone: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """All loss terms for one collated batch (paper arXiv 2507.14137, Sec. 3); their sum is the training objective.
+        """All loss terms of one (micro-)batch given its teacher targets (paper arXiv 2507.14137, Sec. 3): phases
+        ``student_backbone`` and ``student_heads_losses``; their sum is the training objective.
 
         ``chunk_size``: rows per chunk of the chunked losses (``Runtime.loss_chunk_size``), None for the plain path.
         Given a dict, ``stats`` is filled with this rank's raw training-health statistics (``franca.train.health``):
         device tensors computed from the targets and logits already made, reduced over ranks by
-        ``health.reduce_stats`` when the trainer writes a log line. ``on_phase`` is called with each of the first four
-        :data:`STEP_PHASES` once that phase is done.
-        """
-        teacher_out = self.teacher_backbone(batch)
-        on_phase("teacher_backbone")
-        teacher = self.teacher_targets(teacher_out, batch, teacher_temp, chunk_size)
-        on_phase("teacher_heads_targets")
-        features = self.student_backbone(batch)
+        ``health.reduce_stats`` when the trainer writes a log line."""
+        features = self.student_backbone(batch, train_backbone)
         on_phase("student_backbone")
         student = self.student_heads(features, batch)
         losses = self.assemble_losses(student, teacher, batch["masks_weight"])
@@ -300,23 +333,47 @@ class SSLMetaArch(nn.Module):
 
     def forward_backward(
         self,
-        batch: dict,
+        batches: dict | list[dict],
         teacher_temp: float,
         runtime: Runtime,
         scaler=None,
         stats: dict | None = None,
         on_phase: Callable[[str], None] = _no_mark,
+        train_backbone: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Compute the losses under the runtime's autocast and backpropagate their sum; returns the detached terms.
 
-        ``stats``: a dict to fill with the training-health statistics (see ``compute_losses``); ``on_phase``: called
-        with each of :data:`STEP_PHASES` once that phase is done."""
+        ``batches``: one collated batch, or the micro-batches of one step (``train.grad_accumulation_steps``): the
+        teacher runs on all of them first and their targets are made together (:meth:`teacher_targets`), then each
+        micro-batch's student losses are backpropagated with weight 1/k, so the gradients and losses are those of one
+        step on the concatenated batch, except KoLeo, which acts within each micro-batch (training.md). With
+        ``train_backbone`` False the student backbone runs without gradients (the heads-first stage).
+        ``stats``: a dict to fill with the training-health statistics of the last micro-batch (see
+        :meth:`student_losses`); ``on_phase``: called with each of :data:`STEP_PHASES` once that phase is done (the
+        student phases and ``backward`` once per micro-batch)."""
+        micro = [batches] if isinstance(batches, dict) else list(batches)
         with runtime.autocast():
-            losses = self.compute_losses(batch, teacher_temp, runtime.loss_chunk_size, stats, on_phase)
-        total = sum(losses.values())
-        (scaler.scale(total) if scaler is not None else total).backward()
-        on_phase("backward")
-        return {k: v.detach() for k, v in losses.items()}
+            teacher_outs = [self.teacher_backbone(batch) for batch in micro]
+            on_phase("teacher_backbone")
+            targets = self.teacher_targets(teacher_outs, micro, teacher_temp, runtime.loss_chunk_size)
+            on_phase("teacher_heads_targets")
+        del teacher_outs
+        totals: dict[str, torch.Tensor] = {}
+        for index, (batch, teacher) in enumerate(zip(micro, targets, strict=True)):
+            last = index == len(micro) - 1
+            with runtime.autocast():
+                losses = self.student_losses(
+                    batch, teacher, runtime.loss_chunk_size, stats if last else None, on_phase, train_backbone
+                )
+            total = sum(losses.values())
+            if len(micro) > 1:
+                total = total / len(micro)
+                losses = {k: v.detach() / len(micro) for k, v in losses.items()}
+            (scaler.scale(total) if scaler is not None else total).backward()
+            on_phase("backward")
+            for name, value in losses.items():
+                totals[name] = value.detach() if name not in totals else totals[name] + value.detach()
+        return totals
 
     def clip_gradients(self, max_norm: float) -> dict[str, torch.Tensor]:
         """Clip each student submodule's gradient norm separately (as the original
@@ -330,8 +387,9 @@ class SSLMetaArch(nn.Module):
         }
 
     @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """EMA θ_t ← m·θ_t + (1−m)·θ_s over all three submodules.
+    def update_teacher(self, momentum: float, include_backbone: bool = True) -> None:
+        """EMA θ_t ← m·θ_t + (1−m)·θ_s over the three submodules; the backbone is left out (and its teacher copy does
+        not move at all) with ``include_backbone`` False, the heads-first stage of ``train.freeze_backbone_iterations``.
 
         With FSDP2 each rank updates its own shards (student and teacher are sharded alike); with replicated students
         the teacher is a plain copy and takes the local replica. Every rank applies the same update, so the teacher
@@ -339,15 +397,17 @@ class SSLMetaArch(nn.Module):
         update (after ``parallelize``), and reused: parameters keep their storage for the whole run.
         """
         if self._ema_pairs is None:
-            self._ema_pairs = self._pair_ema_tensors()
-        teacher_params, student_params = self._ema_pairs
+            self._ema_pairs = {True: self._pair_ema_tensors(True), False: self._pair_ema_tensors(False)}
+        teacher_params, student_params = self._ema_pairs[include_backbone]
         torch._foreach_mul_(teacher_params, momentum)
         torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
 
-    def _pair_ema_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _pair_ema_tensors(self, include_backbone: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         student = dict(self.student.named_parameters())
         teacher_params, student_params = [], []
         for name, p in self.teacher.named_parameters():
+            if not include_backbone and name.startswith("backbone."):
+                continue
             t_local, s_local = _local_tensor(p), _local_tensor(student[name].detach())
             if t_local.shape != s_local.shape:
                 raise RuntimeError(

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from franca.utils.atomic import atomic_write
+from franca.utils.atomic import atomic_write, disk_full_message, is_disk_full
 
 
 def format_duration(seconds: float) -> str:
@@ -67,8 +67,15 @@ class MetricsWriter:
             atomic_write(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        """Append ``record``; a full disk raises ``OSError`` naming the file, the line's size and the free space."""
+        line = json.dumps(record) + "\n"
+        try:
+            with open(self.path, "a") as f:
+                f.write(line)
+        except OSError as err:
+            if is_disk_full(err):
+                raise OSError(err.errno, disk_full_message(self.path, len(line.encode()), code=err.errno)) from err
+            raise
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

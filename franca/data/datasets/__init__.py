@@ -11,6 +11,7 @@ from franca.data.datasets.base import (
 )
 from franca.data.datasets.coco import COCOImages  # noqa: E402
 from franca.data.datasets.fashion_mnist import FashionMNIST, read_idx, write_idx
+from franca.data.datasets.folder_scan import FolderScanWarning
 from franca.data.datasets.image_folder import ImageFolder
 from franca.data.datasets.image_net import ImageNet
 from franca.data.datasets.image_net_22k import ImageNet22k
@@ -34,6 +35,7 @@ __all__ = [
     "DatasetSpec",
     "FashionMNIST",
     "FileListDataset",
+    "FolderScanWarning",
     "ImageDataset",
     "ImageFolder",
     "ImageNet",

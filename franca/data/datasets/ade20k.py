@@ -11,6 +11,7 @@ import numpy as np
 
 from franca.data.datasets.base import IGNORE_INDEX
 from franca.data.datasets.files import require_directory
+from franca.data.datasets.folder_scan import image_paths_in
 from franca.data.datasets.registry import register_dataset
 from franca.data.datasets.segmentation_folder import SegmentationDataset
 
@@ -31,7 +32,7 @@ class ADE20K(SegmentationDataset):
         directory = require_directory(root, "ADE20K root (the ADEChallengeData2016 folder)")
         images_dir = require_directory(directory / "images" / split, f"ADE20K {split} images")
         masks_dir = require_directory(directory / "annotations" / split, f"ADE20K {split} annotations")
-        image_paths = sorted(images_dir.glob("*.jpg"))
+        image_paths = image_paths_in(images_dir, f"ADE20K {split} images", suffixes=(".jpg",))
         mask_paths = [masks_dir / f"{path.stem}.png" for path in image_paths]
         super().__init__(str(directory), image_paths, mask_paths, transform, target_transform)
         self.split = split

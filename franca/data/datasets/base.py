@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
+from franca.data.datasets.files import open_regular_file
 from franca.data.image_decoding import DEFAULT_DECODING, ImageDecoding
 
 # The label of unlabelled pixels in every segmentation mask (VOC, ADE20K, SegFolder) and in every eval metric.
@@ -76,10 +77,11 @@ class ReadFailureCounter:
 
 def decode_image(source: str | os.PathLike | bytes, decoding: ImageDecoding = DEFAULT_DECODING) -> Image.Image:
     """Fully decodes an image file (path or bytes) to 8-bit RGB by ``decoding`` (transparency composited, high bit
-    depths scaled); decoding errors surface here, not later."""
-    stream = io.BytesIO(source) if isinstance(source, bytes) else source
-    with Image.open(stream) as image:
-        return decoding.to_rgb(image)
+    depths scaled); decoding errors surface here, not later. A path is opened only if it is a regular file, and an
+    image above the decode-size cap is refused from its header (both ``OSError`` / ``ValueError``, so skipped)."""
+    with io.BytesIO(source) if isinstance(source, bytes) else open_regular_file(source) as stream:
+        with decoding.open(stream) as image:
+            return decoding.to_rgb(image)
 
 
 class ImageDataset(Dataset, ABC):

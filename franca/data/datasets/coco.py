@@ -8,7 +8,8 @@ Dataset string: ``COCO:root=R:split=train2017|val2017``, where ``R`` holds the e
 from typing import Callable
 
 from franca.data.datasets.base import FileListDataset
-from franca.data.datasets.files import require_directory, scan_image_files
+from franca.data.datasets.files import require_directory
+from franca.data.datasets.folder_scan import scan_image_files
 from franca.data.datasets.registry import register_dataset
 
 SPLITS = ("train2017", "val2017")
@@ -24,7 +25,7 @@ class COCOImages(FileListDataset):
             raise ValueError(f"COCO split={split!r} is unknown; choose one of {', '.join(SPLITS)}")
         require_directory(root, "COCO root")
         directory = require_directory(f"{root}/{split}", f"COCO split folder {split!r} under root")
-        paths = scan_image_files(directory)
+        paths = scan_image_files(directory, what="COCO")
         if not paths:
             raise FileNotFoundError(
                 f"COCO split folder {str(directory)!r} holds no images; extract {split}.zip into {root!r}"

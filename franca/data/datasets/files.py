@@ -1,8 +1,10 @@
-"""File-system helpers shared by the datasets: directory checks, image-file scanning, cached file indexes."""
+"""File-system helpers shared by the datasets: directory checks, image file names, opening regular files only,
+cached file indexes (scanning folders: :mod:`franca.data.datasets.folder_scan`)."""
 
 import os
+import stat
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 
@@ -25,14 +27,21 @@ def is_image_file(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def scan_image_files(directory: Path) -> list[str]:
-    """Paths (relative to ``directory``, '/'-separated, sorted) of all image files below it, following links."""
-    found = []
-    for current, subdirectories, files in os.walk(directory, followlinks=True):
-        subdirectories.sort()
-        relative = Path(current).relative_to(directory)
-        found.extend((relative / name).as_posix() for name in sorted(files) if is_image_file(name))
-    return sorted(found)
+def open_regular_file(path: str | os.PathLike) -> BinaryIO:
+    """``path`` opened for binary reading, or ``OSError`` when it is not a regular file. The open does not block (a
+    named pipe would wait for a writer forever), and the check is on what was opened, so a file swapped for a pipe
+    after a folder scan is refused too."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a named pipe" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "a device"
+            raise OSError(f"{os.fsdecode(path)} is {kind}, not a regular file; only regular files are read")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def load_or_build_index(

@@ -5,7 +5,8 @@ from typing import Callable
 import numpy as np
 
 from franca.data.datasets.base import FileListDataset
-from franca.data.datasets.files import require_directory, scan_image_files
+from franca.data.datasets.files import require_directory
+from franca.data.datasets.folder_scan import scan_image_files
 
 
 class ImageFolder(FileListDataset):
@@ -18,7 +19,7 @@ class ImageFolder(FileListDataset):
 
     def __init__(self, root: str, transform: Callable | None = None, target_transform: Callable | None = None):
         directory = require_directory(root, "ImageFolder root")
-        paths = scan_image_files(directory)
+        paths = scan_image_files(directory, what="ImageFolder")
         if not paths:
             raise FileNotFoundError(
                 f"ImageFolder found no image files below {root!r}; expected e.g. .jpg/.png files, optionally in one "

@@ -14,7 +14,8 @@ from typing import Callable
 import numpy as np
 
 from franca.data.datasets.base import FileListDataset
-from franca.data.datasets.files import load_or_build_index, require_directory, scan_image_files
+from franca.data.datasets.files import load_or_build_index, require_directory
+from franca.data.datasets.folder_scan import ScanReport, scan_image_files
 
 SPLIT_FOLDERS = {"TRAIN": "train", "VAL": "val", "TEST": "test"}
 
@@ -28,8 +29,9 @@ def _scan_split(root: Path, split: str) -> dict[str, np.ndarray]:
     folder = SPLIT_FOLDERS[split]
     class_ids = _class_ids(root, folder)
     paths, targets = [], []
+    report = ScanReport()
     if split == "TEST":
-        paths = [f"{folder}/{path}" for path in scan_image_files(root / folder)]
+        paths = [f"{folder}/{path}" for path in scan_image_files(root / folder, report=report)]
         targets = [-1] * len(paths)
     else:
         class_index = {class_id: index for index, class_id in enumerate(class_ids)}
@@ -39,9 +41,10 @@ def _scan_split(root: Path, split: str) -> dict[str, np.ndarray]:
                     f"ImageNet {split} class folder {str(class_dir)!r} has no counterpart in {str(root / 'train')!r}; "
                     "every val class must also be a train class"
                 )
-            files = [f"{folder}/{class_dir.name}/{path}" for path in scan_image_files(class_dir)]
+            files = [f"{folder}/{class_dir.name}/{path}" for path in scan_image_files(class_dir, report=report)]
             paths += files
             targets += [class_index[class_dir.name]] * len(files)
+    report.warn(f"ImageNet {split}", root / folder, len(paths))
     if not paths:
         raise FileNotFoundError(
             f"ImageNet {split} found no images in {str(root / folder)!r}; expected "

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from franca.data.datasets.base import IGNORE_INDEX, ImageDataset
-from franca.data.datasets.files import is_image_file, require_directory
+from franca.data.datasets.files import require_directory
+from franca.data.datasets.folder_scan import image_paths_in
 from franca.data.datasets.registry import register_dataset
 
 LABEL_MODES = ("L", "P", "I", "I;16")
@@ -105,7 +106,7 @@ class SegFolder(SegmentationDataset):
         directory = require_directory(root, "SegFolder root")
         images_dir = require_directory(directory / split / "images", f"SegFolder split {split!r} images")
         masks_dir = require_directory(directory / split / "masks", f"SegFolder split {split!r} masks")
-        image_paths = sorted(path for path in images_dir.iterdir() if is_image_file(path.name))
+        image_paths = image_paths_in(images_dir, f"SegFolder split {split!r} images")
         mask_paths = [masks_dir / f"{path.stem}.png" for path in image_paths]
         missing = [str(path) for path in mask_paths if not path.is_file()]
         if missing:

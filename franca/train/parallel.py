@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 FSDP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # FSDP1 sharding strategies of the original configs → (FSDP2 reshard_after_forward, hybrid: shard within a node only).
-# The config schema allows exactly these (franca.config.CHOICES); FSDP1's NO_SHARD is compute_precision.distributed=ddp.
+# The config schema allows exactly these (franca.train.config.CHOICES); FSDP1's NO_SHARD is
+# compute_precision.distributed=ddp.
 SHARDING_STRATEGIES = {
     "FULL_SHARD": (True, False),
     "SHARD_GRAD_OP": (False, False),

@@ -1,34 +1,32 @@
 """Training configuration: defaults ← config file ← ``key=value`` overrides, validated (keys and defaults of
 valeoai/Franca ``franca/configs/ssl_default_config.yaml``; changes in docs/deviations.md).
 
-The shipped defaults (``franca/configs/ssl_default_config.yaml``) double as the schema: every valid key is a key of
-that file and its value must have the type of the default there (an int is accepted where a float is expected, a
-missing string is read as ''). Enumerated keys are checked against their allowed values, numbers against their ranges
-(:data:`VALUE_RULES`) and related keys against each other (:data:`CONSTRAINTS`). An unknown key, a wrong type, a bad
-choice or an out-of-range value raises :class:`ConfigError` naming the dotted key, the value and the fix.
+The shipped defaults (``franca/configs/ssl_default_config.yaml``) double as the schema
+(:class:`franca.utils.config_schema.ConfigSchema`: keys, types, choices). Here: the training config's allowed values
+(:data:`CHOICES`), ranges (:data:`VALUE_RULES`) and constraints between keys (:data:`CONSTRAINTS`). An unknown key, a
+wrong type, a bad choice or an out-of-range value raises :class:`ConfigError` naming the dotted key, the value and the
+fix.
 """
 
-import difflib
 import math
 import os
 import warnings
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from franca.data.image_decoding import parse_background, parse_max_value
 from franca.layers.heads import HEAD_INITS, default_nesting_list
+from franca.models.config import POSITION_ENCODINGS, ROPE_COORDINATE_NORMALISATIONS
 from franca.models.vision_transformer import ARCHITECTURES, FFN_LAYERS
-from franca.parallel import SHARDING_STRATEGIES
+from franca.train.parallel import SHARDING_STRATEGIES
 from franca.train.runtime import DISTRIBUTED_MODES, DTYPE_SETTINGS, SWITCH_SETTINGS
-from franca.utils.atomic import atomic_write
+from franca.utils.config_schema import ConfigError, ConfigSchema, get_key
 
-DEFAULT_CONFIG_FILE = Path(__file__).parent / "configs" / "ssl_default_config.yaml"
+DEFAULT_CONFIG_FILE = Path(__file__).parents[1] / "configs" / "ssl_default_config.yaml"
 
 _FSDP_DTYPES = ("fp32", "fp16", "bf16")
 
@@ -42,6 +40,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "compute_precision.chunked_losses": SWITCH_SETTINGS,
     "compute_precision.distributed": DISTRIBUTED_MODES,
     "crops.batched_photometric": SWITCH_SETTINGS,
+    "student.pretrained_heads": SWITCH_SETTINGS,
+    "student.position_encoding": POSITION_ENCODINGS,
+    "student.rope_normalize_coords": ROPE_COORDINATE_NORMALISATIONS,
     "student.arch": tuple(ARCHITECTURES),
     "student.ffn_layer": tuple(FFN_LAYERS),
     "optim.scaling_rule": ("sqrt_wrt_1024",),
@@ -60,12 +61,6 @@ _PAIRS = ("ibot.mask_ratio_min_max", "crops.global_crops_scale", "crops.local_cr
 # Keys kept only so that original config files load, with the reason they have no effect.
 _IGNORED_WHEN_TRUE = {"train.cache_dataset": "it has no effect (none in the original either)"}
 
-_TYPE_NAMES = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}
-
-
-class ConfigError(ValueError):
-    """A configuration file, override or value that cannot be used."""
-
 
 def _check_parsed_values(cfg: DictConfig) -> None:
     """Every key of :data:`VALUE_PARSERS` holds a value its parser accepts."""
@@ -77,218 +72,6 @@ def _check_parsed_values(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"config key {key}={value!r} is invalid: {error}; fix it in the config file or override it"
             ) from None
-
-
-@dataclass(frozen=True)
-class _Field:
-    """The type rule of one leaf key, derived from its default."""
-
-    key: str
-    default: Any
-    kind: type
-    item_kind: type | None = None
-    length: int | None = None
-    choices: tuple[str, ...] = ()
-
-    def describe(self) -> str:
-        if self.choices:
-            return "one of " + ", ".join(repr(c) for c in self.choices)
-        if self.kind is list:
-            size = f"{self.length} " if self.length else ""
-            return f"a list of {size}{_TYPE_NAMES[self.item_kind].removeprefix('a ').removeprefix('an ')}s"
-        return _TYPE_NAMES[self.kind]
-
-
-class ConfigSchema:
-    """A defaults YAML file that doubles as the schema of its keys, and the loader that validates against it.
-
-    ``choices`` maps fnmatch patterns of dotted keys to their allowed values; ``list_item_types`` gives the element
-    type of the lists whose default is empty; ``pairs`` are the lists of exactly two numbers. ``label`` names the
-    config in messages (``"RASA config"``) and ``example`` is a valid override shown when one is malformed.
-    """
-
-    def __init__(
-        self,
-        defaults_file: Path,
-        choices: dict[str, tuple[str, ...]] | None = None,
-        list_item_types: dict[str, type] | None = None,
-        pairs: tuple[str, ...] = (),
-        label: str = "config",
-        example: str = "optim.epochs=100",
-    ):
-        self.defaults_file = Path(defaults_file)
-        self.choices = dict(choices or {})
-        self.list_item_types = dict(list_item_types or {})
-        self.pairs = pairs
-        self.label = label
-        self.example = example
-
-    def _field_for(self, key: str, default: Any) -> _Field:
-        choices = next((allowed for pattern, allowed in self.choices.items() if fnmatchcase(key, pattern)), ())
-        if isinstance(default, list):
-            item_kind = self.list_item_types.get(key) or type(default[0])
-            return _Field(key, default, list, item_kind, 2 if key in self.pairs else None)
-        return _Field(key, default, type(default), choices=choices)
-
-    @cached_property
-    def _schema(self) -> tuple[dict[str, _Field], frozenset[str]]:
-        """Leaf fields and section paths of the defaults file."""
-        fields: dict[str, _Field] = {}
-        sections: set[str] = set()
-
-        def visit(node: dict, prefix: str) -> None:
-            for name, value in node.items():
-                key = prefix + name
-                if isinstance(value, dict):
-                    sections.add(key)
-                    visit(value, key + ".")
-                else:
-                    fields[key] = self._field_for(key, value)
-
-        visit(OmegaConf.to_container(OmegaConf.load(self.defaults_file)), "")
-        return fields, frozenset(sections)
-
-    @property
-    def fields(self) -> dict[str, _Field]:
-        return self._schema[0]
-
-    def _suggestion(self, key: str) -> str:
-        """Up to three valid keys closest to ``key`` (whole dotted key first, else the last name alone)."""
-        fields, sections = self._schema
-        known = sorted(fields) + sorted(sections)
-        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-        if not close:
-            leaf = key.rsplit(".", 1)[-1]
-            close_leaves = difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in known], n=3, cutoff=0.6)
-            close = [k for k in known if k.rsplit(".", 1)[-1] in close_leaves][:3]
-        if not close:
-            return f"the valid keys are those of {self.defaults_file}"
-        quoted = [repr(k) for k in close]
-        return "did you mean " + (quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]) + "?"
-
-    def _check_keys(self, node: dict, prefix: str, source: str) -> None:
-        """Reject keys that the defaults do not have, and sections set to values or values set to sections."""
-        fields, sections = self._schema
-        for name, value in node.items():
-            key = f"{prefix}{name}"
-            if key in sections:
-                if not isinstance(value, dict):
-                    raise ConfigError(
-                        f"{key} is a section of the {self.label}, but {source} sets it to {value!r}; "
-                        f"set its keys instead, e.g. {key}.<name>=<value>"
-                    )
-                self._check_keys(value, key + ".", source)
-            elif key in fields:
-                if isinstance(value, dict):
-                    raise ConfigError(
-                        f"{self.label} key {key} expects {fields[key].describe()}, but {source} sets it to the "
-                        f"mapping {value!r}; give a single value, e.g. {key}={fields[key].default!r}"
-                    )
-            else:
-                full_key = _first_leaf(key, value)
-                raise ConfigError(f"unknown {self.label} key {full_key!r} in {source}; {self._suggestion(full_key)}")
-
-    def _load_file(self, config_file: str | os.PathLike) -> DictConfig:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(
-                f"{self.label} file {str(path)!r} does not exist (or is not a file); pass an existing YAML file"
-            )
-        try:
-            cfg = OmegaConf.load(path)
-        except Exception as error:
-            raise ConfigError(f"{self.label} file {str(path)!r} is not valid YAML: {error}") from error
-        if not isinstance(cfg, DictConfig):
-            raise ConfigError(
-                f"{self.label} file {str(path)!r} must hold a mapping of sections (e.g. `optim:`), not a list"
-            )
-        self._check_keys(OmegaConf.to_container(cfg), "", f"{self.label} file {str(path)!r}")
-        return cfg
-
-    def _parse_override(self, item: str) -> DictConfig:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} has no '='; write it as key=value, e.g. {self.example}")
-        try:
-            cfg = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as error:
-            raise ConfigError(f"override {item!r} cannot be parsed: {error}; write it as key=value") from error
-        self._check_keys(OmegaConf.to_container(cfg), "", f"override {item!r}")
-        return cfg
-
-    def load(self, config_file: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> DictConfig:
-        """Defaults ← ``config_file`` ← ``overrides`` (``key=value`` strings), type-checked; in struct mode.
-
-        Struct mode makes setting a key that the schema lacks an error, so a typo in code fails as loudly as one in a
-        file.
-        """
-        layers = [OmegaConf.load(self.defaults_file)]
-        if config_file is not None:
-            layers.append(self._load_file(config_file))
-        layers.extend(self._parse_override(item) for item in overrides)
-        try:
-            merged = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=True)
-        except OmegaConfBaseException as error:
-            raise ConfigError(f"{self.label} cannot be merged or resolved: {error}") from error
-        for key, field in self.fields.items():
-            _set(merged, key, _coerce(field, _get(merged, key)))
-        cfg = OmegaConf.create(merged)
-        OmegaConf.set_struct(cfg, True)
-        return cfg
-
-
-def _first_leaf(key: str, value: Any) -> str:
-    """The dotted key of the first value under ``key`` (so an unknown section is reported by a full key)."""
-    while isinstance(value, dict) and value:
-        name, value = next(iter(value.items()))
-        key = f"{key}.{name}"
-    return key
-
-
-def _type_error(field: _Field, value: Any, key: str | None = None) -> ConfigError:
-    return ConfigError(
-        f"config key {key or field.key} has value {value!r} ({type(value).__name__}); expected {field.describe()} "
-        f"(default: {field.default!r}); fix it in the config file or override it, e.g. {field.key}={field.default}"
-    )
-
-
-def _coerce_scalar(field: _Field, kind: type, value: Any, key: str) -> Any:
-    if kind is bool and isinstance(value, bool):
-        return value
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if kind is float and is_number:
-        return float(value)
-    if kind is str and (value is None or isinstance(value, str) or is_number):
-        return "" if value is None else str(value)
-    raise _type_error(field, value, key)
-
-
-def _coerce(field: _Field, value: Any) -> Any:
-    """``value`` converted to the field's type, or a :class:`ConfigError` naming the key."""
-    if field.kind is list:
-        if not isinstance(value, list) or (field.length is not None and len(value) != field.length):
-            raise _type_error(field, value)
-        return [_coerce_scalar(field, field.item_kind, v, f"{field.key}[{i}]") for i, v in enumerate(value)]
-    if field.kind is str and isinstance(value, bool) and "true" in field.choices:
-        value = "true" if value else "false"  # YAML reads `compile: true` as a boolean; the choice is the word
-    value = _coerce_scalar(field, field.kind, value, field.key)
-    if field.choices and value not in field.choices:
-        raise _type_error(field, value)
-    return value
-
-
-def _get(container: dict, key: str) -> Any:
-    for name in key.split("."):
-        container = container[name]
-    return container
-
-
-def _set(container: dict, key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    for name in parents:
-        container = container[name]
-    container[leaf] = value
 
 
 TRAINING_SCHEMA = ConfigSchema(DEFAULT_CONFIG_FILE, CHOICES, _LIST_ITEM_TYPES, _PAIRS)
@@ -383,9 +166,20 @@ VALUE_RULES: dict[str, ValueRule] = {
     ),
     "train.saveckp_freq": at_least(1, "a checkpoint is written every N epochs of train.OFFICIAL_EPOCH_LENGTH"),
     "train.keep_checkpoints": at_least(1, "set it to the resumable checkpoints to keep, 2 as the original"),
+    "train.image_max_megapixels": above(0, "images above it are skipped unread; e.g. 100, or more for larger photos"),
     "train.log_period": at_least(1, "a metrics line is written every N iterations, e.g. 10"),
     "train.seed": at_least(0, "use any non-negative integer"),
     "train.num_workers": at_least(0, "set it to the loader processes per rank; 0 loads in the training process"),
+    "train.freeze_backbone_iterations": at_least(0, "0 trains the backbone from the start; N trains the heads first"),
+    "train.grad_accumulation_steps": at_least(1, "1 = no accumulation; k micro-batches of batch_size_per_gpu a step"),
+    "train.drift_probe_images": at_least(0, "0 turns the drift monitor off; e.g. 64"),
+    "train.drift_warning_drop": within(0, 1, "the fall of the CLS cosine that warns, e.g. 0.2", low_open=True),
+    "train.drift_warning_window": at_least(1, "iterations after the backbone starts training, e.g. 200"),
+    "optim.backbone_lr_mult": above(0, "the backbone's lr relative to optim.lr, e.g. 0.1 to adapt a backbone"),
+    "optim.backbone_warmup_iterations": at_least(0, "iterations of the backbone's lr ramp, e.g. 100"),
+    "student.layer_norm_eps": above(0, "1e-6 as Franca and DINOv2, 1e-5 for DINOv3"),
+    "student.rope_base": above(0, "the RoPE period base, 100 as DINOv3"),
+    "student.mlp_ratio": above(0, "the FFN width relative to embed_dim, 4 for every released Franca ViT"),
     "train.stop_at_iteration": at_least(0, "0 trains to the end; N stops after iteration N of the schedule"),
     "train.OFFICIAL_EPOCH_LENGTH": at_least(1, "set it to the iterations of one epoch of every schedule, e.g. 1250"),
     "train.use_block_masking": ValueRule(
@@ -564,6 +358,17 @@ def _knn_datasets_paired(cfg: DictConfig) -> list[str]:
     return []
 
 
+def _stages_within_the_run(cfg: DictConfig) -> list[str]:
+    total = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
+    freeze, warmup = cfg.train.freeze_backbone_iterations, cfg.optim.backbone_warmup_iterations
+    if freeze + warmup > total:
+        return [
+            f"train.freeze_backbone_iterations={freeze} + optim.backbone_warmup_iterations={warmup} exceed the run's "
+            f"{total} iterations (optim.epochs x train.OFFICIAL_EPOCH_LENGTH); shorten the stages or lengthen the run"
+        ]
+    return []
+
+
 def _initial_weights_consistent(cfg: DictConfig) -> list[str]:
     weights, pretrained = cfg.MODEL.WEIGHTS, cfg.student.pretrained_weights
     if cfg.train.high_resolution_finetune and not weights:
@@ -589,6 +394,7 @@ CONSTRAINTS: tuple[Callable[[DictConfig], list[str]], ...] = (
     _nesting_fits_the_heads,
     _level_weights_match_the_levels,
     _freeze_within_the_run,
+    _stages_within_the_run,
     _knn_datasets_paired,
     _initial_weights_consistent,
 )
@@ -600,7 +406,7 @@ def _rule_problems(cfg: DictConfig) -> list[str]:
     for key in TRAINING_SCHEMA.fields:
         rule = next((rule for pattern, rule in VALUE_RULES.items() if fnmatchcase(key, pattern)), None)
         if rule is not None:
-            problems += rule.problems(key, _get(values, key))
+            problems += rule.problems(key, get_key(values, key))
     return problems
 
 
@@ -630,14 +436,15 @@ def apply_scaling_rules(cfg: DictConfig, world_size: int) -> DictConfig:
 
     The ``sqrt_wrt_1024`` rule of valeoai/Franca ``franca/utils/``, applied once at setup.
 
-    ``sqrt_wrt_1024``: lr = base_lr · sqrt(batch_size_per_gpu · world_size / 1024).
+    ``sqrt_wrt_1024``: lr = base_lr · sqrt(global batch / 1024), global batch = batch_size_per_gpu · world_size ·
+    ``train.grad_accumulation_steps``.
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(f"world_size={world_size!r} must be a positive integer (the number of training processes)")
     rule = cfg.optim.scaling_rule
     if rule != "sqrt_wrt_1024":
         raise ConfigError(f"optim.scaling_rule={rule!r} is not implemented; use optim.scaling_rule=sqrt_wrt_1024")
-    global_batch = cfg.train.batch_size_per_gpu * world_size
+    global_batch = cfg.train.batch_size_per_gpu * world_size * cfg.train.grad_accumulation_steps
     lr = float(cfg.optim.base_lr * math.sqrt(global_batch / 1024.0))
     if cfg.optim.lr and not math.isclose(cfg.optim.lr, lr):
         warnings.warn(
@@ -648,8 +455,3 @@ def apply_scaling_rules(cfg: DictConfig, world_size: int) -> DictConfig:
         )
     cfg.optim.lr = lr
     return cfg
-
-
-def save_config(cfg: DictConfig, path: str | os.PathLike) -> Path:
-    """Write ``cfg`` as YAML to ``path`` atomically (temporary file in the same folder, then rename); returns path."""
-    return atomic_write(path, OmegaConf.to_yaml(cfg, resolve=True))
