@@ -2,14 +2,17 @@
 and write a PCA picture of the patch features.
 
 ``python -m franca.demo [--weights franca_vitb14 | /path/ckpt.pth] [--image photo.jpg] [--image-size S | H W]
-[--output-dir DIR] [--alpha-background white]``
+[--output-dir DIR] [--alpha-background white] [--image-max-value 0]``
 
-The image is resized to the size the checkpoint was trained at (its ``img_size``) unless ``--image-size`` is given;
-the picture is written to ``DIR/franca_pca.png``. The old ``--size`` and ``--out FILE`` still work (with a note).
+The image is resized to the size the checkpoint was trained at (its ``img_size``) unless ``--image-size`` is given,
+and decoded as the checkpoint records it was trained (its ``input_decoding``: the colour under transparent pixels,
+the scale of 16/32-bit images; :mod:`franca.data.image_decoding`) unless ``--alpha-background`` /
+``--image-max-value`` are given. The picture, photo and PCA side by side, each enlarged by nearest neighbour to at
+least 224 pixels a side, is written to ``DIR/franca_pca.png``. The old ``--size`` and ``--out FILE`` still work (with
+a note).
 
 Without ``--weights`` the ViT-B/14 is randomly initialised (no download); without ``--image`` scikit-image's
-astronaut photo is used (``pip install scikit-image``). A transparent image is composited onto
-``--alpha-background`` (white, black, '#RRGGBB' or R,G,B), as the datasets do (:mod:`franca.data.image_decoding`).
+astronaut photo is used (``pip install scikit-image``).
 """
 
 import argparse
@@ -21,11 +24,19 @@ from PIL import Image
 
 from franca.data.augmentations import make_normalize_transform
 from franca.data.datasets import decode_image
-from franca.data.image_decoding import DEFAULT_DECODING, ImageDecoding, parse_background
-from franca.eval.common import DeprecatedOption, add_image_size_argument, resolve_image_size
+from franca.data.image_decoding import DEFAULT_DECODING, ImageDecoding
+from franca.eval.common import (
+    DeprecatedOption,
+    add_decoding_arguments,
+    add_image_size_argument,
+    resolve_decoding,
+    resolve_image_size,
+)
 from franca.eval.pca import pca_rgb, upsample_rgb
+from franca.eval.pictures import picture_grid
 
 PICTURE_NAME = "franca_pca.png"
+PICTURE_MIN_SIDE = 224
 
 
 def load_photo(path: str | None, decoding: ImageDecoding = DEFAULT_DECODING) -> Image.Image:
@@ -46,14 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
     add_image_size_argument(p, old_names=("--size",))
     p.add_argument("--output-dir", default=".", help=f"folder of the picture {PICTURE_NAME} (default: here)")
     p.add_argument("--out", default=None, action=DeprecatedOption, note="use --output-dir; this file name still works")
-    p.add_argument(
-        "--alpha-background", default="white", help="colour under transparent pixels: white, black, '#RRGGBB', R,G,B"
-    )
+    add_decoding_arguments(p)
     args = p.parse_args(argv)
-    try:
-        decoding = ImageDecoding(parse_background(args.alpha_background))
-    except ValueError as error:
-        p.error(f"--alpha-background: {error}")
 
     from franca.hub import franca_vitb14, load_backbone
 
@@ -66,7 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
         (height, width), source = resolve_image_size(args.image_size, None, None, model)
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    print(f"sizes: image {height}x{width} ({source})")
+    decoding, decoding_source = resolve_decoding(args, model)
+    print(f"sizes: image {height}x{width} ({source}); decoding {decoding.describe()} ({decoding_source})")
     photo = load_photo(args.image, decoding).resize((width, height), Image.BICUBIC)
     x = make_normalize_transform()(photo).unsqueeze(0)
     with torch.no_grad():
@@ -76,11 +82,12 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{key:<20} {tuple(value.shape)}")
     grid = (height // model.patch_size, width // model.patch_size)
     patches = out.get("patch_token_rasa", out["x_norm_patchtokens"]).reshape(1, *grid, -1)
-    rgb, _ = pca_rgb(patches)
-    picture = np.concatenate([np.asarray(photo), upsample_rgb(rgb, (height, width))[0]], axis=1)
+    rgb, foreground = pca_rgb(patches)
+    panels = [np.asarray(photo), upsample_rgb(rgb, (height, width))[0]]
+    titles = ["photo", f"PCA of the patch features (foreground {100 * foreground.float().mean():.0f}%)"]
     path = Path(args.out) if args.out is not None else Path(args.output_dir) / PICTURE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(picture).save(path)
+    picture_grid([panels], titles, min_side=PICTURE_MIN_SIDE).save(path)
     print(f"PCA of the patch features written to {path.resolve()}")
     return {k: tuple(v.shape) for k, v in out.items() if torch.is_tensor(v)}
 

@@ -17,6 +17,7 @@ from franca.checkpoint import teacher_export_path
 from franca.data.augmentations import make_classification_eval_transform
 from franca.data.loaders import make_dataset
 from franca.eval.features import extract_features
+from franca.eval.floors import PixelFeatures
 from franca.eval.knn import knn_accuracies
 from franca.eval.models import FeatureModel
 from franca.hub import load_backbone
@@ -46,13 +47,6 @@ def _first(dataset, n: int):
     return Subset(dataset, range(min(n, len(dataset)))) if n else dataset
 
 
-class _Pixels(torch.nn.Module):
-    """Raw-pixel features: the normalised image, flattened."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1)
-
-
 def evaluate(cfg, teacher_file: Path, args) -> dict:
     size = cfg.crops.global_crops_size
     transform = make_classification_eval_transform(resize_size=size, crop_size=size)
@@ -68,7 +62,7 @@ def evaluate(cfg, teacher_file: Path, args) -> dict:
     # CLS and mean patch token side by side, one forward for both: at random initialisation the CLS token is nearly
     # the same for every image, so the mean patch token is the honest random-init floor
     models = {
-        "raw pixels": _Pixels(),
+        "raw pixels": PixelFeatures(),
         "random-init ViT": FeatureModel(random_vit, readout="cls_mean_patch"),
         "Franca": FeatureModel(pretrained, readout="cls_mean_patch"),
     }

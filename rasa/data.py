@@ -58,17 +58,20 @@ def make_rasa_eval_transform(image_size: int) -> v2.Compose:
 
 
 class MaskToTensor:
-    """A class mask (PIL image or array) → int64 [S, S] tensor resized with nearest neighbour; other targets → None."""
+    """A class mask (PIL image, array or tensor, as VOC, ADE20K and ``SegFolder`` give them) → int64 [S, S] tensor
+    resized with nearest neighbour; other targets (class indices, none) → None."""
 
     def __init__(self, mask_size: int):
         self.mask_size = mask_size
 
     def __call__(self, target: Any) -> torch.Tensor | None:
-        if isinstance(target, Image.Image):
+        if isinstance(target, torch.Tensor):
+            target = target.numpy()
+        elif isinstance(target, Image.Image):
             target = np.asarray(target)
         if not isinstance(target, np.ndarray) or target.ndim != 2:
             return None
-        mask = Image.fromarray(target.astype(np.uint8), mode="L")
+        mask = Image.fromarray(target.astype(np.int32))  # mode I, 32-bit: labels above 255 stay themselves
         mask = mask.resize((self.mask_size, self.mask_size), Image.Resampling.NEAREST)
         return torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())
 

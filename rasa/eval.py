@@ -10,7 +10,11 @@ with K=21, Hungarian matching). It also reports the MSE of the head's own ``pos_
 predicted position maps of a few held-out images before and after debiasing.
 
 ``python -m rasa.eval --weights W --rasa-weights R --dataset STR --output-dir D``
-→ ``D/results_rasa_eval.json`` and ``D/rasa_position_maps.png``.
+→ ``D/results_rasa_eval.json`` (with the ``metadata`` block of the evaluation commands) and
+``D/rasa_position_maps.png``. It takes the evaluation commands' shared options (docs/evaluation.md, "Shared
+options"): the image size defaults to the checkpoint's, the decoding to the one it records, the workers to the
+machine's CPUs, and it prints the ``sizes:`` line. Masks of any segmentation dataset (VOC, ADE20K, ``SegFolder``)
+give the mIoU.
 """
 
 import argparse
@@ -27,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from franca.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
 from franca.data.datasets.base import IGNORE_INDEX
+from franca.eval.common import EvalSettings, add_eval_arguments, eval_settings, parse_eval_args, run_metadata
 from franca.eval.features import default_device
 from franca.layers.rasa_head import RASAHead, remove_plane
 from franca.utils.atomic import atomic_write
@@ -300,25 +305,30 @@ def write_json_atomic(record: dict, path: Path) -> None:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("rasa.eval", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--weights", required=True, help="backbone: hub name (franca_vitb14:IN21K) or checkpoint path")
-    p.add_argument("--rasa-weights", required=True, help="RASA head file (e.g. DIR/rasa_head.pth of rasa.train)")
+    add_eval_arguments(p, batch_size=64)
     p.add_argument("--dataset", required=True, help="dataset string, e.g. VOC:root=R:split=val (masks give mIoU)")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--image-size", type=int, default=224, help="square input side (the original validates at 224)")
     p.add_argument("--mask-size", type=int, default=100, help="side of the masks the features are upsampled to")
     p.add_argument("--max-images", type=int, default=0, help="use only the first N images (0: all)")
     p.add_argument("--train-fraction", type=float, default=0.5, help="share of images fitting the read-out")
     p.add_argument("--no-miou", action="store_true", help="skip the k-means segmentation even when masks exist")
     p.add_argument("--num-plot-images", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
     return p
+
+
+def square_size(settings: EvalSettings) -> int:
+    """The square side RASA evaluates at (its position targets assume a square patch grid)."""
+    height, width = settings.image_size
+    if height != width:
+        raise ValueError(f"--image-size {height} {width}: RASA evaluates square images; give one size")
+    return height
 
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parse_eval_args(parser, argv)
+    if args.rasa_weights is None:
+        parser.error("--rasa-weights is required: the RASA head file to evaluate (e.g. DIR/rasa_head.pth)")
     from franca.data.loaders import make_dataset
     from franca.hub import load_backbone, load_rasa_head
     from rasa.data import MaskToTensor, make_rasa_eval_transform
@@ -326,15 +336,20 @@ def main(argv: list[str] | None = None) -> dict:
     device = default_device()
     backbone = load_backbone(args.weights).to(device).eval()
     head = load_rasa_head(args.rasa_weights, embed_dim=backbone.embed_dim)
+    settings = eval_settings(args, backbone)
+    size = square_size(settings)
     dataset = make_dataset(
-        args.dataset, transform=make_rasa_eval_transform(args.image_size), target_transform=MaskToTensor(args.mask_size)
+        args.dataset,
+        transform=make_rasa_eval_transform(size),
+        target_transform=MaskToTensor(args.mask_size),
+        decoding=settings.decoding,
     )
     if args.max_images:
         dataset = Subset(dataset, range(min(args.max_images, len(dataset))))
     fit, held_out = split_images(len(dataset), args.train_fraction, args.seed)
     shown = sorted(held_out[: args.num_plot_images].tolist())
     tokens, masks, images = extract_patch_tokens(
-        backbone, dataset, args.batch_size, args.num_workers, device, keep_images=tuple(shown)
+        backbone, dataset, settings.batch_size, settings.num_workers, device, keep_images=tuple(shown)
     )
     stages, maps = evaluate_removal(head, tokens, masks, fit, held_out, with_miou=not args.no_miou)
     out = Path(args.output_dir)
@@ -346,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
         "weights": args.weights,
         "rasa_weights": args.rasa_weights,
         "dataset": args.dataset,
-        "image_size": args.image_size,
+        "image_size": size,
         "num_images": len(tokens),
         "train_fraction": args.train_fraction,
         "rasa_pre_layers": head.n_pos_layers,
@@ -354,7 +369,8 @@ def main(argv: list[str] | None = None) -> dict:
         "kmeans_backend": kmeans_backend() if masks is not None and not args.no_miou else None,
         "stages": stages,
     }
-    write_json_atomic(record, out / RESULTS_FILE)
+    metadata = run_metadata(args, settings, {"dataset": args.dataset}, {"mask_size": args.mask_size})
+    write_json_atomic({**record, "metadata": metadata}, out / RESULTS_FILE)
     if "position_readout_note" in stages[0]:
         print(f"position read-out skipped: {stages[0]['position_readout_note']}")
     for stage in stages:

@@ -24,16 +24,18 @@ def test_protocols_are_as_documented():
     dinov2 = make_protocol("dinov2")
     assert dinov2.input_size == (504, 504) and dinov2.train_mask_size == (504, 504) and dinov2.eval_mask_size is None
     assert make_protocol("dinov2", (56, 84)).train_mask_size == (56, 84)
+    small = make_protocol("franca", (64, 96))  # masks are never upsampled beyond the input size
+    assert small.train_mask_size == small.eval_mask_size == (64, 96)
     with pytest.raises(ValueError, match="protocol 'ade' is unknown"):
         make_protocol("ade")
 
 
-def test_oracle_features_give_perfect_segmentation_at_100px(tmp_path):
+def test_oracle_features_give_perfect_segmentation_at_the_input_size(tmp_path):
     root = make_tile_segfolder(tmp_path / "seg")
     train, val = SegFolder(str(root), "train"), SegFolder(str(root), "val")
     protocol = make_protocol("franca", (64, 64))
     features, masks = precompute_train_features(OracleBackbone(), train, protocol, 4, CPU)
-    assert features.shape == (6, 4, 8, 8) and masks.shape == (6, 100, 100)
+    assert features.shape == (6, 4, 8, 8) and masks.shape == (6, 64, 64)
     results = run_linear_segmentation(
         OracleBackbone(), train, val, 4, EvalSettings((64, 64), batch_size=4), "franca",
         HeadSettings(epochs=20, train_batch_size=6, lr=0.1, weight_decay=0.0), CPU,
@@ -41,9 +43,8 @@ def test_oracle_features_give_perfect_segmentation_at_100px(tmp_path):
     # every patch is classified right; only where two patches' logits are blended by the bilinear upsampling can the
     # arg-max boundary move off the tile edge (by under a pixel, when the classes' logit margins differ)
     assert results["mIoU"] > 99.5 and results["pixel_accuracy"] > 99.5
-    # masks downsampled 64 → 100 by nearest: output row i reads input row floor(i · 64 / 100); input row 0 is ignored
-    ignored_rows = sum(1 for i in range(100) if (i * 64) // 100 == 0)
-    assert results["num_pixels"] == 3 * (100 - ignored_rows) * 100
+    # masks kept at the 64 px input size (not upsampled to 100): 3 val images of 64 x 64 pixels, row 0 ignored
+    assert results["num_pixels"] == 3 * 63 * 64
 
 
 def test_dinov2_protocol_scores_at_original_mask_size(tmp_path):
@@ -79,7 +80,7 @@ def test_command_line_writes_results(tmp_path, capsys):
     written = json.loads((tmp_path / "out" / "results_eval_linear_seg.json").read_text())
     assert written["mIoU"] == record["mIoU"]
     assert written["protocol"] == {
-        "name": "franca", "input_size": [32, 32], "train_mask_size": [100, 100], "eval_mask_size": [100, 100],
+        "name": "franca", "input_size": [32, 32], "train_mask_size": [32, 32], "eval_mask_size": [32, 32],
     }  # fmt: skip
     output = capsys.readouterr().out
     assert "linear head [1/1] eta" in output and "linear_seg (franca): mIoU" in output

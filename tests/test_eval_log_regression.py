@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -80,12 +81,26 @@ def test_absent_classes_never_win():
 
 
 def test_backend_choice():
-    assert make_backend("auto").name == ("cuml" if importlib.util.find_spec("cuml") else "sklearn")
+    assert make_backend("auto").name == ("cuml" if importlib.util.find_spec("cuml") else "torch")
     with pytest.raises(ValueError, match="unknown logistic-regression backend 'svm'"):
         make_backend("svm")
     if importlib.util.find_spec("cuml") is None:
         with pytest.raises(ImportError, match="--backend cuml needs the cuml package.*--backend torch"):
             make_backend("cuml")
+
+
+@pytest.mark.parametrize("backend", ["sklearn", "torch"])
+def test_a_fit_stopped_at_max_iter_is_reported_once_in_one_line(backend, capsys):
+    train_x, train_y = separable_features(30, num_classes=3, dim=8)
+    solver = make_backend(backend, max_iter=2)  # far too few iterations: every fit stops at the limit
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ConvergenceWarning escapes: the search says it once, below
+        select_c_and_fit(train_x.double(), train_y, c_grid(3, 0, 2), solver, num_classes=3)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "stopped at --max-iter" in line]
+    assert len(lines) == 1 and lines[0].startswith("logistic regression: 4 of 4 fits stopped at --max-iter 2")
+    assert "(refit)" in lines[0]
+    converged = make_backend(backend, max_iter=1000).fit(train_x.double(), train_y, 1.0, 3)
+    assert converged.converged
 
 
 def test_command_end_to_end(tmp_path):

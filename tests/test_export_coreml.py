@@ -1,5 +1,6 @@
 """Core ML export: conversion of a tiny ViT and the saved package's interface (predictions need macOS)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -57,8 +58,12 @@ def test_cli_fp16_halves_the_stored_weights(tmp_path, capsys):
     folder = export_safetensors(model, tmp_path / "weights")
     fp32 = export_coreml(model, tmp_path / "fp32.mlpackage", (56, 56))
     fp16 = tmp_path / "fp16.mlpackage"
-    assert main(["--weights", str(folder), "--image-size", "56", "56", "--fp16", "--out", str(fp16)]) == 0
-    assert "wrote" in capsys.readouterr().out
+    assert main(["--weights", str(folder), "--fp16", "--out", str(fp16)]) == 0  # 56 px: the checkpoint's size
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "sizes: image 56x56 (the checkpoint's img_size)" in printed
+    metadata = ct.models.MLModel(str(fp16), skip_model_load=True).user_defined_metadata
+    assert json.loads(metadata["franca.input_decoding"]) == {"alpha_background": "white", "image_max_value": 0.0}
+    assert json.loads(metadata["franca.metadata"])["sizes"]["image_size"] == [56, 56]
     inputs, outputs = interface(fp16)
     assert inputs == {"images": ([1, 3, 56, 56], FLOAT32)}
     assert outputs == {"cls_token": ([1, DIM], FLOAT32), "patch_tokens": ([1, 16, DIM], FLOAT32)}
@@ -68,7 +73,7 @@ def test_cli_fp16_halves_the_stored_weights(tmp_path, capsys):
 @pytest.mark.parametrize(
     "image_size,out_name,message",
     [
-        (["56", "50"], "model.mlpackage", "not a positive multiple of the patch size 14"),
+        (["56", "50"], "model.mlpackage", "is not divisible by the backbone's patch size 14"),
         (["56", "56"], "model.onnx", "saved as a .mlpackage folder"),
     ],
 )

@@ -1,5 +1,6 @@
 """ONNX export: onnxruntime outputs against the PyTorch backbone, fixed and dynamic sizes, with and without RASA."""
 
+import json
 import math
 
 import numpy as np
@@ -187,8 +188,32 @@ def test_cli_rejects_image_size_not_divisible_by_patch(tmp_path, capsys):
     folder = export_safetensors(tiny_vit(), tmp_path / "weights")
     with pytest.raises(SystemExit):
         main(["--weights", str(folder), "--image-size", "50", "56", "--out", str(tmp_path / "x.onnx")])
-    assert "not a positive multiple of the patch size 14" in capsys.readouterr().err
+    assert "is not divisible by the backbone's patch size 14" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_cli_takes_the_checkpoint_s_size_and_records_its_decoding(tmp_path, capsys):
+    model = tiny_vit(img_size=42)
+    model.input_decoding = {"alpha_background": "black", "image_max_value": 4095.0}
+    folder = export_safetensors(model, tmp_path / "weights")
+    out = tmp_path / "trained.onnx"
+    assert main(["--weights", str(folder), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "sizes: image 42x42 (the checkpoint's img_size); decoding alpha background black, image max value 4095"
+        in printed
+    )
+    graph = onnx.load(str(out))
+    assert [d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 42, 42]
+    props = {p.key: p.value for p in graph.metadata_props}
+    assert json.loads(props["franca.input_decoding"]) == {"alpha_background": "black", "image_max_value": 4095.0}
+    metadata = json.loads(props["franca.metadata"])
+    assert metadata["command"] == f"python -m franca.export.onnx --weights {folder} --out {out}"
+    assert metadata["sizes"] == {"image_size": [42, 42], "image_size_from": "the checkpoint's img_size"}
+    assert metadata["weights"]["sha256"] and metadata["input_decoding"]["from"] == "the checkpoint's"
+    assert main(["--weights", str(folder), "--out", str(out), "--alpha-background", "white"]) == 0
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(props["franca.input_decoding"])["alpha_background"] == "white"
 
 
 def test_cli_reports_missing_weights_file(tmp_path, capsys):

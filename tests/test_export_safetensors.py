@@ -132,6 +132,27 @@ def test_cli_re_export_is_identical_and_drops_a_stale_rasa_file(tmp_path, capsys
     )
 
 
+def test_cli_keeps_or_overrides_the_recorded_decoding(tmp_path, capsys):
+    model = tiny_vit()
+    model.input_decoding = {"alpha_background": "black", "image_max_value": 0.0}
+    first = export_safetensors(model, tmp_path / "first")
+    assert main(["--weights", str(first), "--out", str(tmp_path / "kept")]) == 0
+    assert "decoding alpha background black, image max value 0 (each image's range) (the checkpoint's)" in (
+        capsys.readouterr().out
+    )
+    assert json.loads((tmp_path / "kept" / "config.json").read_text())["input_decoding"] == model.input_decoding
+    assert main(["--weights", str(first), "--out", str(tmp_path / "grey"), "--alpha-background", "#808080"]) == 0
+    config = json.loads((tmp_path / "grey" / "config.json").read_text())
+    assert config["input_decoding"] == {"alpha_background": "#808080", "image_max_value": 0.0}
+    assert load_backbone(tmp_path / "grey").input_decoding == config["input_decoding"]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "grey" / "model.safetensors"), "pt") as handle:
+        header = handle.metadata()
+    assert json.loads(header["franca.input_decoding"]) == config["input_decoding"]
+    assert json.loads(header["franca.metadata"])["command"].startswith("python -m franca.export.safetensors")
+
+
 def test_cli_reports_missing_weights_file(tmp_path, capsys):
     missing = tmp_path / "absent.pth"
     with pytest.raises(SystemExit):

@@ -7,6 +7,7 @@ import io
 import pickle
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from franca import demo
 from franca.data.datasets import decode_image
 from franca.data.image_decoding import ImageDecoding, parse_background, parse_max_value, to_rgb
 from franca.data.loaders import make_dataset
-from franca.eval.common import add_backbone_arguments, image_decoding_from_args, make_eval_dataset
+from franca.eval.common import add_backbone_arguments, make_eval_dataset, resolve_decoding
 from franca.train.config import load_config
 from franca.utils.config_schema import ConfigError
 
@@ -265,9 +266,11 @@ def test_eval_flags_reach_the_evaluation_dataset(tmp_path, capsys):
     add_backbone_arguments(parser)
     base = ["--weights", "w", "--output-dir", str(tmp_path)]
     args = parser.parse_args(base + ["--alpha-background", "100,149,237", "--image-max-value", "65535"])
-    assert image_decoding_from_args(args) == ImageDecoding(CORNFLOWER, 65535.0)
-    assert image_decoding_from_args(parser.parse_args(base)) == ImageDecoding()
-    dataset = make_eval_dataset(f"ImageFolder:root={tmp_path / 'images'}", 8, 8, image_decoding_from_args(args))
+    unrecorded = SimpleNamespace(input_decoding=None)  # a checkpoint that records no decoding
+    decoding, _ = resolve_decoding(args, unrecorded)
+    assert decoding == ImageDecoding(CORNFLOWER, 65535.0)
+    assert resolve_decoding(parser.parse_args(base), unrecorded)[0] == ImageDecoding()
+    dataset = make_eval_dataset(f"ImageFolder:root={tmp_path / 'images'}", 8, 8, decoding)
     assert dataset.image_decoding == ImageDecoding(CORNFLOWER, 65535.0)
     with pytest.raises(SystemExit):
         parser.parse_args(base + ["--alpha-background", "teal"])

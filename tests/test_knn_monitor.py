@@ -162,12 +162,15 @@ def test_tiny_run_logs_the_teacher_knn_every_period_and_at_the_end(tiny_config, 
     records = [json.loads(line) for line in (out / "training_metrics.json").read_text().splitlines()]
     keys = [f"knn_top1_k{k}" for k in (10, 20, 100, 200)]
     with_knn = [r["iteration"] for r in records if "knn_top1_k10" in r]
-    assert with_knn == [5, 8]  # eval_period_iterations=6 of 9 iterations: after 6 and at the end
+    assert with_knn == [-1, 5, 8]  # the floor at initialisation; eval_period_iterations=6: after 6 and at the end
+    assert set(records[0]) == {"iteration", *(f"knn_top1_k{k}" for k in (10, 20, 100, 200))}
+    assert (out / "eval" / "training_0" / "teacher_checkpoint.pth").is_file()  # the initial teacher, for floors
     for record in records:
-        if record["iteration"] in with_knn:
+        if record["iteration"] in with_knn[1:]:
             assert all(0.0 <= record[key] <= 100.0 for key in keys)
             assert record["knn_top1_k20"] > 30  # 10 classes: real photos give the teacher far more than chance
     assert all(last[key] == records[-1][key] for key in keys)
     console = capsys.readouterr().out
     assert console.count("k-NN [6/9] teacher CLS, 4000 train / 1000 val images") == 1
-    assert "k-NN [9/9]" in console and "top-1 k=10 " in console
+    assert "k-NN [9/9]" in console and "top-1 k=10 " in console and console.count("k-NN [0/9]") == 1
+    assert console.count("k-NN note: images are resized to 16 and centre-cropped to 16") == 1

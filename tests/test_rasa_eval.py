@@ -189,6 +189,31 @@ def test_eval_command_on_voc(tmp_path, tiny_backbone):
     assert not (tmp_path / "out" / PLOT_FILE).exists()  # 4 images: no read-out, so no predicted maps to draw
 
 
+def test_eval_command_on_a_segfolder_gives_miou_with_the_shared_options(tmp_path, tiny_backbone, capsys):
+    """SegFolder yields its masks as tensors: they give the k-means mIoU; the size comes from the checkpoint, the
+    sizes: line is printed and the results carry the metadata block of the evaluation commands."""
+    from eval_data import make_tile_segfolder
+
+    from rasa.eval import RESULTS_FILE, main
+
+    root = make_tile_segfolder(tmp_path / "seg", tile=32, n_train=2, n_val=2)
+    torch.save(RASAHead(192, n_pos_layers=1).state_dict(), tmp_path / "head.pth")
+    record = main(
+        [
+            "--weights", str(tiny_backbone), "--rasa-weights", str(tmp_path / "head.pth"),
+            "--dataset", f"SegFolder:root={root}:split=train", "--output-dir", str(tmp_path / "out"),
+            "--mask-size", "16", "--num-workers", "0",
+        ]
+    )  # fmt: skip
+    assert record["image_size"] == 64  # the checkpoint's img_size, not the old fixed 224
+    assert all(0 <= stage["kmeans_miou"] <= 100 for stage in record["stages"])
+    saved = json.loads((tmp_path / "out" / RESULTS_FILE).read_text())
+    assert saved["metadata"]["sizes"] == {"image_size": [64, 64], "image_size_from": "the checkpoint's img_size",
+                                          "mask_size": 16}  # fmt: skip
+    assert saved["metadata"]["command"].startswith("python -m rasa.eval --weights")
+    assert "sizes: image 64x64 (the checkpoint's img_size); decoding alpha background white" in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def sixteen_tiles(tmp_path_factory):
     """16 tiles of 128 px cut from one photo: the size of the tiny recipe's validation set."""

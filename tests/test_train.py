@@ -126,7 +126,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny_config, tmp_path, ov
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_stop_at_iteration_checkpoints_and_the_next_run_continues_the_same_schedule(reference_runs, tmp_path):
+def test_stop_at_iteration_checkpoints_and_the_next_run_continues_the_same_schedule(reference_runs, tmp_path, capsys):
     reference = {r["iteration"]: r for r in read_metrics(reference_runs.output("per_image"))}
     out = tmp_path / "run"
     argv = ["--config-file", str(reference_runs.config), "--output-dir", str(out)]
@@ -143,6 +143,12 @@ def test_stop_at_iteration_checkpoints_and_the_next_run_continues_the_same_sched
     for iteration, record in reference.items():
         for key in ("total_loss", "koleo_loss", "ibot_loss", "lr", "teacher_temp"):
             assert resumed[iteration][key] == pytest.approx(record[key], rel=1e-6, abs=1e-7), (iteration, key)
+
+    export = out / "eval" / "training_9" / "teacher_checkpoint.pth"
+    written = export.stat().st_mtime_ns
+    assert trainer.main(argv) == {}  # complete: says so, and neither trains nor exports again
+    assert export.stat().st_mtime_ns == written and sorted(resumed) == [r["iteration"] for r in read_metrics(out)]
+    assert "is complete (9/9 iterations) and its teacher is exported" in capsys.readouterr().out
 
 
 def test_sigterm_checkpoints_and_stops(tiny_config, tmp_path):

@@ -36,6 +36,7 @@ from franca.checkpoint.distributed import (
 )
 from franca.checkpoint.records import RecordError, read_record, read_run_id
 from franca.checkpoint.release import save_teacher_release
+from franca.data.image_decoding import training_decoding
 from franca.models.config import ViTConfig
 from franca.models.safetensors_folder import export_safetensors
 from franca.models.vision_transformer import DinoVisionTransformer
@@ -129,6 +130,7 @@ def build_teacher_backbone(
     package needs nothing from ``franca.train`` (docs/architecture.md)."""
     config = ViTConfig.from_student_config(cfg.student, img_size=cfg.crops.global_crops_size, drop_path=False)
     backbone = DinoVisionTransformer(config)
+    backbone.input_decoding = training_decoding(cfg).to_record()
     state = {k[len(BACKBONE_PREFIX) :]: v for k, v in teacher_state.items() if k.startswith(BACKBONE_PREFIX)}
     hint = "the run's config.yaml must be the one the checkpoint was trained with"
     load_strict(backbone, state, source, "the teacher backbone of the run's config", hint)

@@ -63,6 +63,12 @@ def parse_background(value: str) -> Colour:
     raise ValueError(f"background colour {value!r} is not a colour; write {BACKGROUND_FORMS}")
 
 
+def format_background(colour: Colour) -> str:
+    """The text form of a colour: its name when it has one (white, black), else ``#rrggbb``."""
+    names = {rgb: name for name, rgb in NAMED_COLOURS.items()}
+    return names.get(tuple(colour), "#" + "".join(f"{channel:02x}" for channel in colour))
+
+
 def parse_max_value(value: float) -> float | None:
     """The declared maximum of high-bit-depth pixels: 0 → None (scale each image by its own range), > 0 → value."""
     try:
@@ -181,8 +187,31 @@ class ImageDecoding:
             "so it is not decoded; raise the cap to use it, or downscale the file"
         )
 
+    @classmethod
+    def from_record(cls, record: dict) -> "ImageDecoding":
+        """From a model's stored ``input_decoding`` (:meth:`to_record`); a missing entry takes the default."""
+        return cls.from_options(record.get("alpha_background", "white"), record.get("image_max_value", 0.0))
+
+    def to_record(self) -> dict:
+        """The form stored with a model (``backbone_config["input_decoding"]``): the option values."""
+        return {"alpha_background": format_background(self.background), "image_max_value": self.max_value or 0.0}
+
+    def describe(self) -> str:
+        """One phrase for the console, e.g. ``alpha background white, image max value 0 (each image's range)``."""
+        maximum = "0 (each image's range)" if self.max_value is None else f"{self.max_value:g}"
+        return f"alpha background {format_background(self.background)}, image max value {maximum}"
+
     def to_rgb(self, image: Image.Image) -> Image.Image:
         return to_rgb(image, self.background, self.max_value)
 
 
 DEFAULT_DECODING = ImageDecoding()
+
+
+def training_decoding(cfg) -> ImageDecoding:
+    """How a training run decodes its images (``train.alpha_background``, ``train.image_max_value``,
+    ``train.image_max_megapixels``): the training loader, the periodic k-NN, the drift probe and the decoding stored
+    with the exported model share it."""
+    return ImageDecoding.from_options(
+        cfg.train.alpha_background, cfg.train.image_max_value, cfg.train.image_max_megapixels
+    )

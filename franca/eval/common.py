@@ -7,7 +7,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -99,17 +99,24 @@ def add_eval_arguments(
         "--num-workers", type=int, default=default_num_workers(), help="data loader workers (default: min(4, CPUs-1))"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (splits, sampling, init)")
+    add_decoding_arguments(parser)
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--alpha-background`` and ``--image-max-value``; unset, each follows the checkpoint's stored decoding."""
     parser.add_argument(
         "--alpha-background",
         type=_argument_type(parse_background),
-        default="white",
-        help="colour transparent pixels are composited onto: white, black, '#RRGGBB' or R,G,B (default: white)",
+        default=None,
+        help="colour transparent pixels are composited onto: white, black, '#RRGGBB' or R,G,B (default: the "
+        "checkpoint's, else white)",
     )
     parser.add_argument(
         "--image-max-value",
-        type=_argument_type(parse_max_value),
-        default="0",
-        help="16/32-bit images: 0 = scale each by its own range, else the declared maximum, e.g. 4095 (default: 0)",
+        type=_argument_type(lambda value: parse_max_value(value) or 0.0),
+        default=None,
+        help="16/32-bit images: 0 = scale each by its own range, else the declared maximum, e.g. 4095 (default: the "
+        "checkpoint's, else 0)",
     )
 
 
@@ -145,9 +152,19 @@ def parse_eval_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
     return args
 
 
-def image_decoding_from_args(args: argparse.Namespace) -> ImageDecoding:
-    """The decoding options of ``--alpha-background`` and ``--image-max-value``."""
-    return ImageDecoding(args.alpha_background, args.image_max_value)
+def resolve_decoding(args: argparse.Namespace, backbone: nn.Module) -> tuple[ImageDecoding, str]:
+    """(decoding, where it came from): each of ``--alpha-background`` / ``--image-max-value`` when given, else the
+    checkpoint's stored ``input_decoding``, else the default (white, each image by its own range)."""
+    stored = getattr(backbone, "input_decoding", None)
+    base = ImageDecoding.from_record(stored) if stored else DEFAULT_DECODING
+    flags = {"background": getattr(args, "alpha_background", None), "max_value": getattr(args, "image_max_value", None)}
+    given = {field: value for field, value in flags.items() if value is not None}
+    decoding = replace(base, **{field: value or None for field, value in given.items()})
+    if given:
+        source = "flags" if len(given) == 2 or not stored else "flags and the checkpoint's"
+    else:
+        source = "the checkpoint's" if stored else "default: the checkpoint records none"
+    return decoding, source
 
 
 @dataclass(frozen=True)
@@ -163,6 +180,7 @@ class EvalSettings:
     decoding: ImageDecoding = DEFAULT_DECODING
     resize_size: int | None = None
     size_source: str = "given"
+    decoding_source: str = "given"
 
     def sizes(self) -> dict:
         """The sizes used, as recorded in the results' metadata."""
@@ -170,6 +188,16 @@ class EvalSettings:
         if self.resize_size is not None:
             sizes["resize_size"] = self.resize_size
         return sizes
+
+    def input_decoding(self) -> dict:
+        """The image decoding used and where it came from, as recorded in the results' metadata."""
+        return {**self.decoding.to_record(), "from": self.decoding_source}
+
+    def describe(self) -> str:
+        """The ``sizes:`` line every command prints."""
+        resize = f", resize shorter side to {self.resize_size}" if self.resize_size is not None else ""
+        size = f"{self.image_size[0]}x{self.image_size[1]} ({self.size_source}){resize}"
+        return f"sizes: image {size}; decoding {self.decoding.describe()} ({self.decoding_source})"
 
 
 def resolve_image_size(
@@ -206,18 +234,19 @@ def eval_settings(
         if size[0] != size[1]:
             raise ValueError(f"--image-size {size[0]} {size[1]}: classification uses a square crop; give one size")
         resize = args.resize_size or classification_resize(size[0])
+    decoding, decoding_source = resolve_decoding(args, backbone)
     settings = EvalSettings(
         image_size=size,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         seed=args.seed,
         use_rasa_head=args.rasa_weights is not None,
-        decoding=image_decoding_from_args(args),
+        decoding=decoding,
         resize_size=resize,
         size_source=source,
+        decoding_source=decoding_source,
     )
-    resize_text = f", resize shorter side to {resize}" if resize is not None else ""
-    print(f"sizes: image {size[0]}x{size[1]} ({source}){resize_text}", flush=True)
+    print(settings.describe(), flush=True)
     return settings
 
 
@@ -272,7 +301,14 @@ def run_metadata(args: argparse.Namespace, settings: EvalSettings, datasets: dic
     line; ``sizes`` adds command-specific sizes to the shared ones."""
     all_sizes = {**settings.sizes(), **(sizes or {})}
     return results_metadata(
-        args.command_line, args.weights, args.rasa_weights, datasets, all_sizes, settings.seed, args.started
+        args.command_line,
+        args.weights,
+        args.rasa_weights,
+        datasets,
+        all_sizes,
+        settings.seed,
+        args.started,
+        settings.input_decoding(),
     )
 
 

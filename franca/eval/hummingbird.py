@@ -25,7 +25,7 @@ an exact chunked matmul + top-k in torch (on the GPU when there is one); ``--nn-
 import argparse
 import importlib.util
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -154,13 +154,11 @@ class NearestNeighbours:
 
 
 def choose_nn_backend(requested: str, device: torch.device) -> str:
-    """``auto``: faiss when importable and on CPU, else torch (exact either way); the choice is printed."""
+    """``auto``: faiss when importable and on CPU, else torch (exact either way)."""
     has_faiss = importlib.util.find_spec("faiss") is not None
     if requested == "faiss" and not has_faiss:
         raise ImportError("--nn-backend faiss needs faiss: pip install faiss-cpu (or faiss-gpu), or use torch")
-    backend = requested if requested != "auto" else ("faiss" if has_faiss and device.type == "cpu" else "torch")
-    print(f"hummingbird: nearest neighbours with {backend} (exact inner product)", flush=True)
-    return backend
+    return requested if requested != "auto" else ("faiss" if has_faiss and device.type == "cpu" else "torch")
 
 
 def retrieve_class_scores(
@@ -244,8 +242,9 @@ def save_prediction_examples(
     count: int,
     device: torch.device,
 ) -> Path:
-    """A PNG with one row per val image (the first ``count``): the input, its ground truth and the prediction, label
-    maps in a fixed palette (ignored pixels black)."""
+    """A PNG with one row per val image (the first ``count``): the input, its ground truth and the prediction under
+    titled columns, enlarged to a readable size, label maps in a fixed palette (class 0 grey, ignored pixels black)
+    with a legend of the classes shown (:func:`franca.eval.pictures.label_grid`)."""
     search = NearestNeighbours(memory_features, choose_nn_backend(hummingbird.nn_backend, device), device)
     pairs = _val_pairs(val_dataset, settings, hummingbird)
     subset = Subset(pairs, range(min(count, len(pairs))))
@@ -256,7 +255,8 @@ def save_prediction_examples(
         predictions = predict_masks(dense, masks, memory_labels.to(device), search, hummingbird)
         rows += list(zip(masks, predictions))
     images = [denormalise(pairs[i][0]) for i in range(len(rows))]
-    return atomic_write(path, png_bytes(label_grid(images, rows)))
+    names = getattr(val_dataset, "classes", None)
+    return atomic_write(path, png_bytes(label_grid(images, rows, names)))
 
 
 def run_hummingbird(
@@ -279,6 +279,9 @@ def run_hummingbird(
     if patches_per_image is None:
         patches_per_image = max(1, hummingbird.memory_size // (len(train_dataset) * passes))
     patches_per_image = min(patches_per_image, (size[0] // patch) * (size[1] // patch))
+    backend = choose_nn_backend(hummingbird.nn_backend, device or default_device())
+    print(f"hummingbird: nearest neighbours with {backend} (exact inner product)", flush=True)
+    hummingbird = replace(hummingbird, nn_backend=backend)
     start = time.perf_counter()
     memory_features, memory_labels = build_memory(
         backbone, train_dataset, num_classes, settings, patches_per_image, hummingbird.augmentation_epochs, device
@@ -358,6 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_dataset": args.train_dataset,
         "val_dataset": args.val_dataset,
         "ignore_index": IGNORE_INDEX,
+        "class_names": getattr(train_dataset, "classes", None),
         **results,
     }
     datasets = {"train": args.train_dataset, "val": args.val_dataset}

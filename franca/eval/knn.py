@@ -5,7 +5,11 @@ exp(sim / T) (T = 0.07) and sums the weights per class; the class with the large
 for each k in {10, 20, 100, 200}. Similarities are computed in chunks on the GPU when one is available. The vote itself
 is :func:`franca.utils.knn.knn_classify`, which the trainer's periodic k-NN uses too.
 
-``python -m franca.eval.knn --weights W --train-dataset STR --val-dataset STR --output-dir D``
+``--baselines random-init,pixels`` puts floors beside the model's numbers (:mod:`franca.eval.floors`): the same
+architecture at initialisation and the raw pixels, classified by the same vote on the same images.
+
+``python -m franca.eval.knn --weights W --train-dataset STR --val-dataset STR --output-dir D [--baselines
+random-init,pixels]``
 """
 
 import argparse
@@ -22,6 +26,7 @@ from franca.eval.common import (
     run_metadata,
     write_results,
 )
+from franca.eval.floors import BASELINES, floor_models, parse_baselines
 from franca.eval.metrics import topk_accuracy
 from franca.eval.models import FeatureModel
 from franca.utils.knn import DEFAULT_KS, knn_classify
@@ -53,24 +58,56 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-dataset", required=True, help="dataset string, e.g. ImageNet:split=VAL:root=R")
     p.add_argument("--nb-knn", type=int, nargs="+", default=list(DEFAULT_KS))
     p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument(
+        "--baselines",
+        default="",
+        metavar="NAMES",
+        help=f"floors beside the model, comma-separated from {', '.join(BASELINES)} (default: none)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_eval_args(get_args_parser(), argv)
+    baselines = parse_baselines(args.baselines) if args.baselines else []
     backbone = load_backbone_for_eval(args.weights, args.rasa_weights)
     settings = eval_settings(args, backbone, CLASSIFICATION_PROTOCOLS, classification=True)
     model = FeatureModel(backbone, use_rasa_head=settings.use_rasa_head)
-    train = extract_labelled_features(model, args.train_dataset, settings, "train")
-    val = extract_labelled_features(model, args.val_dataset, settings, "val")
-    results = knn_accuracies(*train, *val, ks=tuple(args.nb_knn), temperature=args.temperature)
+    models, sources = floor_models(model, backbone, args.weights, baselines, args.seed, settings.use_rasa_head)
+    train_features, train_labels = extract_labelled_features(models, args.train_dataset, settings, "train")
+    val_features, val_labels = extract_labelled_features(models, args.val_dataset, settings, "val")
+    train, val = models.split(train_features), models.split(val_features)
+    ks, temperature = tuple(args.nb_knn), args.temperature
+    results = knn_accuracies(train["model"], train_labels, val["model"], val_labels, ks=ks, temperature=temperature)
     record = {"weights": args.weights, "rasa_weights": args.rasa_weights, "temperature": args.temperature, **results}
+    if baselines:
+        record["floors"] = {
+            name: {
+                "source": sources[name],
+                "feature_dim": train[name].shape[1],
+                **knn_accuracies(train[name], train_labels, val[name], val_labels, ks=ks, temperature=temperature),
+            }
+            for name in baselines
+        }
     datasets = {"train": args.train_dataset, "val": args.val_dataset}
     path = write_results(args.output_dir, "knn", record, run_metadata(args, settings, datasets))
-    for k, r in results.items():
-        print(f"k={k}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%")
+    print(format_knn_table(record, baselines))
+    for name in baselines:
+        print(f"  {name}: {sources[name]}")
     print(f"results: {path}")
     return record
+
+
+def format_knn_table(record: dict, baselines: list[str]) -> str:
+    """Top-1 (top-5) per k, the model first and its floors beside it."""
+    columns = ["model", *baselines]
+    rows = [("k", *columns)]
+    for k in (key for key in record if key.isdigit()):
+        by_column = [record[k], *(record["floors"][name][k] for name in baselines)]
+        rows.append((f"k={k}", *(f"{r['top1']:.2f}% ({r['top5']:.2f}%)" for r in by_column)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns) + 1)]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
+    return "k-NN top-1 (top-5):\n" + "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ Two protocols, which differ by several mIoU points on ADE20K, so a number is onl
 
 - ``franca`` (as Franca reports linear segmentation; the Leopart/NeCo protocol of its authors): images resized to
   448×448 (without ``--protocol``: to the size the checkpoint was trained at, or ``--image-size``); train and val
-  masks resized by nearest neighbour to 100×100; logits upsampled bilinearly to 100×100; mIoU over the val set at
-  100×100.
+  masks resized by nearest neighbour to 100×100 (to the image size when that is smaller: a 64 px model is scored
+  on 64×64 masks); logits upsampled bilinearly to the mask size; mIoU over the val set there.
 - ``dinov2`` (full-resolution evaluation as DINOv2's linear segmentation): images resized to 504×504, train masks
   resized by nearest neighbour to 504×504; val logits upsampled bilinearly to each image's original mask size and mIoU
   computed there. (DINOv2 trains on random 512² crops and tests with a sliding window; here one resized view.)
@@ -85,13 +85,18 @@ class HeadSettings:
 
 
 def make_protocol(name: str, input_size: tuple[int, int] | None = None) -> Protocol:
-    """The named protocol, optionally at another input size (dinov2 trains on masks at the input size)."""
+    """The named protocol, optionally at another input size (dinov2 trains on masks at the input size). A fixed mask
+    size is capped at the input size: a small model (say 64 px) is scored on 64×64 masks, not on masks upsampled
+    to 100×100, which would only repeat pixels of the resized masks."""
     if name not in PROTOCOLS:
         raise ValueError(f"protocol {name!r} is unknown; choose one of {', '.join(PROTOCOLS)}")
     base = PROTOCOLS[name]
     size = tuple(input_size) if input_size is not None else base.input_size
-    train_mask_size = base.train_mask_size or size
-    return Protocol(base.name, size, train_mask_size, base.eval_mask_size)
+
+    def capped(mask_size: tuple[int, int] | None) -> tuple[int, int] | None:
+        return None if mask_size is None else tuple(min(m, s) for m, s in zip(mask_size, size, strict=True))
+
+    return Protocol(base.name, size, capped(base.train_mask_size) or size, capped(base.eval_mask_size))
 
 
 class LinearSegmentationHead(nn.Module):
@@ -288,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_dataset": args.train_dataset,
         "val_dataset": args.val_dataset,
         "ignore_index": IGNORE_INDEX,
+        "class_names": getattr(train_dataset, "classes", None),
         **results,
     }
     datasets = {"train": args.train_dataset, "val": args.val_dataset}

@@ -160,8 +160,10 @@ def select_c_and_fit(
     progress = Progress(f"{name}: choosing C", len(c_sorted))
     start = time.perf_counter()
     model = best_model = None
+    stopped: list[str] = []
     for done, c in enumerate(c_sorted, start=1):
         model = backend.fit(x_fit, y_fit, c, num_classes, init=model if warm_start else None, tol=tol)
+        stopped += [] if model.converged else [f"{c:.3g}"]
         holdout_top1[repr(c)] = topk_accuracy(model.logits(x_hold), y_hold, 1)
         best_c = best_c_of(holdout_top1)
         best_model = model if best_c == c else best_model
@@ -181,7 +183,23 @@ def select_c_and_fit(
     final = backend.fit(
         train_features, train_labels, best_c, num_classes, init=best_model if warm_start else None, tol=tol
     )
+    stopped += [] if final.converged else [f"{best_c:.3g} (refit)"]
+    note = convergence_note(name, stopped, done + 1, backend.max_iter)
+    if note:
+        print(note, flush=True)
     return final, best_c, holdout_top1
+
+
+def convergence_note(name: str, stopped: list[str], fits: int, max_iter: int) -> str | None:
+    """One line for all the fits that stopped at the iteration limit (``stopped``: their C values), instead of a
+    warning block per fit."""
+    if not stopped:
+        return None
+    return (
+        f"{name}: {len(stopped)} of {fits} fits stopped at --max-iter {max_iter} before the tolerance "
+        f"(C = {', '.join(stopped)}); "
+        "their accuracies are those of the last iterate: raise --max-iter, or --tol, to let them finish"
+    )
 
 
 def log_regression_eval(
@@ -329,7 +347,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_backbone_arguments(p)
     p.add_argument("--train-dataset", required=True, help="dataset string, e.g. ImageNet:split=TRAIN:root=R")
     p.add_argument("--val-dataset", required=True, help="dataset string, e.g. ImageNet:split=VAL:root=R")
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="auto: cuML, else scikit-learn, else torch")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="auto: cuML when installed, else torch")
     p.add_argument(
         "--c-grid-size",
         type=int,

@@ -96,8 +96,10 @@ def results_metadata(
     sizes: dict[str, object],
     seed: int | None,
     started: float,
+    input_decoding: dict | None = None,
 ) -> dict:
-    """The ``metadata`` block of every ``results_eval_*.json``; ``started`` is a :func:`time.perf_counter` value."""
+    """The ``metadata`` block of every ``results_eval_*.json``; ``started`` is a :func:`time.perf_counter` value,
+    ``input_decoding`` how image files were decoded (the options and where they came from)."""
     return {
         "command": command_line,
         "franca_version": franca.__version__,
@@ -106,6 +108,7 @@ def results_metadata(
         "rasa_weights": _copy(describe_weights(rasa_weights)),
         "datasets": datasets,
         "sizes": sizes,
+        "input_decoding": input_decoding,
         "seed": seed,
         "wall_time_s": round(time.perf_counter() - started, 3),
     }

@@ -1,16 +1,20 @@
-"""A pictures-first evaluation report: run a chosen set of protocols and write one self-contained HTML page.
+"""A pictures-first evaluation report: run a chosen set of protocols and write one self-contained HTML page that a
+researcher reads in ten seconds (docs/evaluation.md, "One page to look at").
 
 ``python -m franca.eval.report --weights W --output-dir D [--train-dataset S --val-dataset S] [--seg-train-dataset S
 --seg-val-dataset S] [--images F ... | --pca-dataset S] [--protocols knn,matryoshka,pca,hummingbird]``
 
 Each protocol runs as its own command (``franca.eval.<protocol>``) into ``D/<protocol>/`` with the shared flags
 (weights, RASA head, image size, loader, seed, decoding) passed on, so its results file is the one the command would
-write. ``D/report.html`` then shows, per protocol, a table of its numbers, its pictures (the Matryoshka curve, the
-PCA grids, HummingBird predictions beside the ground truth) and the metadata block, with every picture embedded as
-a data URI: the page is one file to open, mail or archive. A protocol that fails is shown with its error and the
-others still run. By default (``--protocols auto``) every cheap protocol the given datasets allow runs: knn and
-matryoshka with the classification datasets, hummingbird with the segmentation datasets, pca with images (or the
-first val images).
+write; the k-NN runs with ``--baselines random-init,pixels``. ``D/report.html`` then shows, from the top: the model
+(architecture, trained size, stored decoding), a headline box (per protocol its main number, its floors, the
+datasets and the image size), the full command, and per protocol its time, tables shaped like its data
+(:mod:`franca.eval.report_views`: k × model and floors, Matryoshka dimension × k, mIoU and IoU per class, ...), its
+pictures (the Matryoshka curve, the PCA grids, HummingBird predictions beside the ground truth, enlarged and
+labelled by the commands), its settings and the metadata block. Every picture is embedded as a data URI: the page
+is one file to open, mail or archive. A protocol that fails is shown with its error and the others still run. By
+default (``--protocols auto``) every cheap protocol the given datasets allow runs: knn and matryoshka with the
+classification datasets, hummingbird with the segmentation datasets, pca with images (or the first val images).
 """
 
 import argparse
@@ -18,22 +22,23 @@ import base64
 import html
 import importlib
 import json
+import shlex
 import sys
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from franca.eval.common import default_num_workers
+from franca.eval.common import default_num_workers, load_backbone_for_eval
+from franca.eval.floors import BASELINES
+from franca.eval.report_views import Table, headline, settings, tables
 from franca.utils.atomic import atomic_write
-from franca.utils.logging import format_duration
 
 CLASSIFICATION = ("knn", "matryoshka", "linear", "log_regression")
 SEGMENTATION = ("hummingbird", "linear_seg")
 PROTOCOLS = (*CLASSIFICATION, *SEGMENTATION, "pca")
 AUTO_PROTOCOLS = ("knn", "matryoshka", "hummingbird", "pca")
 REPORT_FILE = "report.html"
-MAX_TABLE_ROWS = 40
 
 
 @dataclass
@@ -70,9 +75,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=default_num_workers())
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--alpha-background", default="white", help="colour transparent pixels are composited onto")
-    p.add_argument("--image-max-value", default="0", help="16/32-bit images: 0 = each by its range, else the maximum")
+    p.add_argument("--alpha-background", default=None, help="colour under transparent pixels (default: the model's)")
+    p.add_argument("--image-max-value", default=None, help="16/32-bit images' maximum (default: the model's)")
     p.add_argument("--predictions", type=int, default=4, help="HummingBird val images pictured (default 4)")
+    p.add_argument(
+        "--baselines",
+        default=",".join(BASELINES),
+        help=f"floors the k-NN puts beside the model (default {','.join(BASELINES)}; '' for none)",
+    )
     return p
 
 
@@ -113,13 +123,16 @@ def protocol_argv(name: str, args: argparse.Namespace, folder: Path) -> list[str
     """The command line of one protocol: the shared flags plus its datasets."""
     argv = ["--weights", args.weights, "--output-dir", str(folder), "--seed", str(args.seed)]
     argv += ["--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers)]
-    argv += ["--alpha-background", args.alpha_background, "--image-max-value", args.image_max_value]
+    for flag, value in (("--alpha-background", args.alpha_background), ("--image-max-value", args.image_max_value)):
+        argv += [flag, value] if value is not None else []
     if args.rasa_weights:
         argv += ["--rasa-weights", args.rasa_weights]
     if args.image_size:
         argv += ["--image-size", *map(str, args.image_size)]
     if name in CLASSIFICATION:
         argv += ["--train-dataset", args.train_dataset, "--val-dataset", args.val_dataset]
+        if name == "knn" and args.baselines:
+            argv += ["--baselines", args.baselines]
     elif name in SEGMENTATION:
         argv += ["--train-dataset", args.seg_train_dataset, "--val-dataset", args.seg_val_dataset]
         if name == "hummingbird":
@@ -149,65 +162,112 @@ def run_protocol(name: str, args: argparse.Namespace, out_dir: Path) -> Protocol
     return run
 
 
-def numeric_rows(record: dict, prefix: str = "") -> list[tuple[str, str]]:
-    """(dotted key, formatted value) for every number of a results record, metadata left out."""
-    rows = []
-    for key, value in record.items():
-        if key == "metadata" and not prefix:
-            continue
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            rows += numeric_rows(value, name + ".")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        else:
-            rows.append((name, f"{value:.4g}" if isinstance(value, float) else str(value)))
-    return rows
-
-
 def data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
+def format_seconds(seconds: float) -> str:
+    """``0.4 s``, ``12.3 s``, ``4 min 05 s``: a protocol's time, readable at any length."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def describe_sizes(metadata: dict) -> str:
+    """``28x28 (the checkpoint's img_size), resize 32`` from a results file's metadata."""
+    sizes = metadata.get("sizes") or {}
+    if "image_size" not in sizes:
+        return ""
+    height, width = sizes["image_size"]
+    text = f"{height}x{width} ({sizes.get('image_size_from', '')})"
+    return text + (f", resize {sizes['resize_size']}" if "resize_size" in sizes else "")
+
+
+def describe_datasets(metadata: dict) -> str:
+    datasets = metadata.get("datasets") or {}
+    return "; ".join(
+        f"{role}: {value if isinstance(value, str) else f'{len(value)} files'}" for role, value in datasets.items()
+    )
+
+
+def describe_model(backbone) -> str:
+    """One line on the model: architecture, trained size, the decoding it records."""
+    decoding = backbone.input_decoding
+    stored = (
+        f"alpha background {decoding.get('alpha_background')}, image max value {decoding.get('image_max_value')}"
+        if decoding
+        else "not recorded (white, each image's range)"
+    )
+    return (
+        f"ViT: width {backbone.embed_dim}, depth {backbone.n_blocks}, {backbone.num_heads} heads, patch "
+        f"{backbone.patch_size}, trained at {backbone.img_size} px; decoding {stored}"
+    )
+
+
+def render_table(table: Table) -> str:
+    head = "".join(f"<th>{html.escape(column)}</th>" for column in table.columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in table.rows)
+    return f"<table><caption>{html.escape(table.caption)}</caption><tr>{head}</tr>{body}</table>"
+
+
+def render_headline(runs: list[ProtocolRun]) -> str:
+    """The box at the top: per protocol its main number, its floors, datasets and sizes."""
+    rows = []
+    for run in runs:
+        name = f"<a href='#{run.name}'>{html.escape(run.name)}</a>"
+        if run.error:
+            rows.append(f"<tr><td>{name}</td><td class='error' colspan='4'>failed: see below</td></tr>")
+            continue
+        top = headline(run.name, run.record)
+        floors = ", ".join(f"{html.escape(label)} {html.escape(value)}" for label, value in top.floors)
+        metadata = run.record.get("metadata", {})
+        rows.append(
+            f"<tr><td>{name}</td><td>{html.escape(top.label)}<br><b class='value'>{html.escape(top.value)}</b></td>"
+            f"<td>{floors}</td><td>{html.escape(describe_datasets(metadata))}</td>"
+            f"<td>{html.escape(describe_sizes(metadata))}</td></tr>"
+        )
+    head = "<tr><th>protocol</th><th>result</th><th>floors</th><th>data</th><th>image size</th></tr>"
+    return f"<table class='headline'>{head}{''.join(rows)}</table>"
+
+
 def render_section(run: ProtocolRun) -> str:
-    title = f"<h2 id='{run.name}'>{html.escape(run.name)} <small>({format_duration(run.seconds)})</small></h2>"
+    title = f"<h2 id='{run.name}'>{html.escape(run.name)} <small>took {format_seconds(run.seconds)}</small></h2>"
     if run.error:
         return f"<section>{title}<pre class='error'>{html.escape(run.error)}</pre></section>"
-    rows = numeric_rows(run.record)
-    shown = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in rows[:MAX_TABLE_ROWS])
-    more = f"<p>{len(rows) - MAX_TABLE_ROWS} more values in the results file.</p>" if len(rows) > MAX_TABLE_ROWS else ""
+    shown = "".join(render_table(table) for table in tables(run.name, run.record))
     pictures = "".join(
         f"<figure><img src='{data_uri(p)}' alt='{html.escape(p.name)}'><figcaption>{html.escape(p.name)}"
         "</figcaption></figure>"
         for p in run.pictures
     )
+    used = Table("settings", ["setting", "value"], [list(row) for row in settings(run.record)])
     metadata = html.escape(json.dumps(run.record.get("metadata", {}), indent=2))
     return (
-        f"<section>{title}<table><tr><th>value</th><th></th></tr>{shown}</table>{more}{pictures}"
+        f"<section>{title}{shown}{pictures}{render_table(used)}"
         f"<details><summary>metadata</summary><pre>{metadata}</pre></details></section>"
     )
 
 
 STYLE = (
-    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-    "table{border-collapse:collapse}td,th{border-bottom:1px solid #ddd;padding:2px 10px;text-align:left}"
-    "img{max-width:100%;image-rendering:pixelated;border:1px solid #ccc}figure{margin:1em 0}"
-    "pre{background:#f6f6f6;padding:8px;overflow-x:auto}.error{color:#a00}"
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;background:#fff}"
+    "table{border-collapse:collapse;margin:0.8em 0}caption{text-align:left;font-weight:bold;padding:4px 0}"
+    "td,th{border-bottom:1px solid #ddd;padding:3px 12px;text-align:left;vertical-align:top}"
+    "table.headline{width:100%;background:#f3f5f7;border:1px solid #c8d0d8}table.headline .value{font-size:1.4em}"
+    "img{max-width:100%;image-rendering:pixelated}figure{margin:1em 0}figcaption{color:#666;font-size:0.85em}"
+    "pre{background:#f6f6f6;padding:8px;white-space:pre-wrap;overflow-wrap:anywhere}.error{color:#a00}"
+    "h2 small{font-weight:normal;color:#666;font-size:0.6em}"
 )
 
 
-def render_report(runs: list[ProtocolRun], args: argparse.Namespace, command: str) -> str:
-    """The whole page: a summary line per protocol, then each protocol's section."""
-    summary = "".join(
-        f"<li><a href='#{r.name}'>{r.name}</a>: {'failed' if r.error else 'ok'}, {format_duration(r.seconds)}</li>"
-        for r in runs
-    )
+def render_report(runs: list[ProtocolRun], args: argparse.Namespace, command: str, model: str) -> str:
+    """The whole page: the model, the headline box, the command, then each protocol's section."""
     sections = "".join(render_section(run) for run in runs)
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>franca evaluation report</title>"
         f"<style>{STYLE}</style></head><body><h1>Evaluation report</h1>"
-        f"<p>weights <code>{html.escape(args.weights)}</code></p><pre>{html.escape(command)}</pre>"
-        f"<ul>{summary}</ul>{sections}</body></html>\n"
+        f"<p>weights <code>{html.escape(args.weights)}</code><br>{html.escape(model)}</p>"
+        f"{render_headline(runs)}<pre class='command'>{html.escape(command)}</pre>{sections}</body></html>\n"
     )
 
 
@@ -219,12 +279,16 @@ def main(argv: list[str] | None = None) -> Path:
     except ValueError as err:
         parser.error(str(err))
     out_dir = Path(args.output_dir)
-    command = " ".join(["python -m franca.eval.report", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "-m", "franca.eval.report", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        model = describe_model(load_backbone_for_eval(args.weights, args.rasa_weights))
+    except (OSError, ValueError, RuntimeError) as err:  # every protocol will fail and show why; say it here too
+        model = f"the backbone could not be loaded: {err}"
     runs = []
     for index, name in enumerate(protocols, start=1):
         print(f"report: [{index}/{len(protocols)}] {name}", flush=True)
         runs.append(run_protocol(name, args, out_dir))
-    path = atomic_write(out_dir / REPORT_FILE, render_report(runs, args, command))
+    path = atomic_write(out_dir / REPORT_FILE, render_report(runs, args, command, model))
     failed = [run.name for run in runs if run.error]
     print(f"report: {path}" + (f" ({len(failed)} failed: {', '.join(failed)})" if failed else ""), flush=True)
     return path

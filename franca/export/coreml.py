@@ -1,6 +1,10 @@
 """Export a backbone to a Core ML ``.mlpackage`` (ML program) through ``torch.export``.
 
-``python -m franca.export.coreml --weights W [--rasa-weights R] --image-size H W --out model.mlpackage [--fp16]``
+``python -m franca.export.coreml --weights W [--rasa-weights R] [--image-size S | H W] --out model.mlpackage
+[--fp16]``
+
+The image size defaults to the size the checkpoint was trained at; ``user_defined_metadata`` carries
+``franca.input_decoding`` and ``franca.metadata`` (:mod:`franca.export.options`).
 
 The graph is :class:`franca.export.wrappers.ExportableBackbone` at one fixed image size (position embeddings baked
 as a constant; a distilled timm student goes through ``ExportableFeatures``): input ``images [B, 3, H, W]``
@@ -18,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from franca.export.options import add_export_arguments, export_metadata, export_settings, parse_export_args
 from franca.export.wrappers import (
     INPUT_NAME,
     add_model_arguments,
@@ -47,8 +52,10 @@ def export_coreml(
     fp16: bool = False,
     batch_size: int = 1,
     target: str = DEFAULT_TARGET,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Convert a float32 ``model`` at a fixed (batch, image size) and save it as an ``.mlpackage`` at ``out_path``."""
+    """Convert a float32 ``model`` at a fixed (batch, image size) and save it as an ``.mlpackage`` at ``out_path``;
+    ``metadata`` goes into its ``user_defined_metadata``."""
     ct = _coremltools()
     if target not in DEPLOYMENT_TARGETS:
         raise ValueError(f"deployment target {target!r} is not supported; choose one of {list(DEPLOYMENT_TARGETS)}")
@@ -73,6 +80,7 @@ def export_coreml(
         f"Franca/DINOv2 ViT backbone (patch {model.patch_size}, dim {model.embed_dim}) at {height}x{width}: "
         f"{', '.join(names)}"
     )
+    mlmodel.user_defined_metadata.update(metadata or {})
     out_path.parent.mkdir(parents=True, exist_ok=True)
     mlmodel.save(str(out_path))
     return out_path
@@ -81,7 +89,7 @@ def export_coreml(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m franca.export.coreml", description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
-    parser.add_argument("--image-size", type=int, nargs=2, required=True, metavar=("H", "W"))
+    add_export_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--fp16", action="store_true", help="compute in float16 (Core ML's usual precision)")
     parser.add_argument("--target", choices=DEPLOYMENT_TARGETS, default=DEFAULT_TARGET, help="minimum deployment")
@@ -91,10 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_export_args(parser, argv)
     try:
         model = load_export_model(args.weights, args.rasa_weights, args.arch).float()
-        path = export_coreml(model, args.out, tuple(args.image_size), args.fp16, args.batch_size, args.target)
+        settings = export_settings(args, model)
+        path = export_coreml(
+            model, args.out, settings.image_size, args.fp16, args.batch_size, args.target,
+            export_metadata(args, settings),
+        )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     print(f"wrote {path} (outputs: {', '.join(output_names(model.rasa_head is not None))})")

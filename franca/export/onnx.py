@@ -1,7 +1,12 @@
 """Export a backbone to ONNX and check it with onnxruntime against PyTorch.
 
-``python -m franca.export.onnx --weights W [--rasa-weights R] --image-size H W [--dynamic-batch] [--dynamic-size]
-[--opset N] --out model.onnx``
+``python -m franca.export.onnx --weights W [--rasa-weights R] [--image-size S | H W] [--dynamic-batch]
+[--dynamic-size] [--opset N] --out model.onnx``
+
+The image size defaults to the size the checkpoint was trained at; the graph's ``metadata_props`` carry
+``franca.input_decoding`` (how to decode images for it: the checkpoint's, or ``--alpha-background`` /
+``--image-max-value``) and ``franca.metadata`` (command, code, weights and their SHA-256, sizes;
+:mod:`franca.export.options`).
 
 The graph (see :mod:`franca.export.wrappers`) maps ``images [B, 3, H, W]`` to ``cls_token [B, D]``,
 ``patch_tokens [B, N, D]`` and, with a RASA head, ``patch_tokens_rasa [B, N, D]``. By default H, W (and B) are
@@ -24,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from franca.export.options import add_export_arguments, export_metadata, export_settings, parse_export_args
 from franca.export.wrappers import (
     INPUT_NAME,
     add_model_arguments,
@@ -84,8 +90,10 @@ def export_onnx(
     dynamic_size: bool = False,
     opset: int | None = None,
     batch_size: int = 1,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write a float32 ``model`` as ONNX to ``out_path`` (traced at ``image_size``; see the module docstring).
+    """Write a float32 ``model`` as ONNX to ``out_path`` (traced at ``image_size``; see the module docstring);
+    ``metadata`` goes into the model's ``metadata_props``.
 
     Without ``dynamic_batch`` the graph's batch size is ``batch_size``; without ``dynamic_size`` its image size is
     ``image_size``; with it, an H or W that is not a multiple of the patch size is refused at run time (see the
@@ -120,6 +128,7 @@ def export_onnx(
         )
     if dynamic_size:
         _refuse_sizes_off_the_patch_grid(program.model.graph, model.patch_size)
+    program.model.metadata_props.update(metadata or {})
     program.save(str(out_path))
     return out_path
 
@@ -177,7 +186,7 @@ def default_verify_sizes(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m franca.export.onnx", description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
-    parser.add_argument("--image-size", type=int, nargs=2, required=True, metavar=("H", "W"))
+    add_export_arguments(parser)
     parser.add_argument("--dynamic-batch", action="store_true", help="accept any batch size")
     parser.add_argument("--dynamic-size", action="store_true", help="accept any H, W divisible by the patch size")
     parser.add_argument("--batch-size", type=int, default=1, help="batch size of a fixed-batch graph (default 1)")
@@ -189,13 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_export_args(parser, argv)
     try:
         model = load_export_model(args.weights, args.rasa_weights, args.arch).float()
-        image_size = check_image_size(args.image_size, model.patch_size)
+        settings = export_settings(args, model)
+        image_size = check_image_size(settings.image_size, model.patch_size)
         path = export_onnx(
-            model, args.out, image_size, args.dynamic_batch, args.dynamic_size, args.opset, args.batch_size
-        )
+            model, args.out, image_size, args.dynamic_batch, args.dynamic_size, args.opset, args.batch_size,
+            export_metadata(args, settings),
+        )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     print(f"wrote {path} (outputs: {', '.join(output_names(model.rasa_head is not None))})")

@@ -7,8 +7,10 @@ strictly: a checkpoint of another architecture is refused with its missing, unex
 distilled timm student from the ``backbone_config`` stored with it (:mod:`franca.models.timm_backbone`).
 """
 
+import json
 import os
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -21,9 +23,9 @@ from franca.hub.registry import (
     get_weights,
     is_weights_name,
 )
-from franca.interop.folders import folder_format, read_foreign_folder
+from franca.interop.folders import FRANCA_CONFIG_FILE, folder_format, read_foreign_folder
 from franca.layers.rasa_head import RASAHead
-from franca.models.config import ARCHITECTURES, ViTConfig
+from franca.models.config import ARCHITECTURES, INPUT_DECODING_KEY, ViTConfig, stored_input_decoding
 from franca.models.timm_backbone import TimmBackbone, TimmConfig, is_timm_config
 from franca.models.vision_transformer import DinoVisionTransformer
 from franca.models.weights import (
@@ -233,12 +235,21 @@ def _resolve_arch(arch: str | None) -> str | None:
     raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHITECTURES)} or {sorted(HUB_ENTRIES)}")
 
 
+def _stored_config(weights: str | os.PathLike, raw: dict) -> dict | None:
+    """The stored backbone config of a checkpoint: the ``backbone_config`` our trainer writes beside the teacher, or
+    an export folder's ``config.json``; None when there is none (released and older files)."""
+    if isinstance(raw, dict) and raw.get("backbone_config") is not None:
+        return raw["backbone_config"]
+    if not is_url(str(weights)) and os.path.isdir(weights):
+        return read_export_config(weights)
+    return None
+
+
 def _generic_config(
     weights: str | os.PathLike, state_dict: dict, arch: str | None, stored: dict | None, kwargs: dict
 ) -> ViTConfig:
-    """The ViTConfig of an arbitrary checkpoint: an export folder's config.json or the ``backbone_config`` our
-    trainer stores beside the teacher (``stored``), else read off the keys; then ``arch``'s width/depth/heads, then
-    ``kwargs``."""
+    """The ViTConfig of an arbitrary checkpoint: ``stored`` (:func:`_stored_config`), else read off the keys; then
+    ``arch``'s width/depth/heads, then ``kwargs``."""
     if stored is not None:
         config = ViTConfig.from_dict(stored, source=f"the backbone config of {weights}")
     else:
@@ -300,19 +311,25 @@ def _load_file_backbone(
     raw = None
     if not is_url(str(weights)) and folder_format(weights) is not None:
         config, state_dict = read_foreign_folder(weights)
-        stored, embedded_rasa = config.to_dict(), {}
+        stored, embedded_rasa = {**config.to_dict(), **_franca_config_decoding(weights)}, {}
     else:
         raw = load_checkpoint_file(weights)
-        stored = raw.get("backbone_config") if isinstance(raw, dict) else None
-        if stored is None and not is_url(str(weights)) and os.path.isdir(weights):
-            stored = read_export_config(weights)
+        stored = _stored_config(weights, raw)
         state_dict, embedded_rasa = from_release(raw)
     if is_timm_config(stored):
         model = build_loaded_timm(stored, state_dict, str(weights), kwargs)
     else:
         model = build_loaded_vit(_generic_config(weights, state_dict, arch, stored, kwargs), state_dict, str(weights))
+    model.input_decoding = stored_input_decoding(stored, f"the backbone config of {weights}")
     _attach_rasa(model, arch, use_rasa_head, rasa_weights, None, embedded_rasa)
     return model, raw
+
+
+def _franca_config_decoding(folder: str | os.PathLike) -> dict:
+    """``{"input_decoding": …}`` of an exported transformers / timm folder's ``franca_config.json``, else {}."""
+    path = Path(folder) / FRANCA_CONFIG_FILE
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    return {key: stored[key] for key in (INPUT_DECODING_KEY,) if key in stored}
 
 
 def load_backbone_and_heads(weights: str | os.PathLike) -> tuple[DinoVisionTransformer, dict[str, dict]]:

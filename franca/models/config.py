@@ -3,7 +3,9 @@
 The same frozen dataclass is built by the trainer (from ``cfg.student``), read off a state dict
 (:func:`franca.models.weights.infer_config`), stored by exports as a plain dict (:meth:`ViTConfig.to_dict`: the
 ``backbone_config`` of release ``.pth`` files and the ``config.json`` of safetensors folders) and read back from one
-(:meth:`ViTConfig.from_dict`). Defaults are the released Franca ViT (patch 14, SwiGLU, LayerScale 1e-5, no
+(:meth:`ViTConfig.from_dict`). Beside the fields, a stored dict may carry ``input_decoding``: how image files were
+decoded into what the model saw in training (:func:`stored_input_decoding`; read by the hub, followed by evaluation,
+the demo and the exports). Defaults are the released Franca ViT (patch 14, SwiGLU, LayerScale 1e-5, no
 registers, learned position embeddings interpolated with offset 0.1, LayerNorm eps 1e-6; valeoai/Franca
 ``franca/hub/backbones.py``) at ViT-B/14 size. ``position_encoding="rope"`` with ``rope_base`` and
 ``rope_normalize_coords`` describes DINOv3 backbones instead (rotary embeddings, no table; docs/export.md).
@@ -25,6 +27,8 @@ FFN_LAYER_NAMES = ("mlp", "swiglu", "swiglufused")
 POSITION_ENCODINGS = ("learned", "rope")
 ROPE_COORDINATE_NORMALISATIONS = ("separate", "min", "max")
 ARCH_KEY = "arch"
+INPUT_DECODING_KEY = "input_decoding"
+INPUT_DECODING_FIELDS = ("alpha_background", "image_max_value")
 
 
 @dataclass(frozen=True)
@@ -122,11 +126,13 @@ class ViTConfig:
     @classmethod
     def from_dict(cls, stored: dict, source: str = "a stored backbone config") -> "ViTConfig":
         """Read :meth:`to_dict` output back (also older files that lack some fields: they take the defaults, and an
-        ``arch`` name supplies the width, depth and heads the dict does not give). Unknown keys are refused."""
+        ``arch`` name supplies the width, depth and heads the dict does not give). ``input_decoding`` is side data,
+        not a constructor field (:func:`stored_input_decoding` reads it). Unknown keys are refused."""
         if not isinstance(stored, dict):
             raise ValueError(f"{source} must be a dict of ViT fields, got {type(stored).__name__}")
         values = dict(stored)
         arch = values.pop(ARCH_KEY, None)
+        values.pop(INPUT_DECODING_KEY, None)
         _check_names(values, source, ValueError)
         if arch is None:
             return cls(**values)
@@ -169,3 +175,20 @@ def _check_names(values: dict, where: str, error: type[Exception]) -> None:
             f"unknown ViT field(s) {unknown} in {where}; a ViTConfig has {sorted(ViTConfig.field_names())} "
             f"(and {ARCH_KEY!r} in stored dicts): remove or rename them"
         )
+
+
+def stored_input_decoding(stored: dict | None, source: str = "a stored backbone config") -> dict | None:
+    """The ``input_decoding`` of a stored backbone config: ``{"alpha_background": colour name or "#rrggbb",
+    "image_max_value": 0 (each image by its own range) or the declared maximum}`` (the ``train.*`` keys of the same
+    names), or None for files written before it was stored. Its values are parsed where images are decoded
+    (``franca.data.image_decoding.ImageDecoding.from_record``)."""
+    if not isinstance(stored, dict) or stored.get(INPUT_DECODING_KEY) is None:
+        return None
+    decoding = stored[INPUT_DECODING_KEY]
+    if not isinstance(decoding, dict) or set(decoding) - set(INPUT_DECODING_FIELDS):
+        raise ValueError(
+            f"{INPUT_DECODING_KEY}={decoding!r} in {source} must be a dict with the keys "
+            f"{list(INPUT_DECODING_FIELDS)}; rewrite the file with a current franca export, or remove the entry to "
+            "decode with the defaults"
+        )
+    return dict(decoding)

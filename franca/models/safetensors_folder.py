@@ -6,7 +6,8 @@ The folder holds:
 
 * ``config.json``: the model's :class:`~franca.models.config.ViTConfig` as :meth:`~ViTConfig.to_dict` writes it
   (stochastic depth off; read back with ``ViTConfig.from_dict``): every field and ``"arch"``, the name in
-  ``ARCHITECTURES`` whose (embed_dim, depth, num_heads) the model has, or ``null`` for any other shape;
+  ``ARCHITECTURES`` whose (embed_dim, depth, num_heads) the model has, or ``null`` for any other shape; and the
+  model's ``input_decoding`` when it has one (:func:`franca.models.config.stored_input_decoding`);
 * ``model.safetensors``: the backbone's state dict with our flat keys (``blocks.{i}.…``), tensors as they are (same
   dtype, bit for bit), no ``rasa_head.*`` keys;
 * ``rasa_head.safetensors`` (only with a RASA head): the head's original keys ``pre_pos_layers.{j}.weight`` [2, D]
@@ -42,19 +43,22 @@ def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` to a ``.safetensors`` file atomically (views, e.g. rows of a fused matrix, are copied;
-    ``format: pt`` metadata, which transformers requires)."""
+    ``metadata`` strings in the header beside ``format: pt``, which transformers requires)."""
     try:
         from safetensors.torch import save
     except ImportError as err:
         raise ImportError("safetensors export needs the 'safetensors' package: pip install safetensors") from err
     plain = {key: _own_storage(tensor) for key, tensor in tensors.items()}
-    atomic_write(path, save(plain, metadata={"format": "pt"}))
+    atomic_write(path, save(plain, metadata={**(metadata or {}), "format": "pt"}))
 
 
-def export_safetensors(model: DinoVisionTransformer, out_dir: str | os.PathLike) -> Path:
-    """Write ``config.json``, ``model.safetensors`` and, with a RASA head, ``rasa_head.safetensors`` into ``out_dir``.
+def export_safetensors(
+    model: DinoVisionTransformer, out_dir: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and, with a RASA head, ``rasa_head.safetensors`` into ``out_dir``;
+    ``metadata`` (strings) goes into the header of ``model.safetensors``.
 
     A ``rasa_head.safetensors`` left in ``out_dir`` by an earlier export is removed when ``model`` has no RASA head,
     so the folder always describes one model.
@@ -67,7 +71,7 @@ def export_safetensors(model: DinoVisionTransformer, out_dir: str | os.PathLike)
     backbone = {key: tensor for key, tensor in state.items() if not key.startswith(RASA_PREFIX)}
     config = json.dumps(backbone_config(model), indent=2) + "\n"
     atomic_write(out_dir / CONFIG_FILE, config)
-    save_tensors(backbone, out_dir / WEIGHTS_FILE)
+    save_tensors(backbone, out_dir / WEIGHTS_FILE, metadata)
     rasa = {key[len(RASA_PREFIX) :]: tensor for key, tensor in state.items() if key.startswith(RASA_PREFIX)}
     if rasa:
         save_tensors(rasa, out_dir / RASA_FILE)

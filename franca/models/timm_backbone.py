@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
+from franca.models.config import INPUT_DECODING_KEY
+
 TIMM_PREFIX = "timm:"
 TIMM_CONFIG_KEY = "timm"
 INSTALL_HINT = "pip install 'franca[timm]'"
@@ -60,6 +62,7 @@ class TimmConfig:
     @classmethod
     def from_dict(cls, stored: dict, source: str = "a stored timm backbone config") -> "TimmConfig":
         names = {f.name for f in fields(cls)}
+        stored = {key: value for key, value in stored.items() if key != INPUT_DECODING_KEY}
         unknown = sorted(set(stored) - names)
         if unknown:
             raise ValueError(f"{source} has unknown keys {unknown}; a timm backbone config has {sorted(names)}")
@@ -127,6 +130,8 @@ class TimmBackbone(nn.Module):
         self.num_register_tokens = 0
         self.n_blocks = 1
         self.rasa_head: nn.Module | None = None
+        # How image files become this model's input (franca.models.config.stored_input_decoding); None = unknown.
+        self.input_decoding: dict | None = None
 
     @classmethod
     def for_stride(cls, name: str, embed_dim: int, patch_size: int, img_size: int) -> "TimmBackbone":
@@ -191,8 +196,12 @@ class TimmBackbone(nn.Module):
         return out if is_training else out["x_norm_clstoken"]
 
     def build_config(self) -> dict:
-        """The stored config (``backbone_config`` of release files, ``config.json`` of safetensors folders)."""
-        return self.config.to_dict()
+        """The stored config (``backbone_config`` of release files, ``config.json`` of safetensors folders), with the
+        ``input_decoding`` when known."""
+        config = self.config.to_dict()
+        if self.input_decoding is not None:
+            config[INPUT_DECODING_KEY] = dict(self.input_decoding)
+        return config
 
     def attach_rasa_head(self, head: nn.Module | None) -> None:
         if head is not None and getattr(head, "input_dim", self.embed_dim) != self.embed_dim:

@@ -21,7 +21,7 @@ from torch import nn
 
 from franca.layers import Block, Mlp, PatchEmbed, RotaryPositions, SwiGLUFFN
 from franca.models.config import ARCHITECTURES as ARCHITECTURES  # re-exported: the names build_vit accepts
-from franca.models.config import ViTConfig
+from franca.models.config import INPUT_DECODING_KEY, ViTConfig
 from franca.utils.precision import at_least_fp32
 
 FFN_LAYERS = {"mlp": Mlp, "swiglu": SwiGLUFFN, "swiglufused": SwiGLUFFN}
@@ -117,6 +117,8 @@ class DinoVisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=config.layer_norm_eps)
         self.head = nn.Identity()
         self.rasa_head: nn.Module | None = None
+        # How image files become this model's input (franca.models.config.stored_input_decoding); None = unknown.
+        self.input_decoding: dict | None = None
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -206,8 +208,12 @@ class DinoVisionTransformer(nn.Module):
         return out if is_training else self.head(out["x_norm_clstoken"])
 
     def build_config(self) -> dict:
-        """The stored ``backbone_config`` of this backbone: :meth:`ViTConfig.to_dict` without stochastic depth."""
-        return self.config.inference().to_dict()
+        """The stored ``backbone_config`` of this backbone: :meth:`ViTConfig.to_dict` without stochastic depth, and
+        its ``input_decoding`` when known."""
+        config = self.config.inference().to_dict()
+        if self.input_decoding is not None:
+            config[INPUT_DECODING_KEY] = dict(self.input_decoding)
+        return config
 
     def attach_rasa_head(self, head: nn.Module | None) -> None:
         """Attach (or with None, remove) the post-hoc RASA positional-debiasing head."""

@@ -16,7 +16,7 @@ from franca.data.augmentations import DataAugmentationDINO
 from franca.data.batched_augmentations import SplitDataAugmentationDINO, apply_photometric_to_batch
 from franca.data.collate import MaskingCollator
 from franca.data.datasets import WebDatasetShards
-from franca.data.image_decoding import ImageDecoding
+from franca.data.image_decoding import training_decoding
 from franca.data.loaders import make_dataset, make_train_data_loader
 from franca.data.masking import build_mask_generator
 from franca.data.streams import make_webdataset_train_loader
@@ -75,14 +75,6 @@ def build_collator(cfg: DictConfig, rank: int = 0, world_size: int = 1) -> Maski
         seed=cfg.train.seed,
         rank=rank,
         world_size=world_size,
-    )
-
-
-def training_decoding(cfg: DictConfig) -> ImageDecoding:
-    """How the run decodes its images (``train.alpha_background``, ``train.image_max_value``,
-    ``train.image_max_megapixels``): the training loader, the periodic k-NN and the drift probe share it."""
-    return ImageDecoding.from_options(
-        cfg.train.alpha_background, cfg.train.image_max_value, cfg.train.image_max_megapixels
     )
 
 

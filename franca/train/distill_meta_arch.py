@@ -32,6 +32,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from franca.data.image_decoding import training_decoding
 from franca.layers.head_spec import HeadSpec
 from franca.layers.patch_grid import fit_to_patch, resize_patch_tokens
 from franca.loss import koleo_loss
@@ -89,7 +90,9 @@ def build_student_backbone(cfg: DictConfig, teacher_width: int) -> nn.Module:
     arch = cfg.student.arch
     if is_timm_arch(arch):
         name = arch.partition(":")[2]
-        return TimmBackbone.for_stride(name, teacher_width, cfg.student.patch_size, cfg.crops.global_crops_size)
+        backbone = TimmBackbone.for_stride(name, teacher_width, cfg.student.patch_size, cfg.crops.global_crops_size)
+        backbone.input_decoding = training_decoding(cfg).to_record()
+        return backbone
     return build_backbone(cfg, drop_path=True)
 
 

@@ -23,8 +23,8 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 from franca.data.augmentations import make_classification_eval_transform
+from franca.data.image_decoding import training_decoding
 from franca.data.loaders import make_dataset
-from franca.train.build import training_decoding
 
 DRIFT_KEYS = ("drift_cls_cos", "drift_patch_cos")
 

@@ -1,7 +1,8 @@
 """Periodic k-NN of the teacher during training: the ``evaluation.knn_*`` keys.
 
 When ``evaluation.knn_train_dataset`` and ``evaluation.knn_val_dataset`` are both set, the trainer calls
-:meth:`KnnMonitor.evaluate` every ``evaluation.eval_period_iterations`` iterations and at the end of training. It
+:meth:`KnnMonitor.evaluate` on the teacher at initialisation (the run's floor, logged as iteration −1), every
+``evaluation.eval_period_iterations`` iterations and at the end of training. It
 extracts the teacher backbone's CLS feature of every image of both datasets (shorter side resized to
 ``crops.global_crops_size``, centre-cropped to it and normalised as the evaluation commands do), in eval mode, without
 gradients, under the trainer's autocast, then classifies the validation images by DINO's temperature-weighted vote
@@ -15,7 +16,7 @@ dropped, and every rank votes on the full features, so all ranks return the same
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -24,9 +25,9 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from franca.data.augmentations import make_classification_eval_transform
+from franca.data.image_decoding import training_decoding
 from franca.data.loaders import make_dataset
 from franca.distributed import is_distributed
-from franca.train.build import training_decoding
 from franca.utils.features import extract_features
 from franca.utils.knn import knn_top1
 
@@ -64,6 +65,8 @@ class KnnMonitor:
     autocast_dtype: torch.dtype | None
     rank: int = 0
     world_size: int = 1
+    image_size: int | None = None
+    _explained: bool = field(default=False, init=False, repr=False)
 
     def due(self, done: int, max_iter: int) -> bool:
         """Whether the k-NN runs after ``done`` iterations: every ``period`` iterations (0: never) and at the end."""
@@ -104,7 +107,19 @@ class KnnMonitor:
                 f"({time.perf_counter() - start:.0f} s): top-1 {accuracies}",
                 flush=True,
             )
+            if not self._explained and self.image_size is not None:
+                print(resize_note(self.image_size), flush=True)
+        self._explained = True
         return results
+
+
+def resize_note(size: int) -> str:
+    """Why ``python -m franca.eval.knn`` on an export of this run gives a slightly different number."""
+    return (
+        f"k-NN note: images are resized to {size} and centre-cropped to {size} (the global-crop size); "
+        f"python -m franca.eval.knn resizes the shorter side to {round(size * 256 / 224)} (x 256/224) first, so its "
+        f"numbers for the same teacher differ a little; give it --resize-size {size} to get these"
+    )
 
 
 def require_labels(labels: torch.Tensor, key: str) -> None:
@@ -156,4 +171,5 @@ def build_knn_monitor(
         autocast_dtype=autocast_dtype,
         rank=rank,
         world_size=world_size,
+        image_size=cfg.crops.global_crops_size,
     )

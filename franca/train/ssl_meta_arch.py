@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from franca.data.image_decoding import training_decoding
 from franca.layers.heads import build_head
 from franca.loss import (
     DenseTargets,
@@ -50,9 +51,12 @@ STEP_PHASES = ("teacher_backbone", "teacher_heads_targets", "student_backbone", 
 
 
 def build_backbone(cfg: DictConfig, drop_path: bool = True) -> nn.Module:
-    """The ViT of ``cfg.student`` at the global-crop size (drop path only for the student)."""
+    """The ViT of ``cfg.student`` at the global-crop size (drop path only for the student), carrying the run's image
+    decoding (``train.alpha_background``, ``train.image_max_value``) so that its exports record it."""
     config = ViTConfig.from_student_config(cfg.student, img_size=cfg.crops.global_crops_size, drop_path=drop_path)
-    return DinoVisionTransformer(config)
+    backbone = DinoVisionTransformer(config)
+    backbone.input_decoding = training_decoding(cfg).to_record()
+    return backbone
 
 
 def _build_head(cfg: DictConfig, head_cfg: DictConfig, embed_dim: int) -> nn.Module:

@@ -61,6 +61,7 @@ from franca.train.health import HealthMonitor, format_health, reduce_stats
 from franca.train.knn_monitor import build_knn_monitor
 from franca.train.nonfinite import NonFiniteTracker
 from franca.train.pretrained import PretrainedWeights, load_pretrained, resolve_pretrained
+from franca.train.progress import announce_uniform_values, finished_run_note, format_losses, model_uniform_values
 from franca.train.run_folder import lock_run_folder, open_run, release_run_folders, run_identity
 from franca.train.runtime import Runtime
 from franca.train.ssl_meta_arch import SSLMetaArch
@@ -171,10 +172,6 @@ class StopRequest:
         print(f"received {signal.Signals(signum).name}: checkpointing after this iteration", flush=True)
 
 
-def _format_losses(losses: dict[str, float]) -> str:
-    return " ".join(f"{k.replace('_crops', '').replace('_loss', '')} {v:.4f}" for k, v in losses.items())
-
-
 def export_release_collective(model: SSLMetaArch, out_dir: Path, done: int, block_chunks: int) -> Path:
     """Gather the full teacher (a collective under FSDP) and write its release-format export from rank 0, named by
     the iterations completed (``eval/training_<done>``, as the checkpoint ``model_<done>.pth`` beside it)."""
@@ -235,6 +232,9 @@ def do_train(
     if start >= stop_at and stop_at < max_iter:
         print(f"train.stop_at_iteration={stop_at}: the run is already at iteration {start}; nothing to do", flush=True)
         return {}
+    if start >= max_iter and teacher_export_path(out_dir, max_iter).is_file():
+        print(finished_run_note(out_dir, max_iter), flush=True)
+        return {}
 
     def save(iteration: int) -> None:
         backbone_config = model.export_modules["backbone"].build_config()
@@ -265,6 +265,9 @@ def do_train(
         f"lr {cfg.optim.lr:.3g}, {runtime.describe()}",
         flush=True,
     )
+    uniform = model_uniform_values(model, world_size)
+    if main_process and uniform:
+        print(announce_uniform_values(uniform), flush=True)
     if cfg.train.freeze_backbone_iterations:
         print(
             f"stage 1: heads only for {cfg.train.freeze_backbone_iterations} iterations (backbone frozen), then the "
@@ -279,6 +282,12 @@ def do_train(
         cfg.train.health_entropy_threshold, cfg.train.health_min_cls_spread, cfg.train.health_patience
     )
     knn = build_knn_monitor(cfg, device, runtime.autocast_dtype, rank, world_size)
+    if start == 0:  # the run's floor: the teacher at initialisation, exported and, with a k-NN, measured
+        export_release_collective(model, out_dir, 0, block_chunks)
+        if knn is not None:
+            initial = {"iteration": -1, **knn.run(model.teacher["backbone"], 0, max_iter, main_process)}
+            if main_process:
+                metrics.write(initial)
     window_start, window_iters = time.perf_counter(), 0
     data_iter = iter(loader)
     for iteration in range(start, max_iter):
@@ -334,9 +343,9 @@ def do_train(
                 mem = f" mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GiB" if device.type == "cuda" else ""
                 progress.print(
                     done,
-                    f"loss {record['total_loss']:.4f} ({_format_losses(values)}) lr {schedule_values['lr']:.2e} "
-                    f"{images_per_iteration / iter_time:.1f} img/s{mem} | {format_health(health_values)}"
-                    + format_drift(drift_values),
+                    f"loss {record['total_loss']:.4f} ({format_losses(values, uniform)}) "
+                    f"lr {schedule_values['lr']:.2e} {images_per_iteration / iter_time:.1f} img/s{mem} | "
+                    f"{format_health(health_values)}" + format_drift(drift_values),
                 )
             window_start, window_iters = time.perf_counter(), 0
         if eval_period and done % eval_period == 0 and done != max_iter:
