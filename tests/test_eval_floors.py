@@ -9,12 +9,12 @@ import torch
 from eval_data import make_photo_folders
 from helpers import TINY_MODEL
 
-from franca.config import load_config
 from franca.eval import knn
 from franca.eval.common import make_eval_dataset
 from franca.eval.floors import PixelFeatures, parse_baselines, seeded_vit
 from franca.models.config import ViTConfig
 from franca.models.vision_transformer import build_vit
+from franca.train.config import load_config
 from franca.train.ssl_meta_arch import SSLMetaArch
 from franca.train.train import seed_everything
 

@@ -11,7 +11,6 @@ from helpers import TINY_MODEL
 from PIL import Image
 
 from franca.checkpoint.release import save_teacher_release
-from franca.config import load_config
 from franca.eval import knn
 from franca.eval.common import eval_settings, load_backbone_for_eval, make_eval_dataset, parse_eval_args
 from franca.eval.pictures import denormalise
@@ -19,6 +18,7 @@ from franca.hub import load_backbone
 from franca.models.config import INPUT_DECODING_KEY, ViTConfig, stored_input_decoding
 from franca.models.safetensors_folder import export_safetensors
 from franca.models.vision_transformer import build_vit
+from franca.train.config import load_config
 from franca.train.ssl_meta_arch import SSLMetaArch
 
 DATA = ["--batch-size", "4", "--num-workers", "0"]
