@@ -105,3 +105,9 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 def student_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The gradients of an ``SSLMetaArch``'s student parameters, by name."""
     return {name: p.grad for name, p in model.student.named_parameters() if p.grad is not None}
+
+
+def step_losses(model, batch: dict, teacher_temp: float, chunk_size: int | None = None) -> dict:
+    """The loss terms of one step on ``batch`` (the phases of ``forward_backward``, without its backward)."""
+    teacher = model.teacher_targets([model.teacher_backbone(batch)], [batch], teacher_temp, chunk_size)[0]
+    return model.student_losses(batch, teacher, chunk_size)

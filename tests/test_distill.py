@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import IMAGES, LEARNING, TINY_STEP, make_batch, with_mask_lists
+from helpers import IMAGES, LEARNING, TINY_STEP, make_batch, step_losses, with_mask_lists
 from omegaconf import OmegaConf
 from torch.utils.data import Subset
 
@@ -190,12 +190,6 @@ def features_reference(model, batch: dict, kind: str, cls_center, patch_center, 
     return {"feature_cls_loss": cls_total, "feature_patch_loss": patch_total}
 
 
-def step_losses(model, batch: dict) -> dict:
-    """The loss terms of one step on ``batch`` (forward_backward's phases, without the backward)."""
-    teacher = model.teacher_targets([model.teacher_backbone(batch)], [batch], TEACHER_TEMP)[0]
-    return model.student_losses(batch, teacher)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Losses
 
@@ -203,7 +197,7 @@ def step_losses(model, batch: dict) -> dict:
 def test_with_heads_the_loss_is_franca_s_objective_on_the_teacher_s_targets(teacher_file):
     model = float64_model(distill_config(teacher_file), "heads")
     batch = float64_batch()
-    got = step_losses(model, batch)
+    got = step_losses(model, batch, TEACHER_TEMP)
     expected = heads_reference(model, batch)
     assert set(got) == set(expected)
     for name, value in expected.items():
@@ -218,7 +212,7 @@ def test_head_free_losses_match_their_formulas_with_centred_targets_over_two_ste
     batch = float64_batch()
     width = model.teacher["backbone"].embed_dim
     zero = torch.zeros(width, dtype=torch.float64)
-    got = step_losses(model, batch)
+    got = step_losses(model, batch, TEACHER_TEMP)
     expected = features_reference(model, batch, kind, zero, zero, torch.zeros(0, width, dtype=torch.float64))
     for name, value in expected.items():
         assert got[name].item() == pytest.approx(value.item(), rel=1e-10), name
@@ -233,7 +227,7 @@ def test_head_free_losses_match_their_formulas_with_centred_targets_over_two_ste
     cls_center = torch.cat([o["x_norm_clstoken"] for o in first]).mean(dim=0)
     patch_center = torch.cat([o["x_norm_patchtokens"].flatten(0, 1) for o in first]).mean(dim=0)
     queue = first[0]["x_norm_clstoken"]
-    got = step_losses(model, batch)
+    got = step_losses(model, batch, TEACHER_TEMP)
     expected = features_reference(model, batch, kind, cls_center, patch_center, queue)
     for name, value in expected.items():
         assert got[name].item() == pytest.approx(value.item(), rel=1e-10), name
@@ -271,7 +265,7 @@ def test_a_restart_with_another_teacher_is_refused(teacher_file, tmp_path):
     other = float64_model(distill_config(save_teacher(tmp_path / "other", seed=5)), "heads")
     other.load_state_dict(model.state_dict())  # what a resume does: the checkpoint's signature comes in
     with pytest.raises(RuntimeError, match="is not the teacher this run was trained against"):
-        step_losses(other, float64_batch())
+        step_losses(other, float64_batch(), TEACHER_TEMP)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -319,7 +313,9 @@ def test_the_exported_student_loads_and_matches_the_trained_one(teacher_file, tm
         pytest.importorskip("timm")
         overrides += ["student.arch=timm:test_resnet", "student.patch_size=8"]
     model = float64_model(distill_config(teacher_file, *overrides), "features").float()
-    step_losses(model, with_mask_lists(make_batch(torch.Generator().manual_seed(4))))["feature_cls_loss"].backward()
+    step_losses(model, with_mask_lists(make_batch(torch.Generator().manual_seed(4))), TEACHER_TEMP)[
+        "feature_cls_loss"
+    ].backward()
     path = save_teacher_release(
         model.export_modules.state_dict(), model.export_modules["backbone"].build_config(), tmp_path / "s.pth", 0
     )

@@ -15,6 +15,7 @@ from franca.eval.common import make_eval_dataset
 from franca.eval.floors import PixelFeatures, parse_baselines, seeded_vit
 from franca.models.config import ViTConfig
 from franca.models.vision_transformer import build_vit
+from franca.train.config import load_config
 from franca.train.ssl_meta_arch import SSLMetaArch
 from franca.train.train import seed_everything
 

@@ -19,6 +19,7 @@ from franca.hub import load_backbone
 from franca.models.config import INPUT_DECODING_KEY, ViTConfig, stored_input_decoding
 from franca.models.safetensors_folder import export_safetensors
 from franca.models.vision_transformer import build_vit
+from franca.train.config import load_config
 from franca.train.ssl_meta_arch import SSLMetaArch
 
 DATA = ["--batch-size", "4", "--num-workers", "0"]

@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-from franca.config import load_config
-from helpers import TINY_STEP, make_batch, with_mask_lists
+from helpers import TINY_STEP, make_batch, step_losses, with_mask_lists
 
 from franca.layers.heads import WeightNormLinear
+from franca.train.config import load_config
 from franca.train.progress import format_losses, masked_global_share, model_uniform_values
 from franca.train.runtime import Runtime
 from franca.train.ssl_meta_arch import SSLMetaArch
@@ -39,7 +39,7 @@ def uniform_step_losses(cfg) -> tuple[dict[str, float], SSLMetaArch]:
     batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
     runtime = Runtime.resolve(cfg, torch.device("cpu"), 1)
     with torch.no_grad():
-        losses = model.compute_losses(batch, teacher_temp=0.04, chunk_size=runtime.loss_chunk_size)
+        losses = step_losses(model, batch, 0.04, runtime.loss_chunk_size)
     return {k: float(v) for k, v in losses.items()}, model
 
 

@@ -273,7 +273,7 @@ def test_after_no_resume_a_plain_rerun_resumes_its_own_run_not_the_longer_one_be
     trainer.main([*argv, "optim.epochs=1"])  # the same command again: resumes at 3, nothing left to train
     assert _metrics(out) == [0, 1, 2]
     assert [it for it, _ in list_checkpoints(out / "checkpoints")] == [3]
-    assert sorted(p.name for p in (out / "eval").iterdir()) == ["training_3"]
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["training_0", "training_3"]  # initial teacher, final
     assert [it for it, _ in list_checkpoints(out / "previous_runs" / old_run / "checkpoints")] == [3, 6]
     teacher = torch.load(out / "eval" / "training_3" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
     state = torch.load(out / "checkpoints" / "model_0000003.pth", weights_only=True)["model"]

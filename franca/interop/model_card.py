@@ -15,7 +15,6 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 import franca
-from franca.eval.report import numeric_rows
 from franca.hub.registry import TRAINING_DATA, ReleasedWeights
 from franca.models.config import ViTConfig
 
@@ -121,6 +120,20 @@ def read_evaluations(results_dir: str | Path) -> list[Evaluation]:
             )
         )
     return evaluations
+
+
+def numeric_rows(record: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, formatted value) for every number of a results record, its metadata left out."""
+    rows = []
+    for key, value in record.items():
+        if key == "metadata" and not prefix:
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows += numeric_rows(value, name + ".")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            rows.append((name, f"{value:.4g}" if isinstance(value, float) else str(value)))
+    return rows
 
 
 def run_config_path(weights: str) -> Path | None:
