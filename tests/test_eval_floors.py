@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from eval_data import make_photo_folders
-from franca.config import load_config
 from helpers import TINY_MODEL
 
 from franca.eval import knn

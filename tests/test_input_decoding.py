@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from franca.config import load_config
 from helpers import TINY_MODEL
 from PIL import Image
 
