@@ -23,9 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import IMAGES, LEARNING, TINY_STEP, make_batch, step_losses, with_mask_lists
+from helpers import IMAGES, TINY_STEP, make_batch, step_losses, with_mask_lists
 from omegaconf import OmegaConf
-from torch.utils.data import Subset
 
 from franca.checkpoint import save_teacher_release
 from franca.distill import __main__ as distill
@@ -416,55 +415,6 @@ def test_a_timm_student_trains_evaluates_and_exports_to_onnx(teacher_file, tmp_p
     assert onnx.main(["--weights", str(export), "--image-size", "16", "16", "--out", str(tmp_path / "s.onnx")]) == 0
 
 
-# The learning check: the tiny Franca run of tests/test_learning.py (helpers.LEARNING) as the teacher, a student of a
-# quarter of its parameters distilled for 160 iterations in each mode.
-STUDENT_RUN = ["student.embed_dim=32", "optim.epochs=4"]
-KNN_MARGIN = 5.0  # percentage points of student CLS k-NN over the same student at random initialisation
-
-
-def cls_knn(backbone: torch.nn.Module) -> float:
-    from franca.data.augmentations import make_classification_eval_transform
-    from franca.data.loaders import make_dataset
-    from franca.eval.features import extract_features
-    from franca.eval.knn import knn_accuracies
-    from franca.eval.models import FeatureModel
-
-    transform = make_classification_eval_transform(resize_size=16, crop_size=16)
-    bank = Subset(make_dataset("FashionMNIST:root=bundled:split=train", transform=transform), range(2000))
-    test = make_dataset("FashionMNIST:root=bundled:split=test", transform=transform)
-    model = FeatureModel(backbone.eval(), readout="cls")
-    train = extract_features(model, bank, batch_size=500)
-    return knn_accuracies(*train, *extract_features(model, test, batch_size=500), ks=(20,))["20"]["top1"]
-
-
-@pytest.mark.slow
-def test_distilled_students_learn_with_heads_and_head_free(tmp_path):
-    from franca.train import train as trainer
-    from franca.train.ssl_meta_arch import build_backbone
-
-    config = tmp_path / "run.yaml"
-    config.write_text(LEARNING)
-    trainer.main(["--config-file", str(config), "--output-dir", str(tmp_path / "teacher")])
-    teacher = tmp_path / "teacher" / "eval" / "training_320" / "teacher_checkpoint.pth"
-    cfg = load_config(config, STUDENT_RUN)
-    torch.manual_seed(0)
-    floor = cls_knn(build_backbone(cfg, drop_path=False))
-    accuracies = {}
-    for mode in ("heads", "features"):
-        out = tmp_path / mode
-        argv = [
-            "--config-file",
-            str(config),
-            "--output-dir",
-            str(out),
-            f"teacher.weights={teacher}",
-            f"distill.mode={mode}",
-        ]
-        distill.main([*argv, *STUDENT_RUN])
-        accuracies[mode] = cls_knn(franca_from_checkpoint(out / "eval" / "training_160" / "teacher_checkpoint.pth"))
-    assert min(accuracies.values()) > floor + KNN_MARGIN, (floor, accuracies)
-
-
 @pytest.fixture(scope="module")
 def released_vitb14(tmp_path_factory) -> Path:
     """A release-format ViT-B/14 teacher file with random weights (chunked block keys, ``backbone_config``) and random
@@ -537,6 +487,10 @@ def test_two_ranks_give_the_single_process_distillation(teacher_file, tmp_path):
     single, double = ({r["iteration"]: r for r in read_metrics(outputs[ranks])} for ranks in (1, 2))
     assert sorted(single) == sorted(double) == list(range(6))
     for iteration, record in single.items():
-        for key in ("feature_cls_loss", "feature_patch_loss", "student_cls_spread"):
+        for key in ("feature_cls_loss", "feature_patch_loss"):
             assert double[iteration][key] == pytest.approx(record[key], rel=1e-4, abs=1e-5), (iteration, key)
+        # sqrt(1 - |mean unit CLS|^2) of a near-collapsed random student: the sqrt turns float32 rounding of the
+        # mean (1e-7) into up to 3e-4
+        spreads = double[iteration]["student_cls_spread"], record["student_cls_spread"]
+        assert spreads[0] == pytest.approx(spreads[1], abs=1e-3), (iteration, spreads)
     assert franca_from_checkpoint(outputs[2] / "eval" / "training_6" / "teacher_checkpoint.pth").embed_dim == 16

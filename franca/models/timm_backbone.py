@@ -59,6 +59,11 @@ class TimmConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def label(self) -> str:
+        """A short name for messages (as ``ViTConfig.label``): ``timm:resnet18/8``."""
+        return f"timm:{self.timm}/{self.patch_size}"
+
     @classmethod
     def from_dict(cls, stored: dict, source: str = "a stored timm backbone config") -> "TimmConfig":
         names = {f.name for f in fields(cls)}

@@ -296,8 +296,10 @@ class FeatureDistillMetaArch(DistillMetaArch):
             for step_cls, outs in zip(cls, teacher_outs, strict=True)
         ]
         flat = [out for outs in teacher_outs for out in outs]
-        if self.queue is not None:
-            self.queue.push(torch.cat([target.cls[0] for target in targets]))
+        if self.queue is not None:  # crop-major over all micro-batches and ranks: the order of one large batch
+            views = [torch.cat([target.cls[0].chunk(2)[view] for target in targets]) for view in (0, 1)]
+            for rows in reversed(views):  # each push goes to the front: view 0 ends up first
+                self.queue.push(rows)
         self.cls_center.update(torch.cat([out["x_norm_clstoken"] for out in flat]))
         self.patch_center.update(torch.cat([out["x_norm_patchtokens"].flatten(0, 1) for out in flat]))
         return targets

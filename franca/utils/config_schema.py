@@ -162,7 +162,7 @@ class ConfigSchema:
         if not cfg:
             raise ConfigError(
                 f"{self.label} file {str(path)!r} is empty (no keys); pass the recipe you mean, or leave the file out "
-                f"to use the defaults of {self.defaults_file.name} on purpose"
+                f"to use the defaults of {' + '.join(file.name for file in self.defaults_files)} on purpose"
             )
         self._check_keys(OmegaConf.to_container(cfg), "", f"{self.label} file {str(path)!r}")
         return cfg
