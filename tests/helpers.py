@@ -42,6 +42,24 @@ optim: {epochs: 3, warmup_epochs: 1, base_lr: 0.01, freeze_last_layer_epochs: 1}
 crops: {global_crops_size: 16, local_crops_size: 8, local_crops_number: 2}
 evaluation: {eval_period_iterations: 6}
 """
+# The quickstart recipe (configs/train/quickstart.yaml) scaled down: a 64-wide, 2-deep ViT on 16 px global and 8 px
+# local crops of the shipped 4,000-image subset, batch 32, 320 iterations (about 25 s on two cores); fp32, plain
+# losses and no compile on any device.
+LEARNING = """
+dino: {head_n_prototypes: 128, head_bottleneck_dim: 32, head_hidden_dim: 128, mrl_l2_norm: true}
+ibot: {separate_head: true, head_n_prototypes: 128, head_bottleneck_dim: 32, head_hidden_dim: 128}
+train: {batch_size_per_gpu: 32, dataset_path: "FashionMNIST:root=bundled:split=train", OFFICIAL_EPOCH_LENGTH: 40,
+        num_workers: 0, log_period: 20, seed: 0}
+student: {arch: vit_tiny, embed_dim: 64, depth: 2, num_heads: 2, patch_size: 4, drop_path_rate: 0.0,
+          ffn_layer: swiglufused, layerscale: 0.1}
+teacher: {momentum_teacher: 0.9, final_momentum_teacher: 0.99, warmup_teacher_temp: 0.01, teacher_temp: 0.01,
+          warmup_teacher_temp_epochs: 1}
+optim: {epochs: 8, warmup_epochs: 1, base_lr: 0.004, weight_decay_end: 0.2, layerwise_decay: 1.0,
+        freeze_last_layer_epochs: 0}
+crops: {global_crops_size: 16, local_crops_size: 8, local_crops_number: 2, batched_photometric: "true"}
+evaluation: {eval_period_iterations: 0}
+compute_precision: {dtype: fp32, compile: "false", chunked_losses: "false"}
+"""
 # Extra settings of the meta-architecture comparisons; mrl_l2_norm: the original head's initial logits are ~1e-4,
 # near-uniform, with gradients of ~1e-10 that are rounding.
 MODEL_OVERRIDES = ["dino.mrl_l2_norm=true", "dino.koleo_loss_weight=0.1", "compute_precision.loss_chunk_size=3"]

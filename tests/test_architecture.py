@@ -28,6 +28,7 @@ LAYERS = {
     "franca.train.pretrained": 6,
     "franca.train.__main__": 6,
     "franca.quickstart": 6,
+    "franca.distill": 6,
     "franca.demo": 6,
     "franca.run": 6,
     "rasa": 6,

@@ -7,10 +7,11 @@ The image size defaults to the size the checkpoint was trained at; ``user_define
 ``franca.input_decoding`` and ``franca.metadata`` (:mod:`franca.export.options`).
 
 The graph is :class:`franca.export.wrappers.ExportableBackbone` at one fixed image size (position embeddings baked
-as a constant): input ``images [B, 3, H, W]`` (float32), outputs ``cls_token [B, D]``, ``patch_tokens [B, N, D]``
-and, with a RASA head, ``patch_tokens_rasa [B, N, D]``. ``--fp16`` computes in float16; inputs and outputs stay
-float32 either way, so callers feed and read the same arrays. Core ML runs predictions on macOS/iOS only; on Linux
-the package is written and can be inspected, not run.
+as a constant; a distilled timm student goes through ``ExportableFeatures``): input ``images [B, 3, H, W]``
+(float32), outputs ``cls_token [B, D]``, ``patch_tokens [B, N, D]`` and, with a RASA head,
+``patch_tokens_rasa [B, N, D]``. ``--fp16`` computes in float16; inputs and outputs stay float32 either way, so
+callers feed and read the same arrays. Core ML runs predictions on macOS/iOS only; on Linux the package is written
+and can be inspected, not run.
 """
 
 import argparse
@@ -24,9 +25,9 @@ import torch
 from franca.export.options import add_export_arguments, export_metadata, export_settings, parse_export_args
 from franca.export.wrappers import (
     INPUT_NAME,
-    ExportableBackbone,
     add_model_arguments,
     check_image_size,
+    exportable,
     load_export_model,
     output_names,
 )
@@ -62,11 +63,11 @@ def export_coreml(
     if out_path.suffix != ".mlpackage":
         raise ValueError(f"a Core ML ML program is saved as a .mlpackage folder; got --out {out_path}")
     height, width = check_image_size(image_size, model.patch_size)
-    wrapper = ExportableBackbone(model.eval(), (height, width)).eval()
+    wrapper = exportable(model, (height, width))
     example = torch.randn(batch_size, 3, height, width)
     with torch.no_grad():
         program = torch.export.export(wrapper, (example,)).run_decompositions({})
-    names = output_names(wrapper.rasa_matrix is not None)
+    names = output_names(model.rasa_head is not None)
     mlmodel = ct.convert(
         program,
         inputs=[ct.TensorType(name=INPUT_NAME, shape=tuple(example.shape), dtype=np.float32)],

@@ -32,9 +32,9 @@ import torch
 from franca.export.options import add_export_arguments, export_metadata, export_settings, parse_export_args
 from franca.export.wrappers import (
     INPUT_NAME,
-    ExportableBackbone,
     add_model_arguments,
     check_image_size,
+    exportable,
     load_export_model,
     output_names,
     reference_outputs,
@@ -103,10 +103,10 @@ def export_onnx(
     if opset is not None and opset < MIN_OPSET:
         raise ValueError(f"--opset {opset} is not supported: the torch.onnx exporter needs opset >= {MIN_OPSET}")
     height, width = check_image_size(image_size, model.patch_size)
-    wrapper = ExportableBackbone(model.eval(), None if dynamic_size else (height, width)).eval()
-    names = output_names(wrapper.rasa_matrix is not None)
+    wrapper = exportable(model, None if dynamic_size else (height, width))
+    names = output_names(model.rasa_head is not None)
     example_batch = max(batch_size, 2) if dynamic_batch else batch_size
-    example = torch.randn(example_batch, 3, height, width, device=model.pos_embed.device)
+    example = torch.randn(example_batch, 3, height, width, device=next(model.parameters()).device)
     dims = {}
     if dynamic_batch:
         dims[0] = torch.export.Dim("batch", min=1)

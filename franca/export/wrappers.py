@@ -5,6 +5,10 @@ shapes. :class:`ExportableBackbone` takes the weights of a :class:`DinoVisionTra
 ``(cls_token [B, D], patch_tokens [B, N, D])``, plus ``patch_tokens_rasa [B, N, D]`` when a RASA head is attached
 (folded into one D×D matrix; valeoai/Franca ``rasa/src/rasa_head.py``, ``RASAHead.forward``).
 
+Any other backbone with our ``forward_features`` dictionary (a distilled timm student,
+:mod:`franca.models.timm_backbone`) is exported through :class:`ExportableFeatures`, with the same inputs and outputs;
+:func:`exportable` picks the wrapper.
+
 Position embeddings (valeoai/Franca ``DinoVisionTransformer.interpolate_pos_encoding``) come in two forms:
 
 * fixed size: the embeddings for that one image size are computed once with the model's own interpolation and stored
@@ -205,3 +209,29 @@ class ExportableBackbone(nn.Module):
         if self.rasa_matrix is None:
             return cls_token, patch_tokens
         return cls_token, patch_tokens, torch.matmul(patch_tokens, self.rasa_matrix.T)
+
+
+class ExportableFeatures(nn.Module):
+    """Inference-only graph of any other backbone with our ``forward_features`` (a timm student, whose convolutions
+    need no position grid): ``images`` → ``(cls_token, patch_tokens[, patch_tokens_rasa])``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.patch_size = model.patch_size
+        self.with_rasa = model.rasa_head is not None
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = self.model.forward_features(images, use_rasa_head=self.with_rasa)
+        outputs = (features["x_norm_clstoken"], features["x_norm_patchtokens"])
+        return outputs + (features["patch_token_rasa"],) if self.with_rasa else outputs
+
+
+def exportable(model: nn.Module, image_size: tuple[int, int] | None = None) -> nn.Module:
+    """The graph wrapper of ``model`` in eval mode: :class:`ExportableBackbone` for our ViT (``image_size`` None =
+    dynamic position grid), :class:`ExportableFeatures` for any other backbone (any size works as it is)."""
+    if isinstance(model, DinoVisionTransformer):
+        return ExportableBackbone(model.eval(), image_size).eval()
+    if next(model.parameters()).dtype != torch.float32:
+        raise ValueError("graph export expects a float32 model; call model.float() first")
+    return ExportableFeatures(model.eval()).eval()

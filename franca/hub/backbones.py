@@ -3,7 +3,8 @@
 The hub entries build the Franca ViT of valeoai/Franca ``franca/hub/backbones.py`` (patch 14, SwiGLU, LayerScale 1e-5,
 no registers, interpolation offset 0.1, no antialias) at the image size of the checkpoint's ``pos_embed`` and load it
 strictly: a checkpoint of another architecture is refused with its missing, unexpected and mis-shaped keys.
-``load_backbone`` builds any of our ViTs from an arbitrary checkpoint, reading the architecture off its keys.
+``load_backbone`` builds any of our ViTs from an arbitrary checkpoint, reading the architecture off its keys, and a
+distilled timm student from the ``backbone_config`` stored with it (:mod:`franca.models.timm_backbone`).
 """
 
 import json
@@ -25,6 +26,7 @@ from franca.hub.registry import (
 from franca.interop.folders import FRANCA_CONFIG_FILE, folder_format, read_foreign_folder
 from franca.layers.rasa_head import RASAHead
 from franca.models.config import ARCHITECTURES, INPUT_DECODING_KEY, ViTConfig, stored_input_decoding
+from franca.models.timm_backbone import TimmBackbone, TimmConfig, is_timm_config
 from franca.models.vision_transformer import DinoVisionTransformer
 from franca.models.weights import (
     extract_rasa_state_dict,
@@ -132,6 +134,16 @@ def build_loaded_vit(config: ViTConfig, state_dict: dict, source: str) -> DinoVi
     described = ", ".join(f"{k}={getattr(config, k)}" for k in ("embed_dim", "depth", "patch_size", "ffn_layer"))
     target = f"the requested ViT ({described})"
     load_strict(model, state_dict, source, target, hint=_architecture_hint(state_dict), assign=True)
+    return model
+
+
+def build_loaded_timm(stored: dict, state_dict: dict, source: str, kwargs: dict) -> TimmBackbone:
+    """A distilled timm student (``backbone_config`` ``{"timm": name, ...}``, training.md "Distil") with its weights,
+    loaded strictly. It needs the timm package (``pip install 'franca[timm]'``); keywords cannot change it."""
+    if kwargs:
+        raise ValueError(f"{source} is a timm backbone ({stored['timm']}); it takes no ViT keywords ({sorted(kwargs)})")
+    model = TimmBackbone(TimmConfig.from_dict(stored, source=f"the backbone config of {source}"))
+    load_strict(model, state_dict, source, f"the timm backbone {stored['timm']}")
     return model
 
 
@@ -304,8 +316,10 @@ def _load_file_backbone(
         raw = load_checkpoint_file(weights)
         stored = _stored_config(weights, raw)
         state_dict, embedded_rasa = from_release(raw)
-    config = _generic_config(weights, state_dict, arch, stored, kwargs)
-    model = build_loaded_vit(config, state_dict, str(weights))
+    if is_timm_config(stored):
+        model = build_loaded_timm(stored, state_dict, str(weights), kwargs)
+    else:
+        model = build_loaded_vit(_generic_config(weights, state_dict, arch, stored, kwargs), state_dict, str(weights))
     model.input_decoding = stored_input_decoding(stored, f"the backbone config of {weights}")
     _attach_rasa(model, arch, use_rasa_head, rasa_weights, None, embedded_rasa)
     return model, raw

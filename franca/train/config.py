@@ -386,7 +386,8 @@ def _initial_weights_consistent(cfg: DictConfig) -> list[str]:
 
 # Constraints between keys: each returns the problems it finds in a config whose values obey VALUE_RULES. The
 # warmup (optim.warmup_epochs <= optim.epochs) is checked once, by franca.train.schedules.build_schedules.
-CONSTRAINTS: tuple[Callable[[DictConfig], list[str]], ...] = (
+Constraint = Callable[[DictConfig], list[str]]
+CONSTRAINTS: tuple[Constraint, ...] = (
     _crops_fit_the_patch,
     _width_splits_into_heads,
     _block_chunks_fit_the_depth,
@@ -400,35 +401,69 @@ CONSTRAINTS: tuple[Callable[[DictConfig], list[str]], ...] = (
 )
 
 
-def _rule_problems(cfg: DictConfig) -> list[str]:
+def _rule_problems(cfg: DictConfig, schema: ConfigSchema, rules: dict[str, ValueRule]) -> list[str]:
     values = OmegaConf.to_container(cfg, resolve=True)
     problems = []
-    for key in TRAINING_SCHEMA.fields:
-        rule = next((rule for pattern, rule in VALUE_RULES.items() if fnmatchcase(key, pattern)), None)
+    for key in schema.fields:
+        rule = next((rule for pattern, rule in rules.items() if fnmatchcase(key, pattern)), None)
         if rule is not None:
             problems += rule.problems(key, get_key(values, key))
     return problems
 
 
-def validate_values(cfg: DictConfig) -> None:
+def validate_values(
+    cfg: DictConfig,
+    schema: ConfigSchema = TRAINING_SCHEMA,
+    rules: dict[str, ValueRule] = VALUE_RULES,
+    constraints: Iterable[Constraint] = CONSTRAINTS,
+) -> None:
     """Raise :class:`ConfigError` listing every value of ``cfg`` outside its range (:data:`VALUE_RULES`), or, when all
-    are in range, every broken constraint between keys (:data:`CONSTRAINTS`)."""
-    problems = _rule_problems(cfg) or [problem for constraint in CONSTRAINTS for problem in constraint(cfg)]
+    are in range, every broken constraint between keys (:data:`CONSTRAINTS`). A command with its own config
+    (``python -m franca.distill``) passes its schema, rules and constraints."""
+    problems = _rule_problems(cfg, schema, rules) or [
+        problem for constraint in constraints for problem in constraint(cfg)
+    ]
     if len(problems) == 1:
         raise ConfigError(problems[0])
     if problems:
         raise ConfigError(f"{len(problems)} config values are invalid:\n" + "\n".join(f"- {p}" for p in problems))
 
 
-def load_config(config_file: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> DictConfig:
-    """Training config: defaults ← ``config_file`` ← ``overrides`` (``key=value`` strings), validated, struct mode."""
-    cfg = TRAINING_SCHEMA.load(config_file, overrides)
+def load_config(
+    config_file: str | os.PathLike | None = None,
+    overrides: Iterable[str] = (),
+    schema: ConfigSchema = TRAINING_SCHEMA,
+    rules: dict[str, ValueRule] = VALUE_RULES,
+    constraints: Iterable[Constraint] = CONSTRAINTS,
+) -> DictConfig:
+    """Training config: defaults ← ``config_file`` ← ``overrides`` (``key=value`` strings), validated, struct mode.
+    ``schema``, ``rules`` and ``constraints``: those of another command's config (see :func:`validate_values`)."""
+    cfg = schema.load(config_file, overrides)
     _check_parsed_values(cfg)
-    validate_values(cfg)
+    validate_values(cfg, schema, rules, constraints)
     for key, reason in _IGNORED_WHEN_TRUE.items():
         if OmegaConf.select(cfg, key):
             warnings.warn(f"config key {key}=true is ignored: {reason}", UserWarning, stacklevel=2)
     return cfg
+
+
+@dataclass(frozen=True)
+class CommandConfig:
+    """The config of a command that runs the trainer: its schema, value rules and constraints (the training config's
+    :data:`TRAINING_CONFIG`; ``python -m franca.distill``'s ``franca.train.distill_config.DISTILL_CONFIG``)."""
+
+    schema: ConfigSchema
+    rules: dict[str, ValueRule]
+    constraints: tuple[Constraint, ...]
+
+    def load(self, config_file: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> DictConfig:
+        return load_config(config_file, overrides, self.schema, self.rules, self.constraints)
+
+    def validate(self, cfg: DictConfig) -> None:
+        validate_values(cfg, self.schema, self.rules, self.constraints)
+
+
+TRAINING_CONFIG = CommandConfig(TRAINING_SCHEMA, VALUE_RULES, CONSTRAINTS)
 
 
 def apply_scaling_rules(cfg: DictConfig, world_size: int) -> DictConfig:

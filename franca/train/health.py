@@ -9,11 +9,13 @@ sync until the log line is written):
   (1 = uniform targets, nothing to learn), the student's prediction entropy likewise, and the distinct prototypes that
   are the arg-max of some sample's target, as a fraction of min(samples, K_l);
 - ``teacher_cls_spread`` = sqrt(1 − ‖mean_b x̂_b‖²) of the teacher's L2-normalised CLS features x̂: 0 when every image
-  has the same feature (collapse), 1 when they spread evenly over the sphere.
+  has the same feature (collapse), 1 when they spread evenly over the sphere. Distillation (whose teacher is fixed)
+  adds ``student_cls_spread``, the same statistic of the student's CLS features: every ``*_cls_spread`` entry is
+  reduced and watched alike.
 
 Each is taken over the rows of all ranks (:func:`reduce_stats`), as if one process held the global batch.
 :class:`HealthMonitor` reads them at each log line and prints one warning, naming the symptom and the knobs, when a
-head's targets stay above ``train.health_entropy_threshold`` · log K at every level (a full stall), or the spread stays
+head's targets stay above ``train.health_entropy_threshold`` · log K at every level (a full stall), or a spread stays
 below ``train.health_min_cls_spread``, for ``train.health_patience`` iterations. A partial stall (targets at 0.9 log K)
 does not warn; it shows as DINO / iBOT losses close to their uniform values.
 """
@@ -28,6 +30,12 @@ from franca.loss.chunked import TargetRows, chunk_bounds
 from franca.loss.sinkhorn import all_reduce_if_distributed
 
 DEFAULT_CHUNK_ROWS = 1024
+SPREAD_SUFFIX = "_cls_spread"
+# What to turn when a model's CLS features collapse, by the model whose spread it is.
+COLLAPSE_KNOBS = {
+    "teacher": "raise dino.koleo_loss_weight, lower optim.base_lr, raise teacher.momentum_teacher",
+    "student": "raise dino.koleo_loss_weight, lower optim.base_lr, keep distill.center_momentum above 0",
+}
 
 
 @dataclass
@@ -113,11 +121,11 @@ def reduce_stats(raw: dict[str, LevelStats | SpreadStats]) -> dict[str, float]:
     prototype masks.
     """
     levels = {k: v for k, v in raw.items() if isinstance(v, LevelStats)}
-    spread = raw.get("teacher_cls_spread")
+    spreads = {k: v for k, v in raw.items() if isinstance(v, SpreadStats)}
     sums = [
         t for v in levels.values() for t in (v.target_entropy_sum, v.student_entropy_sum, v.n_rows, v.n_student_rows)
     ]
-    if spread is not None:
+    for spread in spreads.values():
         sums += [*spread.unit_sum, spread.n_rows]
     if not sums:
         return {}
@@ -134,10 +142,12 @@ def reduce_stats(raw: dict[str, LevelStats | SpreadStats]) -> dict[str, float]:
         result[f"{head}_target_entropy_l{level}"] = target_sum / n_rows / log_k
         result[f"{head}_student_entropy_l{level}"] = student_sum / n_student_rows / log_k
         result[f"{head}_prototypes_used_l{level}"] = won_counts[index] / min(n_rows, n_prototypes)
-    if spread is not None:
-        *unit_sum, n_rows = summed[4 * len(levels) :]
+    start = 4 * len(levels)
+    for key, spread in spreads.items():
+        *unit_sum, n_rows = summed[start : start + spread.unit_sum.numel() + 1]
+        start += spread.unit_sum.numel() + 1
         mean_norm_sq = sum(v * v for v in unit_sum) / n_rows**2 if n_rows else 1.0
-        result["teacher_cls_spread"] = math.sqrt(max(0.0, 1.0 - mean_norm_sq))
+        result[key] = math.sqrt(max(0.0, 1.0 - mean_norm_sq))
     return result
 
 
@@ -166,19 +176,21 @@ def format_health(stats: dict[str, float]) -> str:
             parts.append(f"{name} H/logK {min(values):.2f}-{max(values):.2f}")
         elif values:
             parts.append(f"{name} H/logK {values[0]:.2f}")
-    if "teacher_cls_spread" in stats:
-        parts.append(f"cls spread {stats['teacher_cls_spread']:.2f}")
+    for key in sorted(k for k in stats if k.endswith(SPREAD_SUFFIX)):
+        who = key.removesuffix(SPREAD_SUFFIX)
+        parts.append(f"{'' if who == 'teacher' else who + ' '}cls spread {stats[key]:.2f}")
     return ", ".join(parts)
 
 
 @dataclass
 class HealthMonitor:
-    """Warns once per episode when a head's clustering stalls at uniform targets or the teacher's CLS features collapse.
+    """Warns once per episode when a head's clustering stalls at uniform targets or a model's CLS features collapse
+    (``teacher_cls_spread``, and ``student_cls_spread`` in distillation).
 
     ``update`` takes the statistics of each logged iteration (:func:`reduce_stats`); a condition must hold at every
     log line for ``patience`` iterations before its warning is printed, and may warn again after it has cleared. Each
-    head (``dino``, ``ibot``) and the collapse have their own episode. The state is not checkpointed: after a resume
-    an ongoing episode counts from the first logged iteration of the resumed run.
+    head (``dino``, ``ibot``) and each spread statistic have their own episode. The state is not checkpointed: after a
+    resume an ongoing episode counts from the first logged iteration of the resumed run.
     """
 
     entropy_threshold: float = 0.97
@@ -206,9 +218,11 @@ class HealthMonitor:
             stalled = bool(entropies) and min(entropies) > self.entropy_threshold
             if self._due(head, stalled, iteration):
                 warnings.append(self._stall_message(head, entropies, self._since[head], iteration))
-        spread = stats.get("teacher_cls_spread")
-        if self._due("collapse", spread is not None and spread < self.min_cls_spread, iteration):
-            warnings.append(self._collapse_message(spread, self._since["collapse"], iteration))
+        for key in sorted(k for k in stats if k.endswith(SPREAD_SUFFIX)):
+            who = key.removesuffix(SPREAD_SUFFIX)
+            episode = "collapse" if who == "teacher" else f"{who} collapse"
+            if self._due(episode, stats[key] < self.min_cls_spread, iteration):
+                warnings.append(self._collapse_message(who, stats[key], self._since[episode], iteration))
         return warnings
 
     def _due(self, episode: str, active: bool, iteration: int) -> bool:
@@ -235,10 +249,9 @@ class HealthMonitor:
             "crops.local_crops_scale)"
         )
 
-    def _collapse_message(self, spread: float, since: int, iteration: int) -> str:
+    def _collapse_message(self, who: str, spread: float, since: int, iteration: int) -> str:
         return (
-            f"training health: the teacher's CLS features have collapsed since iteration {since} (to {iteration}): "
+            f"training health: the {who}'s CLS features have collapsed since iteration {since} (to {iteration}): "
             f"their spread sqrt(1 - |mean unit feature|^2) is {spread:.3f} < {self.min_cls_spread}. Knobs "
-            "(docs/training_dynamics.md): raise dino.koleo_loss_weight, lower optim.base_lr, raise "
-            "teacher.momentum_teacher"
+            f"(docs/training_dynamics.md): {COLLAPSE_KNOBS.get(who, COLLAPSE_KNOBS['teacher'])}"
         )

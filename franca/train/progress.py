@@ -62,7 +62,10 @@ def masked_global_share(batch_size_per_rank: int, world_size: int, mask_probabil
 
 
 def model_uniform_values(model: SSLMetaArch, world_size: int) -> dict[str, float]:
-    """:func:`uniform_loss_values` of a meta-architecture and its config, for ``world_size`` ranks."""
+    """:func:`uniform_loss_values` of a meta-architecture and its config, for ``world_size`` ranks; none for a model
+    without clustering heads (head-free distillation)."""
+    if "dino_head" not in model.student:
+        return {}
     cfg = model.cfg
     ibot_prototypes = model._ibot_head("student").out_dims if model.use_ibot else None
     share = masked_global_share(cfg.train.batch_size_per_gpu, world_size, cfg.ibot.mask_sample_probability)

@@ -155,7 +155,11 @@ class SSLMetaArch(nn.Module):
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self._ema_pairs: dict[bool, tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
+        self._init_objective(cfg)
 
+    def _init_objective(self, cfg: DictConfig) -> None:
+        """The crops, losses and target centring of ``cfg`` for the student's heads (distillation's
+        ``DistillMetaArch`` builds its own student and teacher, then calls this too)."""
         self.n_local_crops = cfg.crops.local_crops_number
         # Decided by the config, not by the batch: a rank whose batch has no masked token still runs the iBOT heads
         # (on zero rows) and their Sinkhorn-Knopp, so every rank joins the same FSDP and SK collectives.

@@ -55,7 +55,7 @@ from franca.train.build import (
     prepare_batch,
     seed_everything,
 )
-from franca.train.config import TRAINING_SCHEMA, apply_scaling_rules, load_config, validate_values
+from franca.train.config import TRAINING_CONFIG, CommandConfig, apply_scaling_rules
 from franca.train.drift import DriftMonitor, format_drift
 from franca.train.health import HealthMonitor, format_health, reduce_stats
 from franca.train.knn_monitor import build_knn_monitor
@@ -85,21 +85,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_run(args: argparse.Namespace) -> tuple[DictConfig, PretrainedWeights | None]:
+def setup_run(
+    args: argparse.Namespace, command: CommandConfig = TRAINING_CONFIG
+) -> tuple[DictConfig, PretrainedWeights | None]:
     """Join the process group (if launched with several), route printing, build the config (completed from
-    ``student.pretrained_weights``, which is read here once), write it (rank 0); returns it and the read weights."""
+    ``student.pretrained_weights``, which is read here once), write it (rank 0); returns it and the read weights.
+
+    ``command``: the config of the command that runs this trainer (training's, or ``python -m franca.distill``'s)."""
     env, _ = init_distributed()
     stop_with_launcher()
     overrides = list(args.opts)
-    cfg = load_config(args.config_file, overrides)
+    cfg = command.load(args.config_file, overrides)
     cfg.train.output_dir = str(args.output_dir)
     lock_run_folder(args.output_dir, start_over=args.no_resume)
     if env.is_main_process:
         sweep_run_folder(Path(args.output_dir), cfg.train.keep_checkpoints)
     barrier()
     setup_rank_output(args.output_dir, env.rank, env.world_size)
-    pretrained = resolve_pretrained(cfg, TRAINING_SCHEMA.explicit_keys(args.config_file, overrides))
-    validate_values(cfg)
+    pretrained = resolve_pretrained(cfg, command.schema.explicit_keys(args.config_file, overrides))
+    command.validate(cfg)
     apply_scaling_rules(cfg, world_size=env.world_size)
     open_run(cfg, env.world_size, resume=not args.no_resume, allow_config_change=args.allow_config_change)
     barrier()
@@ -262,7 +266,7 @@ def do_train(
         flush=True,
     )
     uniform = model_uniform_values(model, world_size)
-    if main_process:
+    if main_process and uniform:
         print(announce_uniform_values(uniform), flush=True)
     if cfg.train.freeze_backbone_iterations:
         print(
@@ -341,8 +345,7 @@ def do_train(
                     done,
                     f"loss {record['total_loss']:.4f} ({format_losses(values, uniform)}) "
                     f"lr {schedule_values['lr']:.2e} {images_per_iteration / iter_time:.1f} img/s{mem} | "
-                    f"{format_health(health_values)}"
-                    + format_drift(drift_values),
+                    f"{format_health(health_values)}" + format_drift(drift_values),
                 )
             window_start, window_iters = time.perf_counter(), 0
         if eval_period and done % eval_period == 0 and done != max_iter:

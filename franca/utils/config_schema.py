@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -50,6 +50,10 @@ class _Field:
 class ConfigSchema:
     """A defaults YAML file that doubles as the schema of its keys, and the loader that validates against it.
 
+    ``defaults_file`` may also be a sequence of files, merged in order: a command whose config extends another's
+    (``python -m franca.distill`` adds a ``distill`` section and ``teacher.weights`` to the training keys) lists the
+    shared file first and its own after it, so the shared file stays the one schema of the shared keys.
+
     ``choices`` maps fnmatch patterns of dotted keys to their allowed values; ``list_item_types`` gives the element
     type of the lists whose default is empty; ``pairs`` are the lists of exactly two numbers. ``label`` names the
     config in messages (``"RASA config"``) and ``example`` is a valid override shown when one is malformed.
@@ -57,19 +61,24 @@ class ConfigSchema:
 
     def __init__(
         self,
-        defaults_file: Path,
+        defaults_file: Path | Sequence[Path],
         choices: dict[str, tuple[str, ...]] | None = None,
         list_item_types: dict[str, type] | None = None,
         pairs: tuple[str, ...] = (),
         label: str = "config",
         example: str = "optim.epochs=100",
     ):
-        self.defaults_file = Path(defaults_file)
+        files = [defaults_file] if isinstance(defaults_file, (str, os.PathLike)) else list(defaults_file)
+        self.defaults_files = tuple(Path(file) for file in files)
         self.choices = dict(choices or {})
         self.list_item_types = dict(list_item_types or {})
         self.pairs = pairs
         self.label = label
         self.example = example
+
+    def _defaults(self) -> DictConfig:
+        """The defaults files merged in order."""
+        return OmegaConf.merge(*(OmegaConf.load(file) for file in self.defaults_files))
 
     def _field_for(self, key: str, default: Any) -> _Field:
         choices = next((allowed for pattern, allowed in self.choices.items() if fnmatchcase(key, pattern)), ())
@@ -93,7 +102,7 @@ class ConfigSchema:
                 else:
                     fields[key] = self._field_for(key, value)
 
-        visit(OmegaConf.to_container(OmegaConf.load(self.defaults_file)), "")
+        visit(OmegaConf.to_container(self._defaults()), "")
         return fields, frozenset(sections)
 
     @property
@@ -110,7 +119,7 @@ class ConfigSchema:
             close_leaves = difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in known], n=3, cutoff=0.6)
             close = [k for k in known if k.rsplit(".", 1)[-1] in close_leaves][:3]
         if not close:
-            return f"the valid keys are those of {self.defaults_file}"
+            return f"the valid keys are those of {', '.join(map(str, self.defaults_files))}"
         quoted = [repr(k) for k in close]
         return "did you mean " + (quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]) + "?"
 
@@ -153,7 +162,7 @@ class ConfigSchema:
         if not cfg:
             raise ConfigError(
                 f"{self.label} file {str(path)!r} is empty (no keys); pass the recipe you mean, or leave the file out "
-                f"to use the defaults of {self.defaults_file.name} on purpose"
+                f"to use the defaults of {' + '.join(file.name for file in self.defaults_files)} on purpose"
             )
         self._check_keys(OmegaConf.to_container(cfg), "", f"{self.label} file {str(path)!r}")
         return cfg
@@ -197,7 +206,7 @@ class ConfigSchema:
         Struct mode makes setting a key that the schema lacks an error, so a typo in code fails as loudly as one in a
         file.
         """
-        layers = [OmegaConf.load(self.defaults_file)]
+        layers = [self._defaults()]
         if config_file is not None:
             layers.append(self._load_file(config_file))
         layers.extend(self._parse_override(item) for item in overrides)
