@@ -35,13 +35,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from franca.checkpoint.resumable import atomic_torch_save
 from franca.data.seeded_transform import seeded_global_rngs
 from franca.eval.features import default_device
 from franca.layers.rasa_head import RASAHead
 from franca.utils.atomic import atomic_write
 from franca.utils.config_schema import ConfigError, save_config
 from franca.utils.logging import MetricsWriter, Progress
+from franca.utils.weight_files import atomic_torch_save, load_torch_file
 from rasa.config import DEFAULTS_FILE, load_rasa_config
 from rasa.data import (
     SeededAugmentedImages,
@@ -393,7 +393,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike, resume: bool = True) -
     final = round_file(output_dir, cfg.train.end_round - 1)
     if not final.is_file():
         raise FileNotFoundError(f"{final} is missing: the rounds in {output_dir} were not completed; rerun the command")
-    atomic_torch_save(torch.load(final, map_location="cpu", weights_only=True), output_dir / RESULT_FILE)
+    atomic_torch_save(load_torch_file(final), output_dir / RESULT_FILE)
     print(f"RASA head written to {output_dir / RESULT_FILE}", flush=True)
     return output_dir / RESULT_FILE
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from franca.checkpoint.resumable import atomic_torch_save
 from franca.models.weights import fit_pos_embed
+from franca.utils.weight_files import UnreadableCheckpointError, atomic_torch_save, load_torch_file
 
 AUTO = "auto"
 POS_EMBED = "pos_embed"
@@ -105,16 +105,11 @@ def modify_checkpoint(
 
 
 def load_checkpoint(path: str | os.PathLike) -> object:
-    """Read a checkpoint with ``weights_only=True`` (a pickle that would run code is refused)."""
+    """Read a checkpoint with ``weights_only=True`` (a pickle that would run code is refused;
+    :func:`franca.utils.weight_files.load_torch_file`)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"--checkpoint-path {path}: no such file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"could not read {path} as a weights-only checkpoint ({type(err).__name__}: {err}); "
-            "only files of tensors and plain Python values are accepted"
-        ) from err
+    return load_torch_file(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint, changes = modify_checkpoint(
             checkpoint, args.target_img_size, args.patch_size, args.pos_embed_key, args.interpolate_offset
         )
-    except (FileNotFoundError, KeyError, ValueError) as err:
+    except (FileNotFoundError, KeyError, ValueError, UnreadableCheckpointError) as err:
         parser.error(str(err.args[0]) if isinstance(err, KeyError) else str(err))
     atomic_torch_save(checkpoint, args.output_path)
     for path, (old, new) in changes.items():

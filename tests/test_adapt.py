@@ -230,6 +230,7 @@ def _step(model: SSLMetaArch, batches, runtime: Runtime) -> dict:
     return model.forward_backward(batches, 0.05, runtime)
 
 
+@pytest.mark.slow
 def test_accumulated_micro_batches_equal_one_large_step():
     cfg = load_config(None, STEP_CONFIG)
     torch.manual_seed(0)

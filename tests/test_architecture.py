@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("franca", "rasa")
 
@@ -138,6 +140,7 @@ def test_layer_checker_catches_an_upward_import(tmp_path, monkeypatch):
     assert "franca must never import rasa" in violations[1]
 
 
+@pytest.mark.slow
 def test_hub_import_loads_no_rasa_module():
     code = "import sys, franca.hub; print(sorted(m for m in sys.modules if m == 'rasa' or m.startswith('rasa.')))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)

@@ -116,6 +116,7 @@ def test_apply_photometric_runs_each_crops_own_jitter_order_and_steps():
 
 
 @pytest.mark.parametrize("blur_quirk", [True, False])
+@pytest.mark.slow
 def test_split_path_equals_the_per_image_transform_under_the_same_seed(blur_quirk):
     """Same seed → same crops and parameters: the split path's draws are the per-image transform's draws."""
     reference = float_threshold_reference(**CROPS, **SIZES, blur_quirk=blur_quirk)
@@ -134,6 +135,7 @@ def test_split_path_equals_the_per_image_transform_under_the_same_seed(blur_quir
         assert set(drawn[:, column].tolist()) == {0.0, 1.0}, column
 
 
+@pytest.mark.slow
 def test_parameter_draws_have_the_reference_probabilities():
     """Fixed seed, 4000 draws per crop kind: each frequency within 5 binomial standard deviations of the original's."""
     n = 4000
@@ -159,6 +161,7 @@ def test_parameter_draws_have_the_reference_probabilities():
         assert blurred.numel() == 0 or (0.1 <= blurred.min() and blurred.max() <= 2.0)
 
 
+@pytest.mark.slow
 def test_pil_photos_differ_from_the_per_image_path_by_uint8_rounding_only():
     """On PIL images the per-image path rounds to uint8 after every operation; the split path computes in float. Same
     crops and parameters: a mean difference of about one grey level (docs/deviations.md)."""

@@ -23,6 +23,8 @@ sys.path.insert(0, str(BENCHMARKS))
 import data_pipeline  # noqa: E402
 import train_step  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here trains or launches ranks
+
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs/train/IN21K/vitb14.yaml")
 DIM, DEPTH, PATCH, GLOBAL, LOCAL, N_LOCAL, BATCH = 192, 2, 8, 32, 16, 2, 2
 TINY = [
@@ -66,6 +68,7 @@ def train_step_run(tmp_path_factory) -> tuple[dict, Path]:
     return train_step.main(argv), out
 
 
+@pytest.mark.slow
 def test_train_step_writes_json_with_plausible_fields(train_step_run):
     payload, out = train_step_run
     assert json.loads((out / "train_step.json").read_text()) == payload
@@ -107,6 +110,7 @@ def test_train_step_flops_match_the_matmul_shapes(train_step_run):
     assert lower <= run["flops_per_step"] <= teacher + 4 * student_forward
 
 
+@pytest.mark.slow
 def test_train_step_runs_on_the_trainer_loader(tmp_path):
     data_pipeline.make_jpegs(tmp_path / "jpegs", 4, (160, 120))
     argv = ["--config", CONFIG, "--batch-sizes", "2", "--steps", "1", "--warmup", "0", "--device", "cpu"]
@@ -117,6 +121,7 @@ def test_train_step_runs_on_the_trainer_loader(tmp_path):
     assert run["data_wait_ms_mean"] > 0  # decoding and augmenting happen inside the timed step
 
 
+@pytest.mark.slow
 def test_chunked_losses_flag_runs_both_loss_paths(tmp_path):
     argv = ["--config", CONFIG, "--batch-sizes", str(BATCH), "--steps", "1", "--warmup", "0", "--device", "cpu"]
     argv += ["--chunked-losses", "false", "true", "--peak-size", "64", "--out", str(tmp_path), *TINY]
@@ -131,6 +136,7 @@ def test_chunked_losses_flag_runs_both_loss_paths(tmp_path):
 
 
 @pytest.mark.parametrize("chunked_losses", ["false", "true"])
+@pytest.mark.slow
 def test_instrumented_step_equals_the_trainer_step(chunked_losses):
     args = train_step.get_args_parser().parse_args(["--config", CONFIG, *TINY])
     cfg = train_step.build_config(CONFIG, BATCH, args, chunked_losses)
@@ -194,6 +200,7 @@ def test_make_jpegs_writes_real_photos_at_imagenet_like_sizes(tmp_path):
     assert len({path.read_bytes() for path in paths}) == 12
 
 
+@pytest.mark.slow
 def test_data_pipeline_cli_reports_throughput_and_cores(tmp_path):
     steps_json = tmp_path / "train_step.json"
     steps_json.write_text(json.dumps({"runs": [{"model": "m", "batch_size": 64, "compile": True, "img_per_s": 90.0}]}))
@@ -224,6 +231,7 @@ def test_data_pipeline_cli_reports_throughput_and_cores(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of CPU-only machines")
+@pytest.mark.slow
 def test_data_pipeline_skips_the_gpu_path_without_cuda(tmp_path, capsys):
     data_pipeline.make_jpegs(tmp_path / "jpegs", 4, (160, 120))
     argv = ["--images-dir", str(tmp_path / "jpegs"), "--workers", "0", "--batch-size", "2", "--batches-per-worker", "1"]
@@ -232,6 +240,7 @@ def test_data_pipeline_skips_the_gpu_path_without_cuda(tmp_path, capsys):
     assert "GPU decode + augmentation path is skipped" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_train_step_with_activation_checkpointing_counts_model_flops(train_step_run, tmp_path, monkeypatch):
     """The override reaches the student's blocks; the FLOP count (MFU) excludes the recomputation."""
     (plain,) = train_step_run[0]["runs"]
@@ -251,6 +260,7 @@ def test_train_step_with_activation_checkpointing_counts_model_flops(train_step_
     assert override in train_step.results_table([run])
 
 
+@pytest.mark.slow
 def test_clustering_ablation_trains_each_variant_once_and_scores_it(tiny_config, tmp_path, monkeypatch):
     import clustering_ablation
 

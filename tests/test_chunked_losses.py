@@ -42,6 +42,7 @@ def value_and_grad(loss_fn, student):
     "n_student_crops, n_teacher_crops, skip_same_view",
     [(2, 2, True), (4, 2, False), (3, 2, True), (1, 2, False), (2, 1, True), (1, 1, True)],
 )
+@pytest.mark.slow
 def test_chunked_dino_equals_plain_in_value_and_gradient(
     n_student_crops, n_teacher_crops, skip_same_view, dtype, chunk_size
 ):
@@ -143,6 +144,7 @@ def plain_and_chunked_steps(overrides: list[str], device: torch.device, dtype: s
 
 
 @pytest.mark.parametrize("centering", ["sinkhorn_knopp", "centering"])
+@pytest.mark.slow
 def test_meta_arch_chunked_path_equals_plain_on_cpu(centering):
     (plain_losses, plain_grads, plain_stats), (losses, grads, stats) = plain_and_chunked_steps(
         MODEL_OVERRIDES + [f"train.centering={centering}"], torch.device("cpu")

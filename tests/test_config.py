@@ -215,6 +215,7 @@ FINETUNE_RECIPE = {
 
 
 @pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: p.stem)
+@pytest.mark.slow
 def test_every_recipe_loads_with_the_reference_values(path):
     name = path.stem if path.parent.name == "finetune" else f"{path.parent.name}/{path.stem}"
     stage = FINETUNE_RECIPE if path.parent.name == "finetune" else TRAIN_RECIPE
@@ -325,6 +326,7 @@ def test_wrong_type_in_file_is_reported(tmp_path):
         ("compute_precision.teacher.ibot_head.mixed_precision.param_dtype", "fp8", "bf16"),
     ],
 )
+@pytest.mark.slow
 def test_enumerated_keys_accept_only_their_choices(key, bad, good):
     with pytest.raises(ConfigError) as error:
         load_config(None, [f"{key}={bad}"])
@@ -560,6 +562,7 @@ def _expected_value(override: str, key: str):
 
 
 @pytest.mark.parametrize(("override", "key"), OUT_OF_RANGE, ids=[case[0] for case in OUT_OF_RANGE])
+@pytest.mark.slow
 def test_out_of_range_value_names_key_value_rule_and_fix(override, key):
     with pytest.raises(ConfigError) as error:
         load_config(None, [override])
@@ -649,6 +652,7 @@ def test_values_at_the_edges_of_their_ranges_load(overrides):
         ),
     ],
 )
+@pytest.mark.slow
 def test_broken_constraint_between_keys_names_them(overrides, named):
     with pytest.raises(ConfigError) as error:
         load_config(None, overrides)
@@ -659,6 +663,7 @@ def test_the_ibot_prototypes_do_not_matter_without_a_separate_ibot_head():
     load_config(None, ["ibot.separate_head=false", "ibot.head_n_prototypes=15"])
 
 
+@pytest.mark.slow
 def test_crop_rule_accepts_exactly_the_sizes_the_patch_embedding_accepts():
     embed = PatchEmbed(patch_size=4, embed_dim=8)
     for size in range(1, 30):

@@ -1,11 +1,13 @@
 """The feature-extraction demo: shapes printed and a PCA picture written, on a real photo."""
 
+import pytest
 from PIL import Image
 
 from franca import demo
 from franca.eval.pictures import GAP
 
 
+@pytest.mark.slow
 def test_demo_prints_shapes_and_writes_a_pca_picture(tmp_path, capsys):
     out = tmp_path / "pca.png"
     shapes = demo.main(["--size", "112", "--out", str(out)])

@@ -54,6 +54,7 @@ def assert_same_tokens(theirs, folder, sizes=SIZES, tolerance=TOLERANCE):
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.slow
 def test_transformers_dinov3(shape, tmp_path):
     width, heads = SHAPES[shape]
     theirs = transformers_dinov3(tmp_path, width, heads, depth=2)
@@ -63,6 +64,7 @@ def test_transformers_dinov3(shape, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["vit_small_patch16_dinov3", "vit_base_patch16_dinov3"])
+@pytest.mark.slow
 def test_timm_dinov3(name, tmp_path):
     theirs = timm_dinov3(tmp_path, name, depth=2)
     ours = assert_same_tokens(theirs, tmp_path)
@@ -78,6 +80,7 @@ def test_full_depth_dinov3_in_both_layouts(shape, tmp_path):
     assert_same_tokens(timm_dinov3(tmp_path / "timm", name), tmp_path / "timm", FULL_SIZES)
 
 
+@pytest.mark.slow
 def test_qkv_bias_and_gated_variants_both_layouts(tmp_path):
     theirs = timm_dinov3(tmp_path / "qkvb", "vit_small_patch16_dinov3_qkvb", depth=2)
     assert load_backbone(tmp_path / "qkvb").config.qkv_bias

@@ -193,6 +193,7 @@ def features_reference(model, batch: dict, kind: str, cls_center, patch_center, 
 # Losses
 
 
+@pytest.mark.slow
 def test_with_heads_the_loss_is_franca_s_objective_on_the_teacher_s_targets(teacher_file):
     model = float64_model(distill_config(teacher_file), "heads")
     batch = float64_batch()
@@ -258,6 +259,7 @@ def test_the_teacher_gets_no_gradient_and_never_changes(teacher_file, mode):
     assert not any(key.startswith("teacher") and "signature" not in key for key in model.state_dict())
 
 
+@pytest.mark.slow
 def test_a_restart_with_another_teacher_is_refused(teacher_file, tmp_path):
     cfg = distill_config(teacher_file)
     model = float64_model(cfg, "heads")
@@ -306,6 +308,7 @@ def test_the_mode_follows_the_teacher_file(teacher_file, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["vit", "timm"])
+@pytest.mark.slow
 def test_the_exported_student_loads_and_matches_the_trained_one(teacher_file, tmp_path, arch):
     overrides = ["distill.mode=features"]
     if arch == "timm":

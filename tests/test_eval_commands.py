@@ -71,6 +71,7 @@ def dense_commands(seg_root: str, image: str) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_every_command_runs_at_the_trained_size_and_records_what_it_measured(
     tiny_export, photos, segfolder, tmp_path, capsys
 ):

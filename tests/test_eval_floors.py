@@ -87,6 +87,7 @@ def test_floors_equal_a_brute_force_knn_on_the_same_images(run_export, tmp_path,
     assert "model" in console and "random-init" in console and "pixels" in console
 
 
+@pytest.mark.slow
 def test_the_run_s_exported_initial_teacher_is_preferred(run_export, tmp_path):
     run, export, _ = run_export
     initial = run / "eval" / "training_0" / "teacher_checkpoint.pth"

@@ -74,6 +74,7 @@ def test_oracle_features_segment_perfectly(tmp_path):
     assert results["num_pixels"] == 3 * 63 * 64  # the ignored first row of each val mask is not counted
 
 
+@pytest.mark.slow
 def test_random_vit_with_augmented_memory_gives_a_valid_miou(tmp_path):
     root = make_tile_segfolder(tmp_path / "seg", n_train=3, n_val=2)
     torch.manual_seed(0)

@@ -30,6 +30,7 @@ def test_protocols_are_as_documented():
         make_protocol("ade")
 
 
+@pytest.mark.slow
 def test_oracle_features_give_perfect_segmentation_at_the_input_size(tmp_path):
     root = make_tile_segfolder(tmp_path / "seg")
     train, val = SegFolder(str(root), "train"), SegFolder(str(root), "val")
@@ -47,6 +48,7 @@ def test_oracle_features_give_perfect_segmentation_at_the_input_size(tmp_path):
     assert results["num_pixels"] == 3 * 63 * 64
 
 
+@pytest.mark.slow
 def test_dinov2_protocol_scores_at_original_mask_size(tmp_path):
     root = make_tile_segfolder(tmp_path / "seg", n_train=2, n_val=2, ignore_border=False)
     for path in (root / "val" / "images").iterdir():  # val images of another, non-square size

@@ -103,6 +103,7 @@ def test_a_fit_stopped_at_max_iter_is_reported_once_in_one_line(backend, capsys)
     assert converged.converged
 
 
+@pytest.mark.slow
 def test_command_end_to_end(tmp_path):
     train, val = make_photo_folders(tmp_path / "photos")
     weights = save_tiny_checkpoint(tmp_path / "tiny.pth")
@@ -155,6 +156,7 @@ def test_search_stops_after_patience_but_not_on_the_starting_plateau():
 
 
 @pytest.mark.parametrize("backend", [SklearnBackend(), TorchBackend(device=torch.device("cpu"))])
+@pytest.mark.slow
 def test_early_stop_fits_fewer_c_values_and_keeps_the_best(backend):
     x, y = teacher_problem(300, seed=0)
     grid = c_grid(23)
@@ -169,6 +171,7 @@ def test_early_stop_fits_fewer_c_values_and_keeps_the_best(backend):
 
 @pytest.mark.parametrize("backend", ["sklearn", "torch"])
 @pytest.mark.parametrize("num_classes", [2, 3])
+@pytest.mark.slow
 def test_warm_start_equals_cold_start(backend, num_classes):
     """Overlapping classes (a unique optimum): starting from the solution at another C ends at the same model."""
     g = torch.Generator().manual_seed(2)
@@ -197,6 +200,7 @@ def test_sklearn_warm_start_begins_at_the_given_model(num_classes):
     torch.testing.assert_close(again.logits(x), optimum.logits(x), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_scaled_search_matches_the_full_grid_and_sklearn():
     """On a separable problem the scaled search (15 C values, relative tolerance, warm starts, early exit) is at
     least as accurate as the original 45-value search, and its model is scikit-learn's at the chosen C."""

@@ -53,6 +53,7 @@ def test_bad_dims_are_refused():
         matryoshka_knn(feats, labels, feats, labels, dims=[16, 0, 4])
 
 
+@pytest.mark.slow
 def test_command_writes_table_json_and_plot(tmp_path, capsys):
     train, val = make_photo_folders(tmp_path / "photos")
     weights = save_tiny_checkpoint(tmp_path / "tiny.pth")

@@ -68,6 +68,7 @@ def test_identical_distributions_give_auroc_one_half():
         assert m["fpr95"] > 85.0, score
 
 
+@pytest.mark.slow
 def test_command_end_to_end(tmp_path):
     train, test = make_photo_folders(tmp_path / "photos")
     rocket = tmp_path / "rocket"  # unlabelled OOD folder: images directly in the root

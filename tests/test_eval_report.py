@@ -92,6 +92,7 @@ def full_report(tiny_export, tmp_path_factory):
     return report.main(argv), out, argv
 
 
+@pytest.mark.slow
 def test_the_report_runs_each_protocol_and_embeds_every_picture(full_report):
     path, out, argv = full_report
     page = parse(path)
@@ -105,6 +106,7 @@ def test_the_report_runs_each_protocol_and_embeds_every_picture(full_report):
     assert page.commands and argv[-1] in page.commands[0] and "python -m franca.eval.report" in page.commands[0]
 
 
+@pytest.mark.slow
 def test_the_headline_box_shows_the_results_files_numbers(full_report):
     path, out, _ = full_report
     page = parse(path)
@@ -134,6 +136,7 @@ def test_pictures_are_written_at_a_readable_size(full_report):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian: apt-get install chromium)")
+@pytest.mark.slow
 def test_the_page_renders_in_a_real_browser(full_report, tmp_path):
     """Debian's Chromium renders the page headless to a PNG: not blank, the headline box in its light blue-grey."""
     path, _, _ = full_report

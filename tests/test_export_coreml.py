@@ -41,6 +41,7 @@ def weight_bytes(package: Path) -> int:
     return sum(f.stat().st_size for f in package.rglob("*.bin"))
 
 
+@pytest.mark.slow
 def test_conversion_with_rasa_has_named_outputs_of_the_right_shapes(tmp_path):
     path = export_coreml(tiny_vit(with_rasa=True), tmp_path / "vit.mlpackage", (42, 70), batch_size=2)
     inputs, outputs = interface(path)
@@ -53,6 +54,7 @@ def test_conversion_with_rasa_has_named_outputs_of_the_right_shapes(tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_cli_fp16_halves_the_stored_weights(tmp_path, capsys):
     model = tiny_vit()
     folder = export_safetensors(model, tmp_path / "weights")

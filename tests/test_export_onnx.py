@@ -106,6 +106,7 @@ def test_matrix_resize_reproduces_runtime_interpolation(out_hw):
     assert (by_size - runtime).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_fixed_size_export_with_rasa(tmp_path):
     model = tiny_vit(with_rasa=True)
     path = export_onnx(model, tmp_path / "fixed.onnx", (42, 70))
@@ -120,6 +121,7 @@ def test_fixed_size_export_with_rasa(tmp_path):
     assert np.abs(got[2] - got[1]).max() > 1e-2  # the RASA output really is debiased
 
 
+@pytest.mark.slow
 def test_dynamic_size_export_matches_at_several_sizes(tmp_path):
     model = tiny_vit(with_rasa=True)
     path = export_onnx(model, tmp_path / "dynamic.onnx", (56, 42), dynamic_batch=True, dynamic_size=True)
@@ -133,6 +135,7 @@ def test_dynamic_size_export_matches_at_several_sizes(tmp_path):
             assert np.abs(g - e).max() <= ATOL, (height, width)
 
 
+@pytest.mark.slow
 def test_dynamic_size_graph_refuses_sizes_off_the_patch_grid_like_the_model(tmp_path):
     """30x30 with patch 4: the strided convolution alone would run it on a 7x7 grid; model and graph refuse it."""
     torch.manual_seed(0)
@@ -151,6 +154,7 @@ def test_dynamic_size_graph_refuses_sizes_off_the_patch_grid_like_the_model(tmp_
             session.run(None, {"images": np.zeros((1, 3, height, width), dtype=np.float32)})
 
 
+@pytest.mark.slow
 def test_fixed_size_graph_accepts_only_its_size(tmp_path):
     model = tiny_vit()
     path = export_onnx(model, tmp_path / "fixed.onnx", (56, 56))
@@ -159,6 +163,7 @@ def test_fixed_size_graph_accepts_only_its_size(tmp_path):
         session.run(None, {"images": np.zeros((1, 3, 57, 56), dtype=np.float32)})
 
 
+@pytest.mark.slow
 def test_cli_dynamic_size_checks_the_refusal(tmp_path, capsys, monkeypatch):
     folder = export_safetensors(tiny_vit(), tmp_path / "weights")
     args = ["--weights", str(folder), "--image-size", "56", "42", "--dynamic-size", "--out", str(tmp_path / "d.onnx")]
@@ -170,6 +175,7 @@ def test_cli_dynamic_size_checks_the_refusal(tmp_path, capsys, monkeypatch):
     assert "accepts an image size that is not a multiple of 14" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_fixed_size_without_rasa(tmp_path, capsys):
     model = tiny_vit()
     folder = export_safetensors(model, tmp_path / "weights")
@@ -192,6 +198,7 @@ def test_cli_rejects_image_size_not_divisible_by_patch(tmp_path, capsys):
     assert not (tmp_path / "x.onnx").exists()
 
 
+@pytest.mark.slow
 def test_cli_takes_the_checkpoint_s_size_and_records_its_decoding(tmp_path, capsys):
     model = tiny_vit(img_size=42)
     model.input_decoding = {"alpha_background": "black", "image_max_value": 4095.0}

@@ -4,6 +4,7 @@ checkpoint whose position grid was resized by scripts/modify_ckpt_highres.py or 
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from franca.models import build_vit
@@ -60,6 +61,7 @@ def _released_checkpoint(path: Path) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.slow
 def test_finetune_recipe_runs_from_a_highres_converted_release_checkpoint(tmp_path):
     source = _released_checkpoint(tmp_path / "release_16px.pth")
     converted = tmp_path / "release_24px.pth"

@@ -122,6 +122,7 @@ def _two_rank_stats(rank: int, world_size: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_give_the_statistics_of_the_concatenated_rows(tmp_path):
     out = str(tmp_path / "stats")
     mp.spawn(_two_rank_stats, args=(2, free_port(), out), nprocs=2)

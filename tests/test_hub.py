@@ -222,6 +222,7 @@ def reference_forward(state: dict[str, np.ndarray], images: np.ndarray, num_head
 
 @pytest.mark.parametrize("built_at", [518, 224])
 @pytest.mark.parametrize("size", [(224, 224), (518, 518), (224, 322)])
+@pytest.mark.slow
 def test_interpolation_matches_float64_reference(built_at, size):
     model = tiny_vit(img_size=built_at, depth=2)
     state = {key: t.double().numpy() for key, t in model.state_dict().items()}
@@ -321,6 +322,7 @@ def vitb14_checkpoint(tmp_path_factory):
     return source, path
 
 
+@pytest.mark.slow
 def test_hub_entry_through_torch_hub_load(vitb14_checkpoint):
     source, path = vitb14_checkpoint
     loaded = torch.hub.load(str(REPO_ROOT), "franca_vitb14", source="local", weights=str(path))
@@ -483,6 +485,7 @@ def test_sha256_is_verified(hub_cache):
         torch.testing.assert_close(load_checkpoint_file(url)["w"], torch.arange(3.0))
 
 
+@pytest.mark.slow
 def test_registry_name_downloads_release_and_rasa(hub_cache, vitb14_checkpoint):
     served, requested, _ = hub_cache
     source, path = vitb14_checkpoint

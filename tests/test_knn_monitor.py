@@ -93,6 +93,7 @@ def _tiny_vit() -> torch.nn.Module:
     return build_vit("vit_tiny", embed_dim=32, depth=2, num_heads=2, img_size=16, patch_size=4, layerscale=1.0)
 
 
+@pytest.mark.slow
 def test_evaluate_restores_each_module_mode():
     model = _tiny_vit().train()
     model.blocks[0].eval()
@@ -123,6 +124,7 @@ def _rank_worker(rank: int, world_size: int, port: int, shard_model: bool, out: 
 
 
 @pytest.mark.parametrize(("world_size", "shard_model"), [(2, True), (3, False)], ids=["2-fsdp", "3-replicated"])
+@pytest.mark.slow
 def test_several_ranks_give_the_single_process_accuracies(tmp_path, world_size, shard_model):
     """23 and 11 images over 2 or 3 ranks: padded shares, FSDP forwards in step, gathered features."""
     monitor, model = _monitor(_images(23, seed=1)), _tiny_vit()
@@ -154,6 +156,7 @@ def test_unlabelled_images_streams_and_missing_folders_are_refused(tmp_path):
     assert build_knn_monitor(load_config(), torch.device("cpu"), None) is None
 
 
+@pytest.mark.slow
 def test_tiny_run_logs_the_teacher_knn_every_period_and_at_the_end(tiny_config, tmp_path, capsys):
     out = tmp_path / "run"
     # LayerScale 1 (Franca: 1e-5) gives distinct CLS tokens after 9 iterations, so the accuracies measure something.

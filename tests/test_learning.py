@@ -9,6 +9,7 @@ training-health monitor says so. No timing is asserted; the runs take about half
 import json
 import math
 
+import pytest
 import torch
 from helpers import LEARNING
 from torch.utils.data import Subset
@@ -53,6 +54,7 @@ def cls_knn(model: torch.nn.Module, bank, test) -> float:
     return knn_accuracies(*train, *test, ks=(20,))["20"]["top1"]
 
 
+@pytest.mark.slow
 def test_tiny_franca_run_learns_to_cluster_real_photos(tmp_path):
     config = tmp_path / "learning.yaml"
     config.write_text(LEARNING)
@@ -78,6 +80,7 @@ def test_tiny_franca_run_learns_to_cluster_real_photos(tmp_path):
     assert learned > floor + KNN_MARGIN, (learned, floor)
 
 
+@pytest.mark.slow
 def test_pre_fix_settings_stall_at_uniform_targets_and_the_monitor_warns(tmp_path, capsys):
     config = tmp_path / "learning.yaml"
     config.write_text(LEARNING)

@@ -121,6 +121,7 @@ def test_resumed_loader_yields_the_uninterrupted_batches():
     assert uninterrupted[0]["collated_local_crops"].shape == (8, 3, 8, 8)
 
 
+@pytest.mark.slow
 def test_worker_count_does_not_change_the_batches():
     assert_same_batches(take_batches(make_loader(num_workers=0), 4), take_batches(make_loader(num_workers=2), 4))
 

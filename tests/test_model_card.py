@@ -49,6 +49,7 @@ def test_own_weights_carry_the_licence_given(tmp_path):
     assert "native 16 px the largest difference of the CLS and patch tokens was 0.0e+00 / 0.0e+00" in card
 
 
+@pytest.mark.slow
 def test_released_weights_are_research_only(tmp_path):
     release = get_weights("vit_base", "IN21K_518")  # the upstream model card's name of the IN21K release
     assert release.name == "IN21K"

@@ -132,6 +132,7 @@ def _worker(rank: int, port: int, mode: str, failures) -> None:
 
 
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(mode):
     context = mp.get_context("spawn")
     failures = context.SimpleQueue()

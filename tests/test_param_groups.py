@@ -127,6 +127,7 @@ def test_wrapped_names_get_the_same_multipliers(wrap, prefix):
     assert multipliers(wrapped, prefix) == multipliers(get_params_groups(_tiny_vit(), 0.9))
 
 
+@pytest.mark.slow
 def test_torch_compile_names():
     compiled = torch.compile(_tiny_vit())
     groups = _by_name(get_params_groups(compiled, 0.9))

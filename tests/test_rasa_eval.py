@@ -164,6 +164,7 @@ def tiny_backbone(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_eval_command_on_voc(tmp_path, tiny_backbone):
     from eval_data import make_voc
 
@@ -228,6 +229,7 @@ def sixteen_tiles(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_sixteen_tiny_tiles_give_a_bounded_r2(tmp_path, tiny_backbone, sixteen_tiles):
     """The case of the R² −1.47 report: one cross-covariance plane removed, 8 fit and 8 held-out images (512 fit
     tokens for D = 192; an unregularised fit scores about −0.6 here). In rasa.eval and in the training validation the

@@ -13,6 +13,8 @@ from franca.models.vision_transformer import build_vit
 from franca.utils.config_schema import ConfigError
 from rasa.train import main
 
+pytestmark = pytest.mark.slow  # every test here trains or launches ranks
+
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "cat", "hubble_deep_field", "immunohistochemistry")
 TINY = Path(__file__).resolve().parents[1] / "configs" / "rasa" / "tiny.yaml"
 GRID, DIM, SIDE = 8, 192, 64
@@ -108,6 +110,7 @@ def random_vit(tmp_path_factory):
     return path, model
 
 
+@pytest.mark.slow
 def test_cross_covariance_rounds_erase_position_of_a_random_vit(random_vit, photos, tmp_path):
     """The issue's check: held-out position R² > 0.5 from the raw tokens, < 0.1 after 2 rounds; hub-loadable file."""
     from franca.hub import load_backbone
@@ -135,6 +138,7 @@ def trained(position_coded_vit, photos, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_head_removes_the_position_code(trained, position_coded_vit, photos):
     _, model, code = position_coded_vit
     with torch.no_grad():

@@ -225,6 +225,7 @@ def test_model_shaping_keys_compare_the_global_batch_and_leave_out_execution_key
     assert "optim.lr" not in shaped() and shaped()["train.global_batch_size"] == 64
 
 
+@pytest.mark.slow
 def test_no_resume_moves_the_previous_run_aside_and_resume_takes_only_its_own_lineage(
     tmp_path, model_and_optimizer, capsys
 ):
@@ -354,6 +355,7 @@ def as_two_ranks(monkeypatch):
     monkeypatch.setattr(checkpoint_distributed, "get_world_size", lambda: 2)
 
 
+@pytest.mark.slow
 def test_a_flipped_bit_in_a_dcp_shard_is_caught_in_resume_and_consolidate(
     tmp_path, model_and_optimizer, as_two_ranks, capsys
 ):

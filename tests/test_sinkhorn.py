@@ -176,6 +176,7 @@ def distributed_worker(rank, world_size, port, logits_per_rank, centering_logits
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
     generator = torch.Generator().manual_seed(6)
     # Uneven splits, one rank without samples (an iBOT rank may hold no masked token), and a per-prototype

@@ -106,6 +106,7 @@ def test_checkpoint_resubmits_the_same_command_without_no_resume(monkeypatch):
     assert "--no-resume" not in job.argv_for_this_start()
 
 
+@pytest.mark.slow
 def test_debug_executor_runs_the_training(tiny_config, tmp_path, capsys):
     pytest.importorskip("submitit")
     out_dir = tmp_path / "run"
@@ -120,6 +121,7 @@ def test_debug_executor_runs_the_training(tiny_config, tmp_path, capsys):
     assert (out_dir / "eval" / "training_3" / "teacher_checkpoint.pth").is_file()
 
 
+@pytest.mark.slow
 def test_preemption_signal_checkpoints_then_hands_over_to_submitit(tiny_config, tmp_path, monkeypatch):
     """Simulates a submitit task: a handler on USR2 stands for submitit's checkpoint-and-requeue handler."""
     monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL", raising=False)

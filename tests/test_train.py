@@ -67,6 +67,7 @@ def reference_runs(tmp_path_factory) -> ReferenceRuns:
     return ReferenceRuns(tmp_path_factory.mktemp("reference_runs"))
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_metrics_checkpoints_and_a_loadable_teacher(reference_runs):
     out = reference_runs.output("per_image")
     records = read_metrics(out)
@@ -97,6 +98,7 @@ def test_tiny_run_writes_metrics_checkpoints_and_a_loadable_teacher(reference_ru
 
 
 @pytest.mark.parametrize("overrides", [[], ["crops.batched_photometric=true"]], ids=["per_image", "batched"])
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted_run(tiny_config, tmp_path, overrides, reference_runs):
     full = reference_runs.output("batched" if overrides else "per_image")
     reference = {r["iteration"]: r for r in read_metrics(full)}
@@ -126,6 +128,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny_config, tmp_path, ov
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+@pytest.mark.slow
 def test_stop_at_iteration_checkpoints_and_the_next_run_continues_the_same_schedule(reference_runs, tmp_path, capsys):
     reference = {r["iteration"]: r for r in read_metrics(reference_runs.output("per_image"))}
     out = tmp_path / "run"
@@ -151,6 +154,7 @@ def test_stop_at_iteration_checkpoints_and_the_next_run_continues_the_same_sched
     assert "is complete (9/9 iterations) and its teacher is exported" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_stops(tiny_config, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "franca.train", "--config-file", str(tiny_config), "--output-dir", str(out)]
@@ -170,6 +174,7 @@ def test_sigterm_checkpoints_and_stops(tiny_config, tmp_path):
     assert saved["iteration"] == read_metrics(out)[-1]["iteration"] + 1
 
 
+@pytest.mark.slow
 def test_batched_photometric_runs_on_the_device_side_with_finite_losses(reference_runs):
     """crops.batched_photometric=true on CPU: the loader yields uint8 crops with parameters, every step finishes them
     with the batched ops, and training gives finite losses."""
@@ -179,6 +184,7 @@ def test_batched_photometric_runs_on_the_device_side_with_finite_losses(referenc
     assert all(math.isfinite(r[k]) for r in records for k in ("total_loss", "ibot_loss", "koleo_loss"))
 
 
+@pytest.mark.slow
 def test_dinov2_baseline_and_softmax_centering_train(tiny_config, tmp_path):
     out = tmp_path / "baseline"
     overrides = ["dino.MRL=false", "train.centering=centering", "optim.epochs=1", "train.use_inverse_block=false"]
@@ -188,6 +194,7 @@ def test_dinov2_baseline_and_softmax_centering_train(tiny_config, tmp_path):
     assert "dino_head.last_layer.weight_g" in keys and not any("last_layers" in k for k in keys)
 
 
+@pytest.mark.slow
 def test_pretrained_weights_initialise_both_backbones(tiny_config, tmp_path):
     first = tmp_path / "first"
     trainer.main(["--config-file", str(tiny_config), "--output-dir", str(first), "optim.epochs=1"])
@@ -232,6 +239,7 @@ def test_nonfinite_loss_stops_with_the_term_name(tiny_config, tmp_path, monkeypa
         trainer.main(["--config-file", str(tiny_config), "--output-dir", str(tmp_path / "nan")])
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_between_log_steps_is_caught_before_the_next_checkpoint(tiny_config, tmp_path, monkeypatch):
     from franca.train.ssl_meta_arch import SSLMetaArch
 
@@ -253,6 +261,7 @@ def test_nonfinite_loss_between_log_steps_is_caught_before_the_next_checkpoint(t
     assert f"integrity check and was followed by finite steps is {checkpoint}" in str(info.value)
 
 
+@pytest.mark.slow
 def test_quickstart_runs_end_to_end_in_short_form(tmp_path, capsys):
     from franca import quickstart
 
@@ -288,6 +297,7 @@ def test_quickstart_runs_end_to_end_in_short_form(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("batched", ["false", "true"])
+@pytest.mark.slow
 def test_training_on_webdataset_shards(tiny_config, tmp_path, batched):
     import io
     import tarfile

@@ -23,6 +23,8 @@ from franca.checkpoint.consolidate import main as consolidate_main
 from franca.checkpoint.records import read_record
 from franca.hub import load_backbone
 
+pytestmark = pytest.mark.slow  # every test here trains or launches ranks
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = """
 dino: {head_n_prototypes: 64, head_bottleneck_dim: 16, head_hidden_dim: 32, mrl_l2_norm: true, koleo_loss_weight: 0.0}
@@ -78,6 +80,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_single_process_losses_and_rank_zero_writes(runs):
     one, two = metrics(runs["one"]), metrics(runs["two"])
     assert sorted(one) == sorted(two) == list(range(9))
@@ -96,6 +99,7 @@ def test_two_ranks_give_the_single_process_losses_and_rank_zero_writes(runs):
 
 
 @pytest.mark.parametrize(("source", "ranks"), [("two", 1), ("one", 2)])
+@pytest.mark.slow
 def test_resume_at_another_world_size_continues_the_run(runs, tmp_path, source, ranks):
     out = tmp_path / "resumed"
     shutil.copytree(runs[source], out)
@@ -121,6 +125,7 @@ def test_consolidate_a_two_rank_checkpoint_matches_the_run_export(runs, tmp_path
     assert torch.equal(from_pth["blocks.1.attn.qkv.weight"], exported["teacher"]["backbone.blocks.1.1.attn.qkv.weight"])
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_rank_stops_all_ranks_with_one_checkpoint(runs, tmp_path):
     out = tmp_path / "stopped"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

@@ -153,6 +153,7 @@ def _take(loader, n: int) -> list[dict]:
         return list(itertools.islice(iter(loader), n))
 
 
+@pytest.mark.slow
 def test_resumed_loader_equals_the_uninterrupted_stream(shards, tmp_path):
     folder, _ = shards
     urls = f"{folder}/*.tar"

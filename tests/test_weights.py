@@ -239,6 +239,7 @@ def test_one_error_format_names_source_and_every_kind_of_mismatch():
     check_fits(shapes, shapes, "r.pth")
 
 
+@pytest.mark.slow
 def test_load_pretrained_backbone_uses_the_same_format():
     from franca.train.ssl_meta_arch import SSLMetaArch
 

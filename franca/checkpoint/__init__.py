@@ -4,7 +4,6 @@ from franca.checkpoint.distributed import (
     CheckpointMismatchError,
     LoadedCheckpoint,
     TrainingCheckpointer,
-    UnreadableCheckpointError,
     latest_checkpoint,
     list_checkpoints,
     read_model_state,
@@ -14,14 +13,14 @@ from franca.checkpoint.release import (
     save_teacher_release,
     teacher_export_path,
 )
-from franca.checkpoint.resumable import atomic_torch_save, capture_rng_state, restore_rng_state
+from franca.checkpoint.resumable import capture_rng_state, restore_rng_state
+from franca.utils.weight_files import UnreadableCheckpointError
 
 __all__ = [
     "CheckpointMismatchError",
     "LoadedCheckpoint",
     "TrainingCheckpointer",
     "UnreadableCheckpointError",
-    "atomic_torch_save",
     "capture_rng_state",
     "latest_checkpoint",
     "list_checkpoints",

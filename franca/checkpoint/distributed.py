@@ -55,8 +55,7 @@ from franca.checkpoint.records import (
     verification_problems,
     write_record,
 )
-from franca.checkpoint.resumable import CHECKPOINT_PATTERN, atomic_torch_save, capture_rng_state
-from franca.checkpoint.state_tensors import nonfinite_tensors, state_nbytes
+from franca.checkpoint.resumable import CHECKPOINT_PATTERN, capture_rng_state
 from franca.distributed import (
     all_gather_object,
     any_rank,
@@ -70,16 +69,13 @@ from franca.models.weights import check_fits, fit_pos_embed
 from franca.utils.atomic import sweep_stale_temporaries
 from franca.utils.digest import file_sha256
 from franca.utils.names import unwrapped_name
-from franca.utils.pickle_refusal import refused_pickle
+from franca.utils.state_tensors import nonfinite_tensors, state_nbytes
+from franca.utils.weight_files import UnreadableCheckpointError, atomic_torch_save, load_torch_file
 
 DCP_PATTERN = re.compile(r"^dcp_(\d{7})$")
 DCP_STAGING_PATTERN = re.compile(r"^\.dcp_\d{7}\.tmp$")
 TRAIN_STATE_FILE = "train_state.pth"
 UNREADABLE_SUFFIX = ".unreadable"
-
-
-class UnreadableCheckpointError(RuntimeError):
-    """A checkpoint that cannot be read: truncated, empty, refused by the weights-only unpickler, DCP files missing."""
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -176,23 +172,14 @@ def verify_checkpoint(path: str | os.PathLike, collective: bool = True) -> Check
 
 
 def read_checkpoint_file(path: Path) -> dict:
-    """``torch.load(weights_only=True)`` of one checkpoint file. Damage (a missing, empty, truncated or corrupt file,
-    or one the weights-only reader refuses) is an :class:`UnreadableCheckpointError` naming the file and what is
-    wrong; an I/O error of the storage itself (``OSError``: EIO, a stale NFS handle, no permission) is raised as it
-    is, since it says nothing about the file and must not send resume to an older checkpoint."""
+    """One checkpoint file through :func:`franca.utils.weight_files.load_torch_file`: damage (a missing, empty,
+    truncated or corrupt file, or one the weights-only reader refuses) is an :class:`UnreadableCheckpointError` naming
+    the file and what is wrong; an I/O error of the storage itself (``OSError``: EIO, a stale NFS handle, no
+    permission) is raised as it is, since it says nothing about the file and must not send resume to an older
+    checkpoint."""
     if not path.is_file():
-        raise UnreadableCheckpointError(f"{path} is missing")
-    if path.stat().st_size == 0:
-        raise UnreadableCheckpointError(f"{path} is empty (0 bytes; a write was cut short)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        refused = refused_pickle(path, err)
-        reason = f"it is {refused} (not a franca checkpoint)" if refused else "it is truncated or corrupt"
-        raise UnreadableCheckpointError(f"cannot read {path}: {reason} ({type(err).__name__}: {detail})") from err
+        raise UnreadableCheckpointError(f"{path} is missing", path, "missing")
+    return load_torch_file(path)
 
 
 def _check_fits(stored: dict[str, torch.Size], own: dict[str, torch.Size], path: Path) -> None:

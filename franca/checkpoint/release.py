@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from franca.checkpoint.resumable import atomic_torch_save
 from franca.models.weights import to_release
+from franca.utils.weight_files import atomic_torch_save
 
 
 def release_state_dict_from(teacher_state: dict[str, torch.Tensor], block_chunks: int = 4) -> dict[str, torch.Tensor]:

@@ -6,29 +6,13 @@ order and augmentations are functions of (seed, iteration) and need no state of 
 Everything is stored as tensors and plain Python values, so it loads with ``torch.load(weights_only=True)``.
 """
 
-import os
 import random
 import re
-from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from franca.checkpoint.state_tensors import state_nbytes
-from franca.utils.atomic import atomic_write
-
 CHECKPOINT_PATTERN = re.compile(r"^model_(\d{7})\.pth$")
-
-
-def atomic_torch_save(obj, path: str | os.PathLike, before_replace: Callable[[Path], None] | None = None) -> Path:
-    """``torch.save`` through :func:`franca.utils.atomic.atomic_write`: a crash never leaves a torn file, and a full
-    disk is reported with the size of ``obj``'s tensors as the space needed."""
-
-    def save(stream) -> None:
-        torch.save(obj, stream)
-
-    return atomic_write(path, save, size_hint=state_nbytes(obj), before_replace=before_replace)
 
 
 def capture_rng_state() -> dict:

@@ -18,6 +18,13 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def all_reduce_if_distributed(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce ``tensor`` in place across ranks when torch.distributed is initialised; return it."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
 def get_rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 

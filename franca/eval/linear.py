@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from franca.checkpoint.resumable import atomic_torch_save
 from franca.eval.common import (
     CLASSIFICATION_PROTOCOLS,
     add_backbone_arguments,
@@ -41,6 +40,7 @@ from franca.eval.common import (
 from franca.eval.features import default_device
 from franca.eval.metrics import topk_accuracy
 from franca.utils.logging import Progress
+from franca.utils.weight_files import atomic_torch_save
 
 DEFAULT_LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 DEFAULT_N_LAST_BLOCKS = (1, 4)

@@ -17,9 +17,7 @@
 
 import json
 import os
-import pickle
 import shutil
-import struct
 import tarfile
 import tempfile
 import time
@@ -34,12 +32,16 @@ import torch
 from franca.models.safetensors_folder import CONFIG_FILE, WEIGHTS_FILE
 from franca.utils.atomic import atomic_write, temporary_path
 from franca.utils.digest import SHA256_PATTERN, file_sha256
-from franca.utils.pickle_refusal import refused_pickle
+from franca.utils.weight_files import (
+    RefusedPickleError,
+    UnreadableCheckpointError,
+    describe_failure,
+    load_torch_file,
+    unreadable,
+)
 
 SHA256_RECORD_SUFFIX = ".sha256"
 UNTRUSTED_INFIX = ".untrusted-"
-# What torch.load raises on a truncated or damaged file (zip reader, legacy unpickler, storage reads).
-_DAMAGED_FILE_ERRORS = (EOFError, RuntimeError, OSError, IndexError, ValueError, struct.error)
 
 
 def is_url(value: str) -> bool:
@@ -55,43 +57,6 @@ def hub_checkpoint_dir() -> Path:
 # Reading files
 
 
-class UnreadableCheckpointError(RuntimeError):
-    """A checkpoint file that exists but cannot be parsed: truncated, damaged, or not a checkpoint at all."""
-
-    def __init__(self, path: Path, cause: BaseException):
-        self.path = path
-        self.detail = _describe_failure(cause)
-        size = path.stat().st_size if path.exists() else 0
-        super().__init__(
-            f"{path} ({size} bytes) is not a readable checkpoint: {self.detail}. The file is damaged or incomplete "
-            "(e.g. an interrupted download or copy); download or copy it again from its source"
-        )
-
-
-def _describe_failure(err: BaseException) -> str:
-    """The exception's type and the first sentence of its message (torch's messages run on for lines)."""
-    lines = str(err).strip().splitlines()
-    first = lines[0].split(". ")[0].rstrip(".") if lines else ""
-    return f"{type(err).__name__}: {first}" if first else type(err).__name__
-
-
-def _torch_load(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        refused = refused_pickle(path, err)
-        if refused is None:
-            raise UnreadableCheckpointError(path, err) from err
-        raise RuntimeError(
-            f"refusing to load {path}: it is {refused}. If you trust its source, load it yourself with "
-            "torch.load(weights_only=False) and save its state dict with torch.save(state_dict, path)"
-        ) from err
-    except (FileNotFoundError, PermissionError, IsADirectoryError):
-        raise
-    except _DAMAGED_FILE_ERRORS as err:
-        raise UnreadableCheckpointError(path, err) from err
-
-
 def _load_safetensors(path: Path) -> dict:
     try:
         from safetensors import SafetensorError
@@ -103,7 +68,7 @@ def _load_safetensors(path: Path) -> dict:
     try:
         return load_file(str(path), device="cpu")
     except SafetensorError as err:
-        raise UnreadableCheckpointError(path, err) from err
+        raise unreadable(path, describe_failure(err)) from err
 
 
 def read_export_config(folder: str | os.PathLike) -> dict:
@@ -128,7 +93,7 @@ def _read_checkpoint(path: Path) -> dict:
         return _load_safetensors(weights)
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
-    return _torch_load(path)
+    return load_torch_file(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -276,6 +241,8 @@ def _read_fresh_copy(target: Path, source: str, argument: str) -> dict:
     """Read a file fetched just now; an unreadable one is moved aside and reported with the way out."""
     try:
         return _read_checkpoint(target)
+    except RefusedPickleError:
+        raise
     except UnreadableCheckpointError as err:
         aside = _move_aside(target, with_record=True)
         raise RuntimeError(
@@ -295,6 +262,8 @@ def _load_cached(
         return _read_fresh_copy(target, source, argument)
     try:
         return _read_checkpoint(target)
+    except RefusedPickleError:
+        raise
     except UnreadableCheckpointError as err:
         _set_aside_untrusted(target, f"cannot be read ({err.detail})", source, with_record=True)
     _ensure_cached(target, published, source, fetch)

@@ -8,7 +8,7 @@ use the current centres; call ``update`` afterwards with the same teacher logits
 import torch
 from torch import nn
 
-from franca.loss.sinkhorn import all_reduce_if_distributed
+from franca.distributed.process_group import all_reduce_if_distributed
 from franca.utils.precision import at_least_fp32
 
 

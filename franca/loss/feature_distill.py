@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from franca.loss.sinkhorn import all_reduce_if_distributed
+from franca.distributed.process_group import all_reduce_if_distributed
 from franca.utils.precision import at_least_fp32
 
 FEATURE_LOSSES = ("cosine", "smooth_l1", "kl_queue")

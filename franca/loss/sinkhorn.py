@@ -24,19 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from franca.distributed.process_group import all_reduce_if_distributed
 from franca.loss.chunked import TargetRows, chunk_bounds
 from franca.utils.precision import at_least_fp32
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def all_reduce_if_distributed(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
-    """All-reduce ``tensor`` in place across ranks when torch.distributed is initialised; return it."""
-    if is_distributed():
-        dist.all_reduce(tensor, op=op)
-    return tensor
 
 
 @torch.no_grad()

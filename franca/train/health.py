@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from franca.distributed.process_group import all_reduce_if_distributed
 from franca.loss.chunked import TargetRows, chunk_bounds
-from franca.loss.sinkhorn import all_reduce_if_distributed
 
 DEFAULT_CHUNK_ROWS = 1024
 SPREAD_SUFFIX = "_cls_spread"
