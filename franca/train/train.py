@@ -368,7 +368,7 @@ def do_train(
     if main_process:
         if tb is not None:
             tb.close()
-        _write_loss_plot(out_dir)
+        _write_loss_plot(out_dir, uniform)
     return last_record
 
 
@@ -380,11 +380,11 @@ def _tensorboard(out_dir: Path):
     return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
 
 
-def _write_loss_plot(out_dir: Path) -> None:
+def _write_loss_plot(out_dir: Path, uniform: dict[str, float]) -> None:
     from franca.utils.plots import plot_loss_curves
 
     try:
-        path = plot_loss_curves(out_dir / "training_metrics.json", out_dir / "loss_curves.png")
+        path = plot_loss_curves(out_dir / "training_metrics.json", out_dir / "loss_curves.png", uniform)
         print(f"loss curves written to {path}", flush=True)
     except ImportError as err:
         print(f"no loss-curve PNG: {err}", flush=True)

@@ -16,9 +16,13 @@ DRIFT_KEYS = ("drift_cls_cos", "drift_patch_cos")
 COLUMNS = 3
 
 
-def plot_loss_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
-    """A grid of panels (three a row, readable at 100 % zoom): one per loss term, the teacher-target entropy of each
-    head's levels, and the drift from the pretrained features when the run has it; returns the PNG path."""
+def plot_loss_curves(
+    metrics_path: str | os.PathLike, out_path: str | os.PathLike, uniform: dict[str, float] | None = None
+) -> Path:
+    """A grid of panels (three a row, readable at 100 % zoom): one per loss term, with its uniform value (the loss
+    when nothing is learnt, ``franca.train.progress``) as a dashed line where ``uniform`` gives one, the
+    teacher-target entropy of each head's levels, and the drift from the pretrained features when the run has it;
+    returns the PNG path."""
     try:
         import matplotlib
 
@@ -27,7 +31,8 @@ def plot_loss_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLik
     except ImportError as err:
         raise ImportError("the loss-curve PNG needs matplotlib: pip install 'franca[log]'") from err
     records = read_metrics(metrics_path)
-    panels = [partial(_plot_key, key=k) for k in LOSS_KEYS if any(k in r for r in records)]
+    uniform = uniform or {}
+    panels = [partial(_plot_key, key=k, uniform=uniform.get(k)) for k in LOSS_KEYS if any(k in r for r in records)]
     panels += [
         partial(_plot_target_entropies, head=h) for h in ("dino", "ibot") if _has(records, f"{h}_target_entropy_l0")
     ]
@@ -49,9 +54,12 @@ def _has(records: list[dict], key: str) -> bool:
     return any(key in r for r in records)
 
 
-def _plot_key(ax, records: list[dict], key: str) -> None:
+def _plot_key(ax, records: list[dict], key: str, uniform: float | None = None) -> None:
     points = [(iterations_done(r), r[key]) for r in records if key in r]
     ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.2)
+    if uniform is not None:
+        ax.axhline(uniform, color="black", ls="--", lw=0.8, label=f"uniform {uniform:.2f} (nothing learnt)")
+        ax.legend(fontsize=8, loc="upper right")
     _style(ax, key)
 
 
