@@ -448,8 +448,8 @@ evaluation: {eval_period_iterations: 0}
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "mode, overrides",
-    [("heads", []), ("features", []), ("features", ["student.patch_size=16", "crops.local_crops_size=96"])],
-    ids=["heads_vits14", "features_vits14", "features_vits16"],
+    [("heads", []), ("features", ["student.patch_size=16", "crops.local_crops_size=96"])],
+    ids=["heads_vits14", "features_vits16"],
 )
 def test_a_released_vitb14_teacher_distils_into_a_vit_small_on_cpu(released_vitb14, tmp_path, mode, overrides):
     """The large path's mechanics, one iteration: ViT-B/14 teacher, ViT-S student (patch 16: the teacher's 16 x 16
