@@ -5,6 +5,15 @@ import socket
 
 import torch
 
+# Heads of 32 prototypes with a 16-wide bottleneck: small enough for every CPU test.
+TINY_HEADS = [
+    "dino.head_n_prototypes=32",
+    "dino.head_bottleneck_dim=16",
+    "dino.head_hidden_dim=32",
+    "ibot.head_n_prototypes=32",
+    "ibot.head_bottleneck_dim=16",
+    "ibot.head_hidden_dim=32",
+]
 # The tiny Franca model: a 2-block ViT of width 32 on 16-pixel global crops (4×4 patches), small heads.
 TINY_MODEL = [
     "student.arch=vit_tiny",
@@ -13,12 +22,7 @@ TINY_MODEL = [
     "student.num_heads=2",
     "student.patch_size=4",
     "crops.global_crops_size=16",
-    "dino.head_n_prototypes=32",
-    "dino.head_bottleneck_dim=16",
-    "dino.head_hidden_dim=32",
-    "ibot.head_n_prototypes=32",
-    "ibot.head_bottleneck_dim=16",
-    "ibot.head_hidden_dim=32",
+    *TINY_HEADS,
 ]
 # The tiny model for single-step comparisons on :func:`make_batch`: deterministic (no stochastic depth, no KoLeo)
 # with two 8-pixel local crops.

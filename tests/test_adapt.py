@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import TINY_STEP, free_port, student_gradients, with_mask_lists
+from helpers import TINY_HEADS, TINY_STEP, free_port, student_gradients, with_mask_lists
 from omegaconf import OmegaConf
 
 from franca.checkpoint.release import save_teacher_release
@@ -48,12 +48,7 @@ TINY_ADAPT = [
     "optim.backbone_warmup_iterations=2",
     "train.freeze_backbone_iterations=3",
     "crops.local_crops_number=2",
-    "dino.head_n_prototypes=32",
-    "dino.head_bottleneck_dim=16",
-    "dino.head_hidden_dim=32",
-    "ibot.head_n_prototypes=32",
-    "ibot.head_bottleneck_dim=16",
-    "ibot.head_hidden_dim=32",
+    *TINY_HEADS,
 ]
 
 
