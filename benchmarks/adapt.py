@@ -1,6 +1,7 @@
 """Adapting a pretrained backbone to a new image domain, measured (benchmarks/RESULTS.md, "Adapt").
 
-``python benchmarks/adapt.py --source W --target digits|lfw [--heads fresh|file] [--out runs/adapt] [key=value ...]``
+``python benchmarks/adapt.py --source W --target digits|lfw [--heads fresh|file] [--out runs/adapt]
+[--runs two-stage naive scratch] [key=value ...]``
 
 Source ``W``: a teacher export (e.g. the quickstart's ``eval/training_300/teacher_checkpoint.pth``, Fashion-MNIST).
 Targets, real images that ship with the packages (written once as an ImageFolder at the source's native size, split
@@ -56,6 +57,7 @@ SCRATCH = REPO / "configs" / "train" / "quickstart.yaml"
 NAIVE = ["train.freeze_backbone_iterations=0", "optim.backbone_lr_mult=1.0", "optim.backbone_warmup_iterations=0"]
 SOURCE_BANK, SOURCE_TEST = "FashionMNIST:split=train", "FashionMNIST:split=test"
 K, TEMPERATURE = 20, 0.07
+RUNS = ("two-stage", "naive", "scratch")
 
 
 def target_images(name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -126,6 +128,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--target", required=True, choices=("digits", "lfw"))
     parser.add_argument("--heads", default="fresh", choices=("fresh", "file"), help="heads of (b) and (c)")
     parser.add_argument("--out", default="runs/adapt")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=list(RUNS),
+        choices=list(RUNS),
+        help="the trained models to compare with the frozen source (default: all three)",
+    )
     parser.add_argument("opts", nargs="*", default=[], help="overrides for every training run")
     args = parser.parse_args(argv)
     source = franca_from_checkpoint(args.source)
@@ -136,11 +145,12 @@ def main(argv: list[str] | None = None) -> dict:
     heads = "false" if args.heads == "fresh" else "auto"
     adapt = [f"student.pretrained_weights={args.source}", f"student.pretrained_heads={heads}", *target]
 
-    runs = {
-        "two-stage": train(ADAPT, out / "two_stage", adapt),
-        "naive": train(ADAPT, out / "naive", [*adapt, *NAIVE]),
-        "scratch": train(SCRATCH, out / "scratch", target),
+    recipes = {
+        "two-stage": (ADAPT, out / "two_stage", adapt),
+        "naive": (ADAPT, out / "naive", [*adapt, *NAIVE]),
+        "scratch": (SCRATCH, out / "scratch", target),
     }
+    runs = {name: train(*recipes[name]) for name in RUNS if name in args.runs}
     transform = make_classification_eval_transform(size, size)
     target_bank = make_dataset(f"ImageFolder:root={data / 'train'}", transform=transform)
     target_test = make_dataset(f"ImageFolder:root={data / 'test'}", transform=transform)
