@@ -1,5 +1,5 @@
 """RASA: Removal of Absolute Spatial Attributes, a post-hoc positional-debiasing head (docs/rasa.md)."""
 
-from franca.layers.rasa_head import RASAHead
+from franca.models.rasa_head import RASAHead
 
 __all__ = ["RASAHead"]

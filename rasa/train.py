@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Subset
 
 from franca.data.seeded_transform import seeded_global_rngs
 from franca.eval.features import default_device
-from franca.layers.rasa_head import RASAHead
+from franca.models.rasa_head import RASAHead
 from franca.utils.atomic import atomic_write
 from franca.utils.config_schema import ConfigError, save_config
 from franca.utils.logging import MetricsWriter, Progress

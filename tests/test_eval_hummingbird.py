@@ -17,7 +17,7 @@ from franca.eval.hummingbird import (
     retrieve_class_scores,
     run_hummingbird,
 )
-from franca.layers.rasa_head import RASAHead
+from franca.models.rasa_head import RASAHead
 from franca.models.vision_transformer import build_vit
 
 

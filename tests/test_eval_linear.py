@@ -16,7 +16,7 @@ from franca.eval.linear import (
     probe_input,
     train_classifier_grid,
 )
-from franca.layers.rasa_head import RASAHead
+from franca.models.rasa_head import RASAHead
 from franca.models.vision_transformer import build_vit
 
 

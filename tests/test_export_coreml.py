@@ -10,7 +10,7 @@ ct = pytest.importorskip("coremltools", reason="Core ML export tests need coreml
 
 from franca.export.coreml import export_coreml, main  # noqa: E402
 from franca.export.safetensors import export_safetensors  # noqa: E402
-from franca.layers.rasa_head import RASAHead  # noqa: E402
+from franca.models.rasa_head import RASAHead  # noqa: E402
 from franca.models.vision_transformer import DinoVisionTransformer  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:coremltools")

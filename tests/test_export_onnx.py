@@ -16,7 +16,7 @@ import franca.export.onnx as onnx_export  # noqa: E402
 from franca.export.onnx import export_onnx, main  # noqa: E402
 from franca.export.safetensors import export_safetensors  # noqa: E402
 from franca.export.wrappers import bicubic_resize_matrix  # noqa: E402
-from franca.layers.rasa_head import RASAHead  # noqa: E402
+from franca.models.rasa_head import RASAHead  # noqa: E402
 from franca.models.vision_transformer import DinoVisionTransformer  # noqa: E402
 
 DIM, PATCH = 48, 14

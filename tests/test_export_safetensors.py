@@ -11,8 +11,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from franca.export.safetensors import backbone_config, export_safetensors, main  # noqa: E402
 from franca.hub import load_backbone  # noqa: E402
-from franca.layers.rasa_head import RASAHead  # noqa: E402
 from franca.models import ViTConfig, build_vit  # noqa: E402
+from franca.models.rasa_head import RASAHead  # noqa: E402
 from franca.models.vision_transformer import DinoVisionTransformer  # noqa: E402
 
 VIT_KEYWORDS = set(ViTConfig.field_names())

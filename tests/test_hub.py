@@ -25,7 +25,7 @@ from franca.hub import (
     load_checkpoint_file,
     load_multipart_checkpoint,
 )
-from franca.layers.rasa_head import RASAHead
+from franca.models.rasa_head import RASAHead
 from franca.models.vision_transformer import DinoVisionTransformer
 from franca.models.weights import from_release, infer_config, to_release
 

@@ -15,8 +15,8 @@ from franca.export import hf
 from franca.export.hf import choose_licence, export_hf
 from franca.hub import get_weights, load_backbone
 from franca.interop.model_card import RESEARCH_ONLY, Licence
-from franca.layers.rasa_head import RASAHead
 from franca.models import ViTConfig
+from franca.models.rasa_head import RASAHead
 from franca.models.vision_transformer import DinoVisionTransformer
 
 pytest.importorskip("transformers")

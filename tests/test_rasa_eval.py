@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from franca.layers.rasa_head import RASAHead
+from franca.models.rasa_head import RASAHead
 from rasa.kmeans import assign_clusters, confusion_matrix, hungarian_match, kmeans, matched_miou
 from rasa.regression import cross_validated_ridge, fit_ridge_regression, predict, r2_scores
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from franca.layers.rasa_head import RASAHead
+from franca.models.rasa_head import RASAHead
 from franca.models.vision_transformer import DinoVisionTransformer
 
 DIM = 24

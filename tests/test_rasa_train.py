@@ -229,7 +229,7 @@ class PatchPixels(torch.nn.Module):
 def test_cross_covariance_round_matches_the_covariance_of_all_tokens(photos):
     """pos_pred = orthonormal rows spanning Cov(x, row), Cov(x, col) over every token of the round (numpy np.cov)."""
     from franca.data.loaders import make_dataset
-    from franca.layers.rasa_head import RASAHead
+    from franca.models.rasa_head import RASAHead
     from rasa.config import load_rasa_config
     from rasa.train import _round_loader, cross_covariance_round
 

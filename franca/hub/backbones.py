@@ -24,8 +24,8 @@ from franca.hub.registry import (
     is_weights_name,
 )
 from franca.interop.folders import FRANCA_CONFIG_FILE, folder_format, read_foreign_folder
-from franca.layers.rasa_head import RASAHead
 from franca.models.config import ARCHITECTURES, INPUT_DECODING_KEY, ViTConfig, stored_input_decoding
+from franca.models.rasa_head import RASAHead
 from franca.models.timm_backbone import TimmBackbone, TimmConfig, is_timm_config
 from franca.models.vision_transformer import DinoVisionTransformer
 from franca.models.weights import (
