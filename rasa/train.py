@@ -36,10 +36,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from franca.data.seeded_transform import seeded_global_rngs
-from franca.eval.features import default_device
 from franca.models.rasa_head import RASAHead
 from franca.utils.atomic import atomic_write
 from franca.utils.config_schema import ConfigError, save_config
+from franca.utils.features import default_device
 from franca.utils.logging import MetricsWriter, Progress
 from franca.utils.weight_files import atomic_torch_save, load_torch_file
 from rasa.config import DEFAULTS_FILE, load_rasa_config

@@ -16,13 +16,13 @@ from torch.utils.data import Subset
 
 from franca.data.augmentations import make_classification_eval_transform
 from franca.data.loaders import make_dataset
-from franca.eval.features import extract_features
 from franca.eval.knn import knn_accuracies
 from franca.hub import load_backbone
 from franca.train import train as trainer
 from franca.train.config import load_config
 from franca.train.health import level_values
 from franca.train.ssl_meta_arch import build_backbone
+from franca.utils.features import extract_features
 
 # Measured (2026-12-02, torch 2.14.1, 2 cores): the fix ends with DINO targets at 0.15-0.43 log K, students at
 # 0.74-0.87, dino_local 9.71 against the uniform 11.55 and k-NN 67.2% against a 56.4% floor. KoLeo alone

@@ -16,10 +16,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from franca.data.image_decoding import DEFAULT_DECODING, ImageDecoding, parse_background, parse_max_value
-from franca.eval.features import default_device, extract_features
 from franca.eval.provenance import results_metadata
 from franca.eval.segmentation import check_input_size, parse_size
 from franca.utils.atomic import atomic_write
+from franca.utils.features import default_device, extract_features
 
 CLASSIFICATION_PROTOCOLS = {"dinov2": (224, 224)}
 CLASSIFICATION_RESIZE_RATIO = 256 / 224

@@ -42,7 +42,6 @@ from franca.eval.common import (
     run_metadata,
     write_results,
 )
-from franca.eval.features import default_device
 from franca.eval.pictures import denormalise, label_grid, png_bytes
 from franca.eval.segmentation import (
     IGNORE_INDEX,
@@ -56,6 +55,7 @@ from franca.eval.segmentation import (
     segmentation_metrics,
 )
 from franca.utils.atomic import atomic_write
+from franca.utils.features import default_device
 
 DEFAULT_MEMORY_SIZE = 1_024_000
 DEFAULT_NEIGHBOURS = 30

@@ -37,8 +37,8 @@ from franca.eval.common import (
     run_metadata,
     write_results,
 )
-from franca.eval.features import default_device
 from franca.eval.metrics import topk_accuracy
+from franca.utils.features import default_device
 from franca.utils.logging import Progress
 from franca.utils.weight_files import atomic_torch_save
 

@@ -41,7 +41,6 @@ from franca.eval.common import (
     run_metadata,
     write_results,
 )
-from franca.eval.features import default_device
 from franca.eval.segmentation import (
     IGNORE_INDEX,
     PairedTransformDataset,
@@ -52,6 +51,7 @@ from franca.eval.segmentation import (
     iterate_dense_batches,
     segmentation_metrics,
 )
+from franca.utils.features import default_device
 from franca.utils.logging import Progress
 
 

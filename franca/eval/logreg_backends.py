@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from franca.eval.features import default_device
+from franca.utils.features import default_device
 
 BACKENDS = ("auto", "cuml", "sklearn", "torch")
 

@@ -30,11 +30,11 @@ from franca.eval.common import (
     run_metadata,
     write_results,
 )
-from franca.eval.features import default_device
 from franca.eval.log_regression import c_grid, select_c_and_fit
 from franca.eval.logreg_backends import BACKENDS, LinearModel, make_backend
 from franca.eval.metrics import ood_metrics, topk_accuracy
 from franca.eval.models import FeatureModel
+from franca.utils.features import default_device
 
 DEFAULT_KNN_KS = (50,)
 

@@ -50,10 +50,10 @@ from franca.eval.common import (
     run_metadata,
     write_results,
 )
-from franca.eval.features import default_device
 from franca.eval.pictures import picture_grid, upscale_factor
 from franca.eval.segmentation import check_input_size, dense_features
 from franca.utils.atomic import atomic_write
+from franca.utils.features import default_device
 from franca.utils.logging import Progress
 
 DEFAULT_THRESHOLD = 0.35

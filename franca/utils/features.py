@@ -1,5 +1,5 @@
-"""Batched feature extraction from a frozen model, with a progress line; shared by the evaluation commands
-(:mod:`franca.eval.features`) and the trainer's periodic k-NN (:mod:`franca.train.knn_monitor`)."""
+"""Batched feature extraction from a frozen model, with a progress line; shared by the evaluation commands, the
+benchmarks and the trainer's periodic k-NN (:mod:`franca.train.knn_monitor`)."""
 
 import time
 
@@ -23,15 +23,20 @@ def extract_features(
     device: torch.device | None = None,
     name: str = "features",
     log_every_s: float = 10.0,
-    autocast_dtype: torch.dtype | None = None,
+    autocast_dtype: torch.dtype | None | str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features ``model(x)`` [N, D] (fp32, on CPU) and integer labels [N] of an (image, label) dataset, in order.
 
-    ``model`` must already be on ``device``. It runs in eval mode, without gradients, under autocast to
-    ``autocast_dtype`` (None: none), on images in its parameters' dtype (float64 for a ``compute_precision.dtype=fp64``
-    run); the train/eval mode of each of its modules is restored afterwards, so a model in training can be used.
+    ``model`` is moved to ``device`` (default: CUDA when available) when its parameters are elsewhere. It runs in eval mode, without gradients, under
+    autocast to ``autocast_dtype`` ("auto": bf16 on CUDA, none elsewhere, the evaluation default; None: none; the
+    trainer passes its own), on images in its parameters' dtype (float64 for a ``compute_precision.dtype=fp64`` run);
+    the train/eval mode of each of its modules is restored afterwards, so a model in training can be used.
     """
     device = device or default_device()
+    if autocast_dtype == "auto":
+        autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    if any(p.device != device for p in model.parameters()):  # a sharded model in training is already there
+        model = model.to(device)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     input_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     modes = {module: module.training for module in model.modules()}
