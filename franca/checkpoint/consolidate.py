@@ -40,7 +40,7 @@ from franca.data.image_decoding import training_decoding
 from franca.models.config import ViTConfig
 from franca.models.safetensors_folder import export_safetensors
 from franca.models.vision_transformer import DinoVisionTransformer
-from franca.models.weights import load_strict
+from franca.models.weights import load_strict, split_prefix
 
 TEACHER_PREFIX = "teacher."
 BACKBONE_PREFIX = "backbone."
@@ -87,7 +87,7 @@ def load_teacher_state(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.T
     if path.is_dir():
         train_state = read_checkpoint_file(path / TRAIN_STATE_FILE)
         prefix = "model." + TEACHER_PREFIX
-        teacher = {k[len(prefix) :]: v for k, v in read_dcp_tensors(path, prefix).items()}
+        teacher, _ = split_prefix(read_dcp_tensors(path, prefix), prefix)
         stored_yaml = recorded_yaml or train_state.get("config") or None
     else:
         state = read_checkpoint_file(path)

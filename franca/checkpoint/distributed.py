@@ -65,7 +65,7 @@ from franca.distributed import (
     get_world_size,
     is_main_process,
 )
-from franca.models.weights import check_fits, fit_pos_embed
+from franca.models.weights import check_fits, fit_pos_embed, split_prefix
 from franca.utils.atomic import sweep_stale_temporaries
 from franca.utils.digest import file_sha256
 from franca.utils.names import unwrapped_name
@@ -545,8 +545,8 @@ def read_model_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     verify_checkpoint(path, collective=False)
     if path.is_dir():
         iteration = int(read_checkpoint_file(path / TRAIN_STATE_FILE)["iteration"])
-        state = read_dcp_tensors(path, "model.")
-        return {k[len("model.") :]: v for k, v in state.items()}, iteration
+        model_state, _ = split_prefix(read_dcp_tensors(path, "model."), "model.")
+        return model_state, iteration
     state = read_checkpoint_file(path)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise UnreadableCheckpointError(f"{path} is not a franca training checkpoint (no 'model' state)")

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import torch
 
-from franca.models.weights import to_release
+from franca.models.weights import split_prefix, to_release
 from franca.utils.weight_files import atomic_torch_save
 
 
 def release_state_dict_from(teacher_state: dict[str, torch.Tensor], block_chunks: int = 4) -> dict[str, torch.Tensor]:
     """Release keys from a teacher ModuleDict state dict (``backbone.<flat key>``, ``dino_head.<key>``, ...)."""
-    backbone = {k[len("backbone.") :]: v for k, v in teacher_state.items() if k.startswith("backbone.")}
+    backbone, heads = split_prefix(teacher_state, "backbone.")
     state = to_release(backbone, block_chunks=block_chunks, prefix="backbone.")
-    state.update({k: v for k, v in teacher_state.items() if not k.startswith("backbone.")})
+    state.update(heads)
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from franca.models.vision_transformer import DinoVisionTransformer
-from franca.models.weights import RASA_PREFIX
+from franca.models.weights import RASA_PREFIX, split_prefix
 from franca.utils.atomic import atomic_write
 
 CONFIG_FILE = "config.json"
@@ -68,11 +68,10 @@ def export_safetensors(
         raise NotADirectoryError(f"--out {out_dir} is a file; the safetensors export is a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
-    backbone = {key: tensor for key, tensor in state.items() if not key.startswith(RASA_PREFIX)}
+    rasa, backbone = split_prefix(state, RASA_PREFIX)
     config = json.dumps(backbone_config(model), indent=2) + "\n"
     atomic_write(out_dir / CONFIG_FILE, config)
     save_tensors(backbone, out_dir / WEIGHTS_FILE, metadata)
-    rasa = {key[len(RASA_PREFIX) :]: tensor for key, tensor in state.items() if key.startswith(RASA_PREFIX)}
     if rasa:
         save_tensors(rasa, out_dir / RASA_FILE)
     else:

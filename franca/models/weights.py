@@ -62,12 +62,23 @@ def _is_tensor_dict(value: dict) -> bool:
     return bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
 
 
+def split_prefix(state: dict, prefix: str) -> tuple[dict, dict]:
+    """(the entries of ``state`` under ``prefix``, with it removed; the others, as they are): franca's one way of
+    taking a sub-state out of a state dict (``teacher.``, ``backbone.``, ``rasa_head.``, a DCP ``model.``)."""
+    inside, outside = {}, {}
+    for key, value in state.items():
+        if key.startswith(prefix):
+            inside[key[len(prefix) :]] = value
+        else:
+            outside[key] = value
+    return inside, outside
+
+
 def _teacher_part(state: dict) -> dict:
     """A training checkpoint's model state holds ``student.*`` and ``teacher.*``: keep the teacher (the evaluated
     network; paper arXiv 2507.14137); any other state dict is returned as it is."""
-    if not any(key.startswith(TEACHER_PREFIX) for key in state):
-        return state
-    return {key[len(TEACHER_PREFIX) :]: tensor for key, tensor in state.items() if key.startswith(TEACHER_PREFIX)}
+    teacher, _ = split_prefix(state, TEACHER_PREFIX)
+    return teacher or state
 
 
 def strip_prefixes(key: str, prefixes: tuple[str, ...] = STRIPPED_PREFIXES) -> str:

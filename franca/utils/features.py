@@ -27,10 +27,11 @@ def extract_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features ``model(x)`` [N, D] (fp32, on CPU) and integer labels [N] of an (image, label) dataset, in order.
 
-    ``model`` is moved to ``device`` (default: CUDA when available) when its parameters are elsewhere. It runs in eval mode, without gradients, under
-    autocast to ``autocast_dtype`` ("auto": bf16 on CUDA, none elsewhere, the evaluation default; None: none; the
-    trainer passes its own), on images in its parameters' dtype (float64 for a ``compute_precision.dtype=fp64`` run);
-    the train/eval mode of each of its modules is restored afterwards, so a model in training can be used.
+    ``model`` is moved to ``device`` (default: CUDA when available) when its parameters are elsewhere. It runs in eval
+    mode, without gradients, under autocast to ``autocast_dtype`` ("auto": bf16 on CUDA, none elsewhere, the
+    evaluation default; None: none; the trainer passes its own), on images in its parameters' dtype (float64 for a
+    ``compute_precision.dtype=fp64`` run); the train/eval mode of each of its modules is restored afterwards, so a
+    model in training can be used.
     """
     device = device or default_device()
     if autocast_dtype == "auto":
