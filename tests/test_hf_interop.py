@@ -165,6 +165,17 @@ def test_an_export_initialises_student_pretrained_weights(tiny_config, tmp_path)
         assert all(torch.equal(own[key], value) for key, value in source.state_dict().items())
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_exported_folder_gives_the_model_its_image_decoding_back(fmt, tmp_path):
+    model = our_model(SHAPES["quickstart"])
+    model.input_decoding = {"alpha_background": "black", "image_max_value": 4095.0}
+    export_hf(model, tmp_path / "hf", fmt, OWN, log=lambda _: None)
+    assert load_backbone(tmp_path / "hf").input_decoding == model.input_decoding
+    model.input_decoding = None
+    export_hf(model, tmp_path / "plain", fmt, OWN, log=lambda _: None)
+    assert load_backbone(tmp_path / "plain").input_decoding is None
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Errors
 

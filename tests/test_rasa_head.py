@@ -172,7 +172,7 @@ def test_backbone_adds_patch_token_rasa_only_on_request():
     images = torch.randn(2, 3, 42, 56)
     with pytest.raises(RuntimeError, match="needs a RASA head"):
         model.forward_features(images, use_rasa_head=True)
-    with pytest.raises(ValueError, match="RASA head for dim 32 cannot be attached to a ViT of dim 24"):
+    with pytest.raises(ValueError, match="RASA head for dim 32 cannot be attached to a backbone of dim 24"):
         model.attach_rasa_head(RASAHead(32, n_pos_layers=1))
 
     head = random_head(9)

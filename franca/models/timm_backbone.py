@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from franca.models.config import INPUT_DECODING_KEY
+from franca.models.vision_transformer import DinoVisionTransformer
 
 TIMM_PREFIX = "timm:"
 TIMM_CONFIG_KEY = "timm"
@@ -208,12 +209,7 @@ class TimmBackbone(nn.Module):
             config[INPUT_DECODING_KEY] = dict(self.input_decoding)
         return config
 
-    def attach_rasa_head(self, head: nn.Module | None) -> None:
-        if head is not None and getattr(head, "input_dim", self.embed_dim) != self.embed_dim:
-            raise ValueError(
-                f"RASA head for dim {head.input_dim} cannot be attached to a backbone of dim {self.embed_dim}"
-            )
-        self.rasa_head = head
+    attach_rasa_head = DinoVisionTransformer.attach_rasa_head  # it needs only embed_dim and rasa_head
 
     def get_intermediate_layers(
         self,

@@ -218,7 +218,9 @@ class DinoVisionTransformer(nn.Module):
     def attach_rasa_head(self, head: nn.Module | None) -> None:
         """Attach (or with None, remove) the post-hoc RASA positional-debiasing head."""
         if head is not None and getattr(head, "input_dim", self.embed_dim) != self.embed_dim:
-            raise ValueError(f"RASA head for dim {head.input_dim} cannot be attached to a ViT of dim {self.embed_dim}")
+            raise ValueError(
+                f"RASA head for dim {head.input_dim} cannot be attached to a backbone of dim {self.embed_dim}"
+            )
         self.rasa_head = head
 
     # ----------------------------------------------------------------------------------------------------------------

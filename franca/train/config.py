@@ -401,52 +401,6 @@ CONSTRAINTS: tuple[Constraint, ...] = (
 )
 
 
-def _rule_problems(cfg: DictConfig, schema: ConfigSchema, rules: dict[str, ValueRule]) -> list[str]:
-    values = OmegaConf.to_container(cfg, resolve=True)
-    problems = []
-    for key in schema.fields:
-        rule = next((rule for pattern, rule in rules.items() if fnmatchcase(key, pattern)), None)
-        if rule is not None:
-            problems += rule.problems(key, get_key(values, key))
-    return problems
-
-
-def validate_values(
-    cfg: DictConfig,
-    schema: ConfigSchema = TRAINING_SCHEMA,
-    rules: dict[str, ValueRule] = VALUE_RULES,
-    constraints: Iterable[Constraint] = CONSTRAINTS,
-) -> None:
-    """Raise :class:`ConfigError` listing every value of ``cfg`` outside its range (:data:`VALUE_RULES`), or, when all
-    are in range, every broken constraint between keys (:data:`CONSTRAINTS`). A command with its own config
-    (``python -m franca.distill``) passes its schema, rules and constraints."""
-    problems = _rule_problems(cfg, schema, rules) or [
-        problem for constraint in constraints for problem in constraint(cfg)
-    ]
-    if len(problems) == 1:
-        raise ConfigError(problems[0])
-    if problems:
-        raise ConfigError(f"{len(problems)} config values are invalid:\n" + "\n".join(f"- {p}" for p in problems))
-
-
-def load_config(
-    config_file: str | os.PathLike | None = None,
-    overrides: Iterable[str] = (),
-    schema: ConfigSchema = TRAINING_SCHEMA,
-    rules: dict[str, ValueRule] = VALUE_RULES,
-    constraints: Iterable[Constraint] = CONSTRAINTS,
-) -> DictConfig:
-    """Training config: defaults ← ``config_file`` ← ``overrides`` (``key=value`` strings), validated, struct mode.
-    ``schema``, ``rules`` and ``constraints``: those of another command's config (see :func:`validate_values`)."""
-    cfg = schema.load(config_file, overrides)
-    _check_parsed_values(cfg)
-    validate_values(cfg, schema, rules, constraints)
-    for key, reason in _IGNORED_WHEN_TRUE.items():
-        if OmegaConf.select(cfg, key):
-            warnings.warn(f"config key {key}=true is ignored: {reason}", UserWarning, stacklevel=2)
-    return cfg
-
-
 @dataclass(frozen=True)
 class CommandConfig:
     """The config of a command that runs the trainer: its schema, value rules and constraints (the training config's
@@ -457,13 +411,45 @@ class CommandConfig:
     constraints: tuple[Constraint, ...]
 
     def load(self, config_file: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> DictConfig:
-        return load_config(config_file, overrides, self.schema, self.rules, self.constraints)
+        """Defaults ← ``config_file`` ← ``overrides`` (``key=value`` strings), validated, struct mode."""
+        cfg = self.schema.load(config_file, overrides)
+        _check_parsed_values(cfg)
+        self.validate(cfg)
+        for key, reason in _IGNORED_WHEN_TRUE.items():
+            if OmegaConf.select(cfg, key):
+                warnings.warn(f"config key {key}=true is ignored: {reason}", UserWarning, stacklevel=2)
+        return cfg
 
     def validate(self, cfg: DictConfig) -> None:
-        validate_values(cfg, self.schema, self.rules, self.constraints)
+        """Raise :class:`ConfigError` listing every value of ``cfg`` outside its range (``rules``), or, when all are
+        in range, every broken constraint between keys (``constraints``)."""
+        problems = self._rule_problems(cfg) or [problem for check in self.constraints for problem in check(cfg)]
+        if len(problems) == 1:
+            raise ConfigError(problems[0])
+        if problems:
+            raise ConfigError(f"{len(problems)} config values are invalid:\n" + "\n".join(f"- {p}" for p in problems))
+
+    def _rule_problems(self, cfg: DictConfig) -> list[str]:
+        values = OmegaConf.to_container(cfg, resolve=True)
+        problems = []
+        for key in self.schema.fields:
+            rule = next((rule for pattern, rule in self.rules.items() if fnmatchcase(key, pattern)), None)
+            if rule is not None:
+                problems += rule.problems(key, get_key(values, key))
+        return problems
 
 
 TRAINING_CONFIG = CommandConfig(TRAINING_SCHEMA, VALUE_RULES, CONSTRAINTS)
+
+
+def validate_values(cfg: DictConfig) -> None:
+    """:meth:`CommandConfig.validate` of the training config (:data:`VALUE_RULES`, :data:`CONSTRAINTS`)."""
+    TRAINING_CONFIG.validate(cfg)
+
+
+def load_config(config_file: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> DictConfig:
+    """Training config: defaults ← ``config_file`` ← ``overrides`` (``key=value`` strings), validated, struct mode."""
+    return TRAINING_CONFIG.load(config_file, overrides)
 
 
 def apply_scaling_rules(cfg: DictConfig, world_size: int) -> DictConfig:
