@@ -44,12 +44,12 @@ from torch.utils.data import Subset
 from franca.checkpoint import teacher_export_path
 from franca.data.augmentations import make_classification_eval_transform
 from franca.data.loaders import make_dataset
-from franca.eval.knn import knn_accuracies
-from franca.eval.models import FeatureModel
+from franca.eval.lib.models import FeatureModel
 from franca.hub import franca_from_checkpoint
 from franca.train import train as trainer
 from franca.train.config import load_config
 from franca.utils.features import extract_features
+from franca.utils.knn import knn_accuracies
 
 REPO = Path(__file__).resolve().parents[1]
 ADAPT = REPO / "configs" / "train" / "adapt.yaml"

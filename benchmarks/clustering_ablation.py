@@ -25,13 +25,13 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import environment, markdown_table, write_json_atomic  # noqa: E402
 from franca.data.augmentations import make_classification_eval_transform  # noqa: E402
 from franca.data.loaders import make_dataset  # noqa: E402
-from franca.eval.knn import knn_accuracies  # noqa: E402
 from franca.hub import load_backbone  # noqa: E402
 from franca.train import train as trainer  # noqa: E402
 from franca.train.config import apply_scaling_rules, load_config  # noqa: E402
 from franca.train.health import level_values  # noqa: E402
 from franca.train.ssl_meta_arch import build_backbone  # noqa: E402
 from franca.utils.features import extract_features  # noqa: E402
+from franca.utils.knn import knn_accuracies  # noqa: E402
 
 # Each variant changes one thing of the recipe (docs/training_dynamics.md explains why each is there).
 VARIANTS: dict[str, list[str]] = {

@@ -28,10 +28,10 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import environment, markdown_table, write_json_atomic  # noqa: E402
 from franca.data.augmentations import make_classification_eval_transform  # noqa: E402
 from franca.data.loaders import make_dataset  # noqa: E402
-from franca.eval.knn import knn_accuracies  # noqa: E402
-from franca.eval.models import FeatureModel  # noqa: E402
+from franca.eval.lib.models import FeatureModel  # noqa: E402
 from franca.hub import franca_from_checkpoint  # noqa: E402
 from franca.utils.features import extract_features  # noqa: E402
+from franca.utils.knn import knn_accuracies  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

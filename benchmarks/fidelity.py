@@ -49,11 +49,10 @@ from franca.checkpoint import teacher_export_path
 from franca.data.augmentations import make_classification_eval_transform
 from franca.data.loaders import make_dataset, parse_dataset_string
 from franca.data.seeded_transform import seeded_global_rngs
-from franca.eval.knn import knn_accuracies
-from franca.eval.log_regression import c_grid, log_regression_eval
-from franca.eval.logreg_backends import make_backend
+from franca.eval.lib.logreg_backends import make_backend
+from franca.eval.lib.logreg_search import c_grid, log_regression_eval
+from franca.eval.lib.models import FeatureModel
 from franca.eval.matryoshka import matryoshka_dims, matryoshka_knn
-from franca.eval.models import FeatureModel
 from franca.hub import load_backbone, load_rasa_head
 from franca.train import train as trainer
 from franca.train.config import apply_scaling_rules, load_config
@@ -61,6 +60,7 @@ from franca.train.health import level_values
 from franca.train.ssl_meta_arch import build_backbone
 from franca.utils.atomic import atomic_write
 from franca.utils.features import default_device, extract_features
+from franca.utils.knn import knn_accuracies
 from franca.utils.logging import read_metrics
 from rasa import train as rasa_train
 from rasa.config import REGRESSOR_CHOICES, load_rasa_config

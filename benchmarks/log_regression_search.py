@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from franca.eval.log_regression import log_regression_eval, original_search, scaled_search
-from franca.eval.logreg_backends import make_backend
+from franca.eval.lib.logreg_backends import make_backend
+from franca.eval.lib.logreg_search import log_regression_eval, original_search, scaled_search
 from franca.models.vision_transformer import build_vit
 
 FASHION_MNIST = Path(__file__).resolve().parents[1] / "franca" / "assets" / "fashion_mnist"

@@ -25,15 +25,15 @@ from PIL import Image
 from franca.data.augmentations import make_normalize_transform
 from franca.data.datasets import decode_image
 from franca.data.image_decoding import DEFAULT_DECODING, ImageDecoding
-from franca.eval.common import (
+from franca.eval.lib.common import (
     DeprecatedOption,
     add_decoding_arguments,
     add_image_size_argument,
     resolve_decoding,
     resolve_image_size,
 )
-from franca.eval.pca import pca_rgb, upsample_rgb
-from franca.eval.pictures import picture_grid
+from franca.eval.lib.feature_pca import pca_rgb, upsample_rgb
+from franca.eval.lib.pictures import picture_grid
 
 PICTURE_NAME = "franca_pca.png"
 PICTURE_MIN_SIDE = 224

@@ -16,14 +16,14 @@ from torch.utils.data import Subset
 from franca.checkpoint import teacher_export_path
 from franca.data.augmentations import make_classification_eval_transform
 from franca.data.loaders import make_dataset
-from franca.eval.floors import PixelFeatures
-from franca.eval.knn import knn_accuracies
-from franca.eval.models import FeatureModel
+from franca.eval.lib.floors import PixelFeatures
+from franca.eval.lib.models import FeatureModel
 from franca.hub import load_backbone
 from franca.train import train as trainer
 from franca.train.config import apply_scaling_rules, load_config
 from franca.train.ssl_meta_arch import build_backbone
 from franca.utils.features import extract_features
+from franca.utils.knn import knn_accuracies
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train" / "quickstart.yaml"
 

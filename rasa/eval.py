@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from franca.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
 from franca.data.datasets.base import IGNORE_INDEX
-from franca.eval.common import EvalSettings, add_eval_arguments, eval_settings, parse_eval_args, run_metadata
+from franca.eval.lib.common import EvalSettings, add_eval_arguments, eval_settings, parse_eval_args, run_metadata
 from franca.models.rasa_head import RASAHead, remove_plane
 from franca.utils.atomic import atomic_write
 from franca.utils.features import default_device

@@ -145,3 +145,25 @@ def test_hub_import_loads_no_rasa_module():
     code = "import sys, franca.hub; print(sorted(m for m in sys.modules if m == 'rasa' or m.startswith('rasa.')))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert result.stdout.strip() == "[]", f"import franca.hub loaded rasa modules: {result.stdout.strip()}"
+
+
+def test_eval_commands_and_their_library_are_apart():
+    """``franca.eval``: each module of the package is a command (a ``main`` run by ``python -m``); what they share is
+    in ``franca.eval.lib``, which imports no command, and no command imports another (docs/architecture.md)."""
+    package = ROOT / "franca" / "eval"
+    commands = {module_name(p) for p in package.glob("*.py") if p.name != "__init__.py"}
+    not_commands = [
+        name
+        for name in sorted(commands)
+        if "def main(" not in (ROOT.joinpath(*name.split(".")).with_suffix(".py")).read_text()
+    ]
+    assert not not_commands, f"modules of franca/eval/ without a main (helpers go to franca/eval/lib/): {not_commands}"
+    found = [
+        f"{path.relative_to(ROOT)}:{line} imports {target}"
+        for path in sorted(package.rglob("*.py"))
+        for line, target in imported_modules(path)
+        if target in commands and target != module_name(path)
+    ]
+    assert not found, "imports of an evaluation command (move the shared part to franca.eval.lib):\n" + "\n".join(found)
+    helpers_with_main = [p.name for p in (package / "lib").glob("*.py") if "__main__" in p.read_text()]
+    assert not helpers_with_main, f"franca/eval/lib/ holds helpers, not commands: {helpers_with_main}"

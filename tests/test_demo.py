@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from franca import demo
-from franca.eval.pictures import GAP
+from franca.eval.lib.pictures import GAP
 
 
 @pytest.mark.slow

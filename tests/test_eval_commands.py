@@ -11,10 +11,11 @@ from PIL import Image
 from skimage import data as skdata
 
 from franca import __version__, demo
-from franca.eval import common, hummingbird, knn, linear, linear_seg, log_regression, matryoshka, ood, pca
-from franca.eval.common import CLASSIFICATION_PROTOCOLS, default_num_workers, resolve_image_size
-from franca.eval.models import FeatureModel, read_out
-from franca.eval.provenance import folder_sha256, resolve_weights_file
+from franca.eval import hummingbird, knn, linear, linear_seg, log_regression, matryoshka, ood, pca
+from franca.eval.lib import common
+from franca.eval.lib.common import CLASSIFICATION_PROTOCOLS, default_num_workers, resolve_image_size
+from franca.eval.lib.models import FeatureModel, read_out
+from franca.eval.lib.provenance import folder_sha256, resolve_weights_file
 from franca.models.vision_transformer import build_vit
 
 TRAINED_SIZE, PATCH = 28, 4

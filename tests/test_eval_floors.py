@@ -10,8 +10,8 @@ from eval_data import make_photo_folders
 from helpers import TINY_MODEL
 
 from franca.eval import knn
-from franca.eval.common import make_eval_dataset
-from franca.eval.floors import PixelFeatures, parse_baselines, seeded_vit
+from franca.eval.lib.common import make_eval_dataset
+from franca.eval.lib.floors import PixelFeatures, parse_baselines, seeded_vit
 from franca.models.config import ViTConfig
 from franca.models.vision_transformer import build_vit
 from franca.train.config import load_config
@@ -94,7 +94,7 @@ def test_the_run_s_exported_initial_teacher_is_preferred(run_export, tmp_path):
     initial.parent.mkdir()
     torch.save({"teacher": {"backbone." + k: v for k, v in seeded_vit(ViTConfig(), 0).state_dict().items()}}, initial)
     try:
-        from franca.eval.floors import random_init
+        from franca.eval.lib.floors import random_init
         from franca.hub import load_backbone
 
         floor = random_init(load_backbone(export), str(export), seed=0)

@@ -9,7 +9,6 @@ from eval_data import OracleBackbone, make_tile_segfolder
 
 from franca.data.datasets.segmentation_folder import SegFolder
 from franca.eval import hummingbird
-from franca.eval.common import EvalSettings
 from franca.eval.hummingbird import (
     HummingbirdSettings,
     NearestNeighbours,
@@ -17,6 +16,7 @@ from franca.eval.hummingbird import (
     retrieve_class_scores,
     run_hummingbird,
 )
+from franca.eval.lib.common import EvalSettings
 from franca.models.rasa_head import RASAHead
 from franca.models.vision_transformer import build_vit
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from franca.data.datasets.segmentation_folder import SegFolder
 from franca.eval import linear_seg
-from franca.eval.common import EvalSettings
+from franca.eval.lib.common import EvalSettings
 from franca.eval.linear_seg import HeadSettings, make_protocol, precompute_train_features, run_linear_segmentation
 from franca.models.vision_transformer import build_vit
 

@@ -8,8 +8,8 @@ import torch
 from eval_data import IMAGE_OPTIONS, make_photo_folders, save_tiny_checkpoint, separable_features
 
 from franca.eval import log_regression
-from franca.eval.log_regression import (
-    PartialResults,
+from franca.eval.lib.logreg_backends import LinearModel, SklearnBackend, TorchBackend, make_backend
+from franca.eval.lib.logreg_search import (
     c_grid,
     holdout_split,
     log_regression_eval,
@@ -17,11 +17,10 @@ from franca.eval.log_regression import (
     scaled_grid_size,
     scaled_search,
     scaled_tolerance,
-    search_settings,
     search_should_stop,
     select_c_and_fit,
 )
-from franca.eval.logreg_backends import LinearModel, SklearnBackend, TorchBackend, make_backend
+from franca.eval.log_regression import PartialResults, search_settings
 
 
 def penalised_objective(model: LinearModel, x: torch.Tensor, y: torch.Tensor, C: float) -> float:

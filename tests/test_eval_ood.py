@@ -8,7 +8,7 @@ from PIL import Image
 from skimage import data
 
 from franca.eval import ood
-from franca.eval.logreg_backends import SklearnBackend
+from franca.eval.lib.logreg_backends import SklearnBackend
 from franca.eval.ood import knn_distance_scores, ood_evaluation, probe_scores
 
 

@@ -11,9 +11,10 @@ from skimage import data as skdata
 
 from franca.data.image_decoding import ImageDecoding
 from franca.eval import pca
-from franca.eval.common import EvalSettings
-from franca.eval.pca import PCASettings, foreground_mask, otsu_threshold, pca_pictures, pca_rgb
-from franca.eval.pictures import GAP
+from franca.eval.lib.common import EvalSettings
+from franca.eval.lib.feature_pca import foreground_mask, otsu_threshold, pca_rgb
+from franca.eval.lib.pictures import GAP
+from franca.eval.pca import PCASettings, pca_pictures
 from franca.models.vision_transformer import build_vit
 
 

@@ -17,7 +17,7 @@ from eval_data import make_photo_folders, make_tile_segfolder
 from PIL import Image
 
 from franca.eval import report
-from franca.eval.report_views import headline
+from franca.eval.lib.report_views import headline
 from franca.models.vision_transformer import build_vit
 
 LOADER = ["--batch-size", "8", "--num-workers", "0"]

@@ -17,7 +17,7 @@ from franca import demo
 from franca.data.datasets import decode_image
 from franca.data.image_decoding import ImageDecoding, parse_background, parse_max_value, to_rgb
 from franca.data.loaders import make_dataset
-from franca.eval.common import add_backbone_arguments, make_eval_dataset, resolve_decoding
+from franca.eval.lib.common import add_backbone_arguments, make_eval_dataset, resolve_decoding
 from franca.train.config import load_config
 from franca.utils.config_schema import ConfigError
 

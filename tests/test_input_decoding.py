@@ -12,8 +12,8 @@ from PIL import Image
 
 from franca.checkpoint.release import save_teacher_release
 from franca.eval import knn
-from franca.eval.common import eval_settings, load_backbone_for_eval, make_eval_dataset, parse_eval_args
-from franca.eval.pictures import denormalise
+from franca.eval.lib.common import eval_settings, load_backbone_for_eval, make_eval_dataset, parse_eval_args
+from franca.eval.lib.pictures import denormalise
 from franca.hub import load_backbone
 from franca.models.config import INPUT_DECODING_KEY, ViTConfig, stored_input_decoding
 from franca.models.safetensors_folder import export_safetensors

@@ -15,7 +15,7 @@ from franca.models import build_vit
 from franca.train import train as trainer
 from franca.train.config import load_config
 from franca.train.knn_monitor import KnnMonitor, build_knn_monitor, require_labels, shard_indices
-from franca.utils.knn import knn_classify, knn_top1
+from franca.utils.knn import knn_accuracies, knn_classify
 
 KNN_DATASETS = [
     "evaluation.knn_train_dataset=FashionMNIST:root=bundled:split=train",
@@ -35,25 +35,28 @@ def brute_force_votes(train, train_labels, test, k, temperature, num_classes) ->
     return votes
 
 
-def test_vote_and_top1_match_a_brute_force_numpy_reference():
+def test_vote_and_accuracies_match_a_brute_force_numpy_reference():
     rng = np.random.default_rng(0)
     train, test = rng.normal(size=(60, 8)), rng.normal(size=(25, 8))
     train_labels, test_labels = rng.integers(0, 4, size=60), rng.integers(0, 4, size=25)
     ks = (1, 5, 20, 100)  # 100 > 60 training rows: every row votes
     as_tensors = [torch.from_numpy(a) for a in (train, train_labels, test, test_labels)]
     votes = knn_classify(as_tensors[0], as_tensors[1], as_tensors[2], ks, 0.1, 4, device=torch.device("cpu"))
-    top1 = knn_top1(*as_tensors, ks=ks, temperature=0.1, device=torch.device("cpu"))
+    accuracies = knn_accuracies(*as_tensors, ks=ks, temperature=0.1, device=torch.device("cpu"))
     for k in ks:
         expected = brute_force_votes(train, train_labels, test, k, 0.1, 4)
         np.testing.assert_allclose(votes[k].numpy(), expected, rtol=1e-5)
-        assert top1[k] == pytest.approx(100.0 * np.mean(expected.argmax(axis=1) == test_labels), abs=1e-9)
-    assert 0 < top1[5] < 100
+        assert accuracies[f"{k}"]["top1"] == pytest.approx(100.0 * np.mean(expected.argmax(axis=1) == test_labels))
+        top5 = np.argsort(-expected, axis=1, kind="stable")[:, :5]
+        assert accuracies[f"{k}"]["top5"] == pytest.approx(100.0 * np.mean((top5 == test_labels[:, None]).any(axis=1)))
+    assert 0 < accuracies["5"]["top1"] < 100 and accuracies["5"]["top5"] == 100.0  # 4 classes: top-5 holds them all
 
 
-def test_eval_keeps_its_public_knn_names():
+def test_the_knn_command_and_the_monitor_share_one_vote():
     from franca.eval import knn
+    from franca.train import knn_monitor
 
-    assert knn.knn_classify is knn_classify and knn.DEFAULT_KS == (10, 20, 100, 200)
+    assert knn.knn_accuracies is knn_monitor.knn_accuracies is knn_accuracies and knn.DEFAULT_KS == (10, 20, 100, 200)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])

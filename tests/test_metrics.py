@@ -5,7 +5,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from franca.eval.metrics import auroc, fpr_at_tpr, ood_metrics, topk_accuracy
+from franca.eval.lib.metrics import auroc, fpr_at_tpr, ood_metrics
+from franca.utils.accuracy import topk_accuracy
 
 
 def brute_topk(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:

@@ -11,7 +11,7 @@ from skimage import data as skdata
 from franca.data.datasets.ade20k import ADE20K
 from franca.data.datasets.segmentation_folder import SegFolder
 from franca.data.loaders import make_dataset
-from franca.eval.segmentation import (
+from franca.eval.lib.segmentation import (
     SegmentationTransform,
     confusion_matrix,
     patch_label_distribution,

@@ -33,17 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from franca.eval.common import (
-    EvalSettings,
-    add_eval_arguments,
-    eval_settings,
-    load_backbone_for_eval,
-    parse_eval_args,
-    run_metadata,
-    write_results,
-)
-from franca.eval.pictures import denormalise, label_grid, png_bytes
-from franca.eval.segmentation import (
+from franca.eval.lib import common
+from franca.eval.lib.pictures import denormalise, label_grid, png_bytes
+from franca.eval.lib.segmentation import (
     IGNORE_INDEX,
     PairedTransformDataset,
     SegmentationTransform,
@@ -95,7 +87,7 @@ def build_memory(
     backbone: nn.Module,
     train_dataset: Dataset,
     num_classes: int,
-    settings: EvalSettings,
+    settings: common.EvalSettings,
     patches_per_image: int,
     augmentation_epochs: int = 2,
     device: torch.device | None = None,
@@ -184,7 +176,7 @@ def evaluate_hummingbird(
     memory_features: torch.Tensor,
     memory_labels: torch.Tensor,
     num_classes: int,
-    settings: EvalSettings,
+    settings: common.EvalSettings,
     hummingbird: HummingbirdSettings = HummingbirdSettings(),
     device: torch.device | None = None,
 ) -> dict:
@@ -204,7 +196,7 @@ def evaluate_hummingbird(
     return segmentation_metrics(confusion)
 
 
-def _val_pairs(val_dataset: Dataset, settings: EvalSettings, hummingbird: HummingbirdSettings) -> Dataset:
+def _val_pairs(val_dataset: Dataset, settings: common.EvalSettings, hummingbird: HummingbirdSettings) -> Dataset:
     mask_size = settings.image_size if hummingbird.eval_resolution == "input" else None
     return PairedTransformDataset(val_dataset, SegmentationTransform(settings.image_size, mask_size))
 
@@ -237,14 +229,14 @@ def save_prediction_examples(
     val_dataset: Dataset,
     memory_features: torch.Tensor,
     memory_labels: torch.Tensor,
-    settings: EvalSettings,
+    settings: common.EvalSettings,
     hummingbird: HummingbirdSettings,
     count: int,
     device: torch.device,
 ) -> Path:
     """A PNG with one row per val image (the first ``count``): the input, its ground truth and the prediction under
     titled columns, enlarged to a readable size, label maps in a fixed palette (class 0 grey, ignored pixels black)
-    with a legend of the classes shown (:func:`franca.eval.pictures.label_grid`)."""
+    with a legend of the classes shown (:func:`franca.eval.lib.pictures.label_grid`)."""
     search = NearestNeighbours(memory_features, choose_nn_backend(hummingbird.nn_backend, device), device)
     pairs = _val_pairs(val_dataset, settings, hummingbird)
     subset = Subset(pairs, range(min(count, len(pairs))))
@@ -264,7 +256,7 @@ def run_hummingbird(
     train_dataset: Dataset,
     val_dataset: Dataset,
     num_classes: int,
-    settings: EvalSettings,
+    settings: common.EvalSettings,
     hummingbird: HummingbirdSettings = HummingbirdSettings(),
     device: torch.device | None = None,
     examples_path: Path | None = None,
@@ -315,7 +307,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         "franca.eval.hummingbird", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    add_eval_arguments(p, batch_size=32, old_size_names=("--input-size",), protocols=PROTOCOLS)
+    common.add_eval_arguments(p, batch_size=32, old_size_names=("--input-size",), protocols=PROTOCOLS)
     p.add_argument("--train-dataset", required=True, help="memory images, e.g. VOC:root=R:split=trainaug")
     p.add_argument("--val-dataset", required=True, help="evaluated images, e.g. VOC:root=R:split=val")
     p.add_argument("--memory-size", type=int, default=DEFAULT_MEMORY_SIZE)
@@ -337,11 +329,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_eval_args(get_args_parser(), argv)
+    args = common.parse_eval_args(get_args_parser(), argv)
     from franca.data.loaders import make_dataset
 
-    backbone = load_backbone_for_eval(args.weights, args.rasa_weights)
-    settings = eval_settings(args, backbone, PROTOCOLS)
+    backbone = common.load_backbone_for_eval(args.weights, args.rasa_weights)
+    settings = common.eval_settings(args, backbone, PROTOCOLS)
     train_dataset = make_dataset(args.train_dataset, decoding=settings.decoding)
     val_dataset = make_dataset(args.val_dataset, decoding=settings.decoding)
     num_classes = dataset_num_classes(train_dataset, args.num_classes)
@@ -365,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
         **results,
     }
     datasets = {"train": args.train_dataset, "val": args.val_dataset}
-    write_results(args.output_dir, "hummingbird", record, run_metadata(args, settings, datasets))
+    common.write_results(args.output_dir, "hummingbird", record, common.run_metadata(args, settings, datasets))
     print(f"hummingbird: mIoU {results['mIoU']:.2f}  pixel accuracy {results['pixel_accuracy']:.2f}")
     return record
 

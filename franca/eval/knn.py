@@ -2,10 +2,10 @@
 
 Features are L2-normalised; each test sample takes its k most cosine-similar training samples, weights each by
 exp(sim / T) (T = 0.07) and sums the weights per class; the class with the largest vote wins. Top-1 and top-5 accuracy
-for each k in {10, 20, 100, 200}. Similarities are computed in chunks on the GPU when one is available. The vote itself
-is :func:`franca.utils.knn.knn_classify`, which the trainer's periodic k-NN uses too.
+for each k in {10, 20, 100, 200}. Similarities are computed in chunks on the GPU when one is available. The vote and its
+accuracies are :mod:`franca.utils.knn`, which the trainer's periodic k-NN uses too.
 
-``--baselines random-init,pixels`` puts floors beside the model's numbers (:mod:`franca.eval.floors`): the same
+``--baselines random-init,pixels`` puts floors beside the model's numbers (:mod:`franca.eval.lib.floors`): the same
 architecture at initialisation and the raw pixels, classified by the same vote on the same images.
 
 ``python -m franca.eval.knn --weights W --train-dataset STR --val-dataset STR --output-dir D [--baselines
@@ -14,46 +14,15 @@ random-init,pixels]``
 
 import argparse
 
-import torch
-
-from franca.eval.common import (
-    CLASSIFICATION_PROTOCOLS,
-    add_backbone_arguments,
-    eval_settings,
-    extract_labelled_features,
-    load_backbone_for_eval,
-    parse_eval_args,
-    run_metadata,
-    write_results,
-)
-from franca.eval.floors import BASELINES, floor_models, parse_baselines
-from franca.eval.metrics import topk_accuracy
-from franca.eval.models import FeatureModel
-from franca.utils.knn import DEFAULT_KS, knn_classify
-
-__all__ = ["DEFAULT_KS", "knn_accuracies", "knn_classify", "main"]
-
-
-def knn_accuracies(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    test_labels: torch.Tensor,
-    ks: tuple[int, ...] = DEFAULT_KS,
-    temperature: float = 0.07,
-) -> dict[str, dict[str, float]]:
-    """``{str(k): {"top1": %, "top5": %}}`` for each k."""
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    votes = knn_classify(train_features, train_labels, test_features, ks, temperature, num_classes)
-    return {
-        f"{k}": {"top1": topk_accuracy(v, test_labels, 1), "top5": topk_accuracy(v, test_labels, 5)}
-        for k, v in votes.items()
-    }
+from franca.eval.lib import common
+from franca.eval.lib.floors import BASELINES, floor_models, parse_baselines
+from franca.eval.lib.models import FeatureModel
+from franca.utils.knn import DEFAULT_KS, knn_accuracies
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("franca.eval.knn", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_backbone_arguments(p)
+    common.add_backbone_arguments(p)
     p.add_argument("--train-dataset", required=True, help="dataset string, e.g. ImageNet:split=TRAIN:root=R")
     p.add_argument("--val-dataset", required=True, help="dataset string, e.g. ImageNet:split=VAL:root=R")
     p.add_argument("--nb-knn", type=int, nargs="+", default=list(DEFAULT_KS))
@@ -68,14 +37,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_eval_args(get_args_parser(), argv)
+    args = common.parse_eval_args(get_args_parser(), argv)
     baselines = parse_baselines(args.baselines) if args.baselines else []
-    backbone = load_backbone_for_eval(args.weights, args.rasa_weights)
-    settings = eval_settings(args, backbone, CLASSIFICATION_PROTOCOLS, classification=True)
+    backbone = common.load_backbone_for_eval(args.weights, args.rasa_weights)
+    settings = common.eval_settings(args, backbone, common.CLASSIFICATION_PROTOCOLS, classification=True)
     model = FeatureModel(backbone, use_rasa_head=settings.use_rasa_head)
     models, sources = floor_models(model, backbone, args.weights, baselines, args.seed, settings.use_rasa_head)
-    train_features, train_labels = extract_labelled_features(models, args.train_dataset, settings, "train")
-    val_features, val_labels = extract_labelled_features(models, args.val_dataset, settings, "val")
+    train_features, train_labels = common.extract_labelled_features(models, args.train_dataset, settings, "train")
+    val_features, val_labels = common.extract_labelled_features(models, args.val_dataset, settings, "val")
     train, val = models.split(train_features), models.split(val_features)
     ks, temperature = tuple(args.nb_knn), args.temperature
     results = knn_accuracies(train["model"], train_labels, val["model"], val_labels, ks=ks, temperature=temperature)
@@ -90,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
             for name in baselines
         }
     datasets = {"train": args.train_dataset, "val": args.val_dataset}
-    path = write_results(args.output_dir, "knn", record, run_metadata(args, settings, datasets))
+    path = common.write_results(args.output_dir, "knn", record, common.run_metadata(args, settings, datasets))
     print(format_knn_table(record, baselines))
     for name in baselines:
         print(f"  {name}: {sources[name]}")

@@ -26,18 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from franca.eval.common import (
-    CLASSIFICATION_PROTOCOLS,
-    add_backbone_arguments,
-    eval_settings,
-    extract_labelled_features,
-    load_backbone_for_eval,
-    parse_eval_args,
-    require_labels,
-    run_metadata,
-    write_results,
-)
-from franca.eval.metrics import topk_accuracy
+from franca.eval.lib import common
+from franca.utils.accuracy import topk_accuracy
 from franca.utils.features import default_device
 from franca.utils.logging import Progress
 from franca.utils.weight_files import atomic_torch_save
@@ -234,14 +224,14 @@ def dataset_labels(dataset: Dataset, dataset_str: str) -> torch.Tensor:
     """All targets of a dataset, read without decoding images."""
     if not hasattr(dataset, "get_target"):
         raise ValueError(f"cannot read the labels of {type(dataset).__name__} without decoding it; pass --num-classes")
-    return require_labels(torch.tensor([dataset.get_target(i) for i in range(len(dataset))]), dataset_str)
+    return common.require_labels(torch.tensor([dataset.get_target(i) for i in range(len(dataset))]), dataset_str)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         "franca.eval.linear", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    add_backbone_arguments(p)
+    common.add_backbone_arguments(p)
     p.add_argument("--train-dataset", required=True, help="dataset string, e.g. ImageNet:split=TRAIN:root=R")
     p.add_argument("--val-dataset", required=True, help="dataset string, e.g. ImageNet:split=VAL:root=R")
     p.add_argument("--epochs", type=int, default=10)
@@ -255,16 +245,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_eval_args(get_args_parser(), argv)
+    args = common.parse_eval_args(get_args_parser(), argv)
     from franca.data import make_classification_train_transform, make_dataset
 
     torch.manual_seed(args.seed)
-    backbone = load_backbone_for_eval(args.weights, args.rasa_weights)
-    evaluation = eval_settings(args, backbone, CLASSIFICATION_PROTOCOLS, classification=True)
+    backbone = common.load_backbone_for_eval(args.weights, args.rasa_weights)
+    evaluation = common.eval_settings(args, backbone, common.CLASSIFICATION_PROTOCOLS, classification=True)
     features = ProbeFeatures(backbone, max(args.n_last_blocks), evaluation.use_rasa_head).to(default_device())
-    val_tokens, val_labels = extract_labelled_features(features, args.val_dataset, evaluation, "val")
+    val_tokens, val_labels = common.extract_labelled_features(features, args.val_dataset, evaluation, "val")
     if args.precompute_features:
-        train_tokens, train_labels = extract_labelled_features(features, args.train_dataset, evaluation, "train")
+        train_tokens, train_labels = common.extract_labelled_features(features, args.train_dataset, evaluation, "train")
         num_classes = args.num_classes or int(train_labels.max()) + 1
         batches = precomputed_batches(train_tokens, train_labels, args.train_batch_size, args.seed)
     else:
@@ -301,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
         "history": history,
     }
     datasets = {"train": args.train_dataset, "val": args.val_dataset}
-    path = write_results(args.output_dir, "linear", record, run_metadata(args, evaluation, datasets))
+    path = common.write_results(args.output_dir, "linear", record, common.run_metadata(args, evaluation, datasets))
     print(f"linear probe: best {settings[best].name} top-1 {results[best]['top1']:.2f}% -> {path}")
     return record
 

@@ -32,16 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from franca.eval.common import (
-    EvalSettings,
-    add_eval_arguments,
-    eval_settings,
-    load_backbone_for_eval,
-    parse_eval_args,
-    run_metadata,
-    write_results,
-)
-from franca.eval.segmentation import (
+from franca.eval.lib import common
+from franca.eval.lib.segmentation import (
     IGNORE_INDEX,
     PairedTransformDataset,
     SegmentationTransform,
@@ -219,7 +211,7 @@ def run_linear_segmentation(
     train_dataset: Dataset,
     val_dataset: Dataset,
     num_classes: int,
-    settings: EvalSettings,
+    settings: common.EvalSettings,
     protocol_name: str = DEFAULT_PROTOCOL,
     head_settings: HeadSettings = HeadSettings(),
     device: torch.device | None = None,
@@ -258,7 +250,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "franca.eval.linear_seg", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     protocol_sizes = {name: protocol.input_size for name, protocol in PROTOCOLS.items()}
-    add_eval_arguments(p, batch_size=32, old_size_names=("--input-size",), protocols=protocol_sizes)
+    common.add_eval_arguments(p, batch_size=32, old_size_names=("--input-size",), protocols=protocol_sizes)
     p.add_argument("--train-dataset", required=True, help="e.g. ADE20K:root=R:split=training")
     p.add_argument("--val-dataset", required=True, help="e.g. ADE20K:root=R:split=validation")
     p.add_argument("--n-last-blocks", type=int, default=1, help="concatenate the patch tokens of the last n blocks")
@@ -272,11 +264,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_eval_args(get_args_parser(), argv)
+    args = common.parse_eval_args(get_args_parser(), argv)
     from franca.data.loaders import make_dataset
 
-    backbone = load_backbone_for_eval(args.weights, args.rasa_weights)
-    settings = eval_settings(args, backbone, {name: p.input_size for name, p in PROTOCOLS.items()})
+    backbone = common.load_backbone_for_eval(args.weights, args.rasa_weights)
+    settings = common.eval_settings(args, backbone, {name: p.input_size for name, p in PROTOCOLS.items()})
     train_dataset = make_dataset(args.train_dataset, decoding=settings.decoding)
     val_dataset = make_dataset(args.val_dataset, decoding=settings.decoding)
     num_classes = dataset_num_classes(train_dataset, args.num_classes)
@@ -298,7 +290,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     datasets = {"train": args.train_dataset, "val": args.val_dataset}
     mask_sizes = {key: results["protocol"][key] for key in ("train_mask_size", "eval_mask_size")}
-    write_results(args.output_dir, "linear_seg", record, run_metadata(args, settings, datasets, mask_sizes))
+    common.write_results(
+        args.output_dir, "linear_seg", record, common.run_metadata(args, settings, datasets, mask_sizes)
+    )
     print(f"linear_seg ({protocol_name}): mIoU {results['mIoU']:.2f}  pixel accuracy {results['pixel_accuracy']:.2f}")
     return record
 

@@ -18,21 +18,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from franca.eval.common import (
-    CLASSIFICATION_PROTOCOLS,
-    add_backbone_arguments,
-    eval_settings,
-    extract_labelled_features,
-    load_backbone_for_eval,
-    parse_eval_args,
-    run_metadata,
-    write_results,
-)
-from franca.eval.knn import DEFAULT_KS, knn_accuracies
-from franca.eval.log_regression import c_grid, log_regression_eval
-from franca.eval.logreg_backends import BACKENDS, make_backend
-from franca.eval.models import FeatureModel
+from franca.eval.lib import common
+from franca.eval.lib.logreg_backends import BACKENDS, make_backend
+from franca.eval.lib.logreg_search import c_grid, log_regression_eval
+from franca.eval.lib.models import FeatureModel
 from franca.utils.atomic import atomic_write
+from franca.utils.knn import DEFAULT_KS, knn_accuracies
 
 TITLE_WRAP_CHARACTERS = 70
 
@@ -144,7 +135,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         "franca.eval.matryoshka", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    add_backbone_arguments(p)
+    common.add_backbone_arguments(p)
     p.add_argument("--train-dataset", required=True, help="dataset string, e.g. ImageNet:split=TRAIN:root=R")
     p.add_argument("--val-dataset", required=True, help="dataset string, e.g. ImageNet:split=VAL:root=R")
     p.add_argument("--dims", type=int, nargs="+", default=None, help="prefix sizes (default: D, D/2, …, D/64)")
@@ -157,14 +148,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_eval_args(get_args_parser(), argv)
+    args = common.parse_eval_args(get_args_parser(), argv)
     if importlib.util.find_spec("matplotlib") is None:
         raise ImportError("franca.eval.matryoshka draws matryoshka.png with matplotlib: pip install matplotlib")
-    backbone = load_backbone_for_eval(args.weights, args.rasa_weights)
-    settings = eval_settings(args, backbone, CLASSIFICATION_PROTOCOLS, classification=True)
+    backbone = common.load_backbone_for_eval(args.weights, args.rasa_weights)
+    settings = common.eval_settings(args, backbone, common.CLASSIFICATION_PROTOCOLS, classification=True)
     model = FeatureModel(backbone, settings.use_rasa_head)
-    train = extract_labelled_features(model, args.train_dataset, settings, "train")
-    val = extract_labelled_features(model, args.val_dataset, settings, "val")
+    train = common.extract_labelled_features(model, args.train_dataset, settings, "train")
+    val = common.extract_labelled_features(model, args.val_dataset, settings, "val")
     dims = _check_dims(args.dims or matryoshka_dims(train[0].shape[1]), train[0].shape[1])
     knn = matryoshka_knn(*train, *val, dims, tuple(args.nb_knn), args.temperature)
     record = {
@@ -184,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir)
     plot_matryoshka(out / "matryoshka.png", knn, linear, title=f"Matryoshka slices: {args.weights}")
     datasets = {"train": args.train_dataset, "val": args.val_dataset}
-    path = write_results(out, "matryoshka", record, run_metadata(args, settings, datasets))
+    path = common.write_results(out, "matryoshka", record, common.run_metadata(args, settings, datasets))
     print(format_table(knn, linear))
     print(f"-> {path} and {out / 'matryoshka.png'}")
     return record

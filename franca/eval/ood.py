@@ -18,22 +18,12 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from franca.eval.common import (
-    CLASSIFICATION_PROTOCOLS,
-    EvalSettings,
-    add_backbone_arguments,
-    eval_settings,
-    extract_eval_features,
-    extract_labelled_features,
-    load_backbone_for_eval,
-    parse_eval_args,
-    run_metadata,
-    write_results,
-)
-from franca.eval.log_regression import c_grid, select_c_and_fit
-from franca.eval.logreg_backends import BACKENDS, LinearModel, make_backend
-from franca.eval.metrics import ood_metrics, topk_accuracy
-from franca.eval.models import FeatureModel
+from franca.eval.lib import common
+from franca.eval.lib.logreg_backends import BACKENDS, LinearModel, make_backend
+from franca.eval.lib.logreg_search import c_grid, select_c_and_fit
+from franca.eval.lib.metrics import ood_metrics
+from franca.eval.lib.models import FeatureModel
+from franca.utils.accuracy import topk_accuracy
 from franca.utils.features import default_device
 
 DEFAULT_KNN_KS = (50,)
@@ -100,14 +90,16 @@ def ood_evaluation(
     return results
 
 
-def extract_ood_features(model: torch.nn.Module, dataset_str: str, settings: EvalSettings, name: str) -> torch.Tensor:
+def extract_ood_features(
+    model: torch.nn.Module, dataset_str: str, settings: common.EvalSettings, name: str
+) -> torch.Tensor:
     """Features of an OOD set; its labels are not used (an unlabelled ImageFolder is fine)."""
-    return extract_eval_features(model, dataset_str, settings, name)[0]
+    return common.extract_eval_features(model, dataset_str, settings, name)[0]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("franca.eval.ood", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_backbone_arguments(p)
+    common.add_backbone_arguments(p)
     p.add_argument("--train-dataset", required=True, help="in-distribution training set (k-NN bank, probe)")
     p.add_argument("--test-dataset", required=True, help="in-distribution test set (the positives)")
     p.add_argument("--ood-dataset", required=True, nargs="+", help="one or more out-of-distribution dataset strings")
@@ -119,12 +111,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_eval_args(get_args_parser(), argv)
-    backbone = load_backbone_for_eval(args.weights, args.rasa_weights)
-    settings = eval_settings(args, backbone, CLASSIFICATION_PROTOCOLS, classification=True)
+    args = common.parse_eval_args(get_args_parser(), argv)
+    backbone = common.load_backbone_for_eval(args.weights, args.rasa_weights)
+    settings = common.eval_settings(args, backbone, common.CLASSIFICATION_PROTOCOLS, classification=True)
     model = FeatureModel(backbone, settings.use_rasa_head)
-    train_feats, train_labels = extract_labelled_features(model, args.train_dataset, settings, "in-distribution train")
-    in_feats, in_labels = extract_labelled_features(model, args.test_dataset, settings, "in-distribution test")
+    train_feats, train_labels = common.extract_labelled_features(
+        model, args.train_dataset, settings, "in-distribution train"
+    )
+    in_feats, in_labels = common.extract_labelled_features(model, args.test_dataset, settings, "in-distribution test")
     ood_feats = {}
     for i, dataset_str in enumerate(args.ood_dataset):
         name = f"ood {i + 1}/{len(args.ood_dataset)}"
@@ -156,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
     record["results"] = ood_evaluation(train_feats, in_feats, ood_feats, tuple(args.knn_k), probe)
     datasets = {"train": args.train_dataset, "test": args.test_dataset, "ood": list(args.ood_dataset)}
-    path = write_results(args.output_dir, "ood", record, run_metadata(args, settings, datasets))
+    path = common.write_results(args.output_dir, "ood", record, common.run_metadata(args, settings, datasets))
     for name, scores in record["results"].items():
         for score, m in scores.items():
             print(f"{name} {score}: AUROC {m['auroc']:.2f}%  FPR@95 {m['fpr95']:.2f}%")

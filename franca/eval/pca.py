@@ -19,7 +19,7 @@ For one image set and one feature slice (:func:`pca_rgb`):
 3. Maps are upsampled bilinearly to the image size.
 
 Pictures are PNG grids, rows = images, columns = image, full features, each slice; every panel is enlarged by
-nearest neighbour to at least 128 pixels a side (:func:`franca.eval.pictures.picture_grid`), with the column titles
+nearest neighbour to at least 128 pixels a side (:func:`franca.eval.lib.pictures.picture_grid`), with the column titles
 above and the share of foreground patches in each title.
 
 ``python -m franca.eval.pca --weights W [--rasa-weights R] (--images P [P ...] | --dataset STR --max-images N)
@@ -33,31 +33,20 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
 from franca.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
-from franca.eval.common import (
-    EvalSettings,
-    add_eval_arguments,
-    eval_settings,
-    load_backbone_for_eval,
-    parse_eval_args,
-    run_metadata,
-    write_results,
-)
-from franca.eval.pictures import picture_grid, upscale_factor
-from franca.eval.segmentation import check_input_size, dense_features
+from franca.eval.lib import common
+from franca.eval.lib.feature_pca import DEFAULT_THRESHOLD, FOREGROUND_METHODS, pca_rgb, upsample_rgb
+from franca.eval.lib.pictures import picture_grid, upscale_factor
+from franca.eval.lib.segmentation import check_input_size, dense_features
 from franca.utils.atomic import atomic_write
 from franca.utils.features import default_device
 from franca.utils.logging import Progress
 
-DEFAULT_THRESHOLD = 0.35
-FOREGROUND_METHODS = ("border", "pc1")
 PROTOCOLS = {"franca": (448, 448)}
 
 
@@ -70,106 +59,6 @@ class PCASettings:
     remove_background: bool = True
     rows_per_grid: int = 8
     foreground: str = "border"
-
-
-def principal_components(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean [D] and the top ``n`` principal directions [n, D] of rows ``x`` [M, D] (float64, exact SVD), each
-    oriented so that its largest-magnitude loading is positive; fewer when rank(x) < n."""
-    x = x.double()
-    mean = x.mean(dim=0)
-    _, singular_values, vh = torch.linalg.svd(x - mean, full_matrices=False)
-    rank = int((singular_values > singular_values.max().clamp_min(1e-30) * 1e-10).sum()) if len(x) > 1 else 0
-    components = vh[: min(n, rank)]
-    largest = components.gather(1, components.abs().argmax(dim=1, keepdim=True))
-    return mean, components * torch.where(largest < 0, -1.0, 1.0)
-
-
-def minmax_scale(values: torch.Tensor) -> torch.Tensor:
-    """Columns of ``values`` [M, K] scaled to [0, 1] over the rows (a constant column becomes 0)."""
-    low, high = values.min(dim=0).values, values.max(dim=0).values
-    return (values - low) / (high - low).clamp_min(1e-12)
-
-
-def border_mask(n: int, h: int, w: int) -> torch.Tensor:
-    """[n, h, w] True on the outermost patch rows and columns of every image."""
-    mask = torch.zeros(n, h, w, dtype=torch.bool)
-    mask[:, 0], mask[:, -1], mask[:, :, 0], mask[:, :, -1] = True, True, True, True
-    return mask
-
-
-def otsu_threshold(values: torch.Tensor) -> float:
-    """The threshold t (midway between two sorted values) whose split {≤ t} / {> t} maximises the between-class
-    variance w₀·w₁·(μ₀ − μ₁)² (Otsu 1979, on the values themselves rather than a histogram)."""
-    ordered = values.reshape(-1).double().sort().values
-    n = len(ordered)
-    if n < 2 or ordered[-1] - ordered[0] <= 1e-12:
-        return float(ordered[-1]) if n else 0.0
-    below = torch.arange(1, n, dtype=torch.float64)
-    sums = ordered.cumsum(0)[:-1]
-    mean_low, mean_high = sums / below, (ordered.sum() - sums) / (n - below)
-    between = below * (n - below) * (mean_low - mean_high) ** 2
-    between[ordered[1:] == ordered[:-1]] = -1.0  # a split must fall between two different values
-    k = int(between.argmax())
-    return float((ordered[k] + ordered[k + 1]) / 2)
-
-
-def border_distance(patch_features: torch.Tensor) -> torch.Tensor:
-    """[N, h, w, D] → [N, h, w]: each patch's cosine distance to the median of its image's border patches."""
-    n, h, w, d = patch_features.shape
-    unit = F.normalize(patch_features.double(), dim=-1)
-    border = border_mask(1, h, w)[0]
-    background = F.normalize(unit[:, border].median(dim=1).values, dim=-1)
-    return 1.0 - torch.einsum("nhwd,nd->nhw", unit, background)
-
-
-def foreground_mask(
-    patch_features: torch.Tensor, method: str = "border", threshold: float = DEFAULT_THRESHOLD
-) -> torch.Tensor:
-    """[N, h, w] bool: the foreground patches of an image set by ``method`` (module docstring, step 1)."""
-    if method == "border":
-        scores = border_distance(patch_features)
-        return torch.stack([image > otsu_threshold(image) for image in scores])
-    if method != "pc1":
-        raise ValueError(f"foreground method {method!r} is unknown; choose one of {', '.join(FOREGROUND_METHODS)}")
-    n, h, w, d = patch_features.shape
-    x = patch_features.reshape(-1, d).double()
-    mean, components = principal_components(x, 1)
-    if not len(components):
-        return torch.ones(n, h, w, dtype=torch.bool)
-    first = (x - mean) @ components[0]
-    if first[border_mask(n, h, w).reshape(-1)].mean() < first.mean():
-        first = -first
-    return (minmax_scale(first[:, None])[:, 0] <= threshold).reshape(n, h, w)
-
-
-def pca_rgb(
-    patch_features: torch.Tensor,
-    threshold: float = DEFAULT_THRESHOLD,
-    remove_background: bool = True,
-    foreground: str = "border",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Patch features [N, h, w, D] of an image set → (RGB [N, h, w, 3] in [0, 1], foreground [N, h, w] bool).
-
-    See the module docstring; ``threshold`` applies to the ``pc1`` foreground; without ``remove_background`` every
-    patch is foreground.
-    """
-    n, h, w, d = patch_features.shape
-    x = patch_features.reshape(-1, d).double()
-    if remove_background:
-        mask = foreground_mask(patch_features, foreground, threshold).reshape(-1)
-    else:
-        mask = torch.ones(len(x), dtype=torch.bool)
-    rgb = torch.zeros(len(x), 3, dtype=torch.float64)
-    if mask.sum() > 1:
-        mean, components = principal_components(x[mask], 3)
-        rgb[mask, : components.shape[0]] = minmax_scale((x[mask] - mean) @ components.T)
-    return rgb.float().reshape(n, h, w, 3), mask.reshape(n, h, w)
-
-
-def upsample_rgb(rgb: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """[N, h, w, 3] in [0, 1] → uint8 [N, H, W, 3] by bilinear upsampling."""
-    up = F.interpolate(rgb.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False)
-    return (up.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
 
 
 def save_png_atomic(image: Image.Image, path: Path) -> Path:
@@ -193,7 +82,7 @@ def pca_pictures(
     backbone: nn.Module,
     images: list[Image.Image],
     output_dir: str | os.PathLike,
-    settings: EvalSettings,
+    settings: common.EvalSettings,
     pictures: PCASettings = PCASettings(),
     device: torch.device | None = None,
 ) -> dict:
@@ -246,7 +135,7 @@ def pca_pictures(
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("franca.eval.pca", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_eval_arguments(p, batch_size=16, old_size_names=("--input-size",), protocols=PROTOCOLS)
+    common.add_eval_arguments(p, batch_size=16, old_size_names=("--input-size",), protocols=PROTOCOLS)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", nargs="+", help="image files")
     source.add_argument("--dataset", help="dataset string, e.g. ImageFolder:root=R")
@@ -267,12 +156,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_eval_args(get_args_parser(), argv)
+    args = common.parse_eval_args(get_args_parser(), argv)
     from franca.data.datasets import decode_image
     from franca.data.loaders import make_dataset
 
-    backbone = load_backbone_for_eval(args.weights, args.rasa_weights)
-    settings = eval_settings(args, backbone, PROTOCOLS)
+    backbone = common.load_backbone_for_eval(args.weights, args.rasa_weights)
+    settings = common.eval_settings(args, backbone, PROTOCOLS)
     if args.images:
         names, images = list(args.images), [decode_image(path, settings.decoding) for path in args.images]
     else:
@@ -283,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = pca_pictures(backbone, images, args.output_dir, settings, pictures, default_device())
     record = {"weights": args.weights, "rasa_weights": args.rasa_weights, "images": names, **results}
     datasets = {"images": names} if args.images else {"dataset": args.dataset, "images": names}
-    write_results(args.output_dir, "pca", record, run_metadata(args, settings, datasets))
+    common.write_results(args.output_dir, "pca", record, common.run_metadata(args, settings, datasets))
     print(f"pca: wrote {', '.join(results['grids'])} to {args.output_dir}")
     return record
 

@@ -9,7 +9,7 @@ Each protocol runs as its own command (``franca.eval.<protocol>``) into ``D/<pro
 write; the k-NN runs with ``--baselines random-init,pixels``. ``D/report.html`` then shows, from the top: the model
 (architecture, trained size, stored decoding), a headline box (per protocol its main number, its floors, the
 datasets and the image size), the full command, and per protocol its time, tables shaped like its data
-(:mod:`franca.eval.report_views`: k × model and floors, Matryoshka dimension × k, mIoU and IoU per class, ...), its
+(:mod:`franca.eval.lib.report_views`: k × model and floors, Matryoshka dimension × k, mIoU and IoU per class, ...), its
 pictures (the Matryoshka curve, the PCA grids, HummingBird predictions beside the ground truth, enlarged and
 labelled by the commands), its settings and the metadata block. Every picture is embedded as a data URI: the page
 is one file to open, mail or archive. A protocol that fails is shown with its error and the others still run. By
@@ -29,9 +29,9 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from franca.eval.common import default_num_workers, load_backbone_for_eval
-from franca.eval.floors import BASELINES
-from franca.eval.report_views import Table, headline, settings, tables
+from franca.eval.lib import common
+from franca.eval.lib.floors import BASELINES
+from franca.eval.lib.report_views import Table, headline, settings, tables
 from franca.utils.atomic import atomic_write
 
 CLASSIFICATION = ("knn", "matryoshka", "linear", "log_regression")
@@ -73,7 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--pca-dataset", default=None, help="dataset for the PCA pictures (default: the val set)")
     p.add_argument("--image-size", type=int, nargs="+", default=None, help="S or H W (default: the trained size)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=default_num_workers())
+    p.add_argument("--num-workers", type=int, default=common.default_num_workers())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--alpha-background", default=None, help="colour under transparent pixels (default: the model's)")
     p.add_argument("--image-max-value", default=None, help="16/32-bit images' maximum (default: the model's)")
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> Path:
     out_dir = Path(args.output_dir)
     command = shlex.join(["python", "-m", "franca.eval.report", *(sys.argv[1:] if argv is None else argv)])
     try:
-        model = describe_model(load_backbone_for_eval(args.weights, args.rasa_weights))
+        model = describe_model(common.load_backbone_for_eval(args.weights, args.rasa_weights))
     except (OSError, ValueError, RuntimeError) as err:  # every protocol will fail and show why; say it here too
         model = f"the backbone could not be loaded: {err}"
     runs = []

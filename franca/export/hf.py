@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from franca.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
-from franca.eval.common import classification_resize
+from franca.eval.lib.common import classification_resize
 from franca.export.wrappers import add_model_arguments, load_export_model
 from franca.hub.registry import ReleasedWeights, release_of
 from franca.interop.extras import require

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from franca.data.image_decoding import ImageDecoding
-from franca.eval.common import add_decoding_arguments, add_image_size_argument, resolve_decoding, resolve_image_size
-from franca.eval.provenance import results_metadata
+from franca.eval.lib.common import add_decoding_arguments, add_image_size_argument, resolve_decoding, resolve_image_size
+from franca.eval.lib.provenance import results_metadata
 
 METADATA_KEY = "franca.metadata"
 DECODING_KEY = "franca.input_decoding"
@@ -58,7 +58,7 @@ def export_settings(args: argparse.Namespace, model: nn.Module) -> ExportSetting
 
 def export_metadata(args: argparse.Namespace, settings: ExportSettings) -> dict[str, str]:
     """String entries for the export's own metadata (ONNX ``metadata_props``, Core ML ``user_defined_metadata``,
-    the safetensors header): the decoding, and the metadata block of :func:`franca.eval.provenance.results_metadata`
+    the safetensors header): the decoding, and the metadata block of :func:`franca.eval.lib.provenance.results_metadata`
     as JSON."""
     sizes = {} if settings.image_size is None else {"image_size": list(settings.image_size)}
     sizes.update({"image_size_from": settings.size_source} if settings.image_size else {})

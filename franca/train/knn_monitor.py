@@ -6,8 +6,8 @@ When ``evaluation.knn_train_dataset`` and ``evaluation.knn_val_dataset`` are bot
 extracts the teacher backbone's CLS feature of every image of both datasets (shorter side resized to
 ``crops.global_crops_size``, centre-cropped to it and normalised as the evaluation commands do), in eval mode, without
 gradients, under the trainer's autocast, then classifies the validation images by DINO's temperature-weighted vote
-(:func:`franca.utils.knn.knn_top1`, on L2-normalised features) for each k of ``evaluation.knn_k``. The accuracies go
-into the training metrics as ``knn_top1_k<k>`` (percent).
+(:func:`franca.utils.knn.knn_accuracies`, on L2-normalised features) for each k of ``evaluation.knn_k``. The top-1
+accuracies go into the training metrics as ``knn_top1_k<k>`` (percent).
 
 With several processes each rank extracts a strided share of each dataset with its own part of the live teacher: under
 FSDP every forward gathers the sharded parameters collectively, so the shares are padded to the same length (every rank
@@ -29,7 +29,7 @@ from franca.data.image_decoding import training_decoding
 from franca.data.loaders import make_dataset
 from franca.distributed import is_distributed
 from franca.utils.features import extract_features
-from franca.utils.knn import knn_top1
+from franca.utils.knn import knn_accuracies
 
 
 def shard_indices(size: int, rank: int, world_size: int) -> tuple[list[int], int]:
@@ -93,8 +93,8 @@ class KnnMonitor:
         val, val_labels = self.features(backbone, self.val_set, "k-NN val")
         for key, labels in (("knn_train_dataset", train_labels), ("knn_val_dataset", val_labels)):
             require_labels(labels, key)
-        top1 = knn_top1(train, train_labels, val, val_labels, self.ks, self.temperature, self.device)
-        return {f"knn_top1_k{k}": accuracy for k, accuracy in top1.items()}
+        accuracies = knn_accuracies(train, train_labels, val, val_labels, self.ks, self.temperature, self.device)
+        return {f"knn_top1_k{k}": accuracies[f"{k}"]["top1"] for k in self.ks}
 
     def run(self, backbone: nn.Module, done: int, max_iter: int, main_process: bool) -> dict[str, float]:
         """:meth:`evaluate`, with a line on the main process's console giving the progress and the accuracies."""

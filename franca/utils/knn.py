@@ -8,6 +8,7 @@ exp(similarity / T) and sums the weights per class; the class with the largest v
 import torch
 import torch.nn.functional as F
 
+from franca.utils.accuracy import topk_accuracy
 from franca.utils.features import default_device
 
 DEFAULT_KS = (10, 20, 100, 200)
@@ -50,7 +51,7 @@ def knn_classify(
     return {k: torch.cat(v) for k, v in votes.items()}
 
 
-def knn_top1(
+def knn_accuracies(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
     test_features: torch.Tensor,
@@ -58,11 +59,13 @@ def knn_top1(
     ks: tuple[int, ...] = DEFAULT_KS,
     temperature: float = 0.07,
     device: torch.device | None = None,
-) -> dict[int, float]:
-    """Top-1 accuracy in percent of the weighted vote for each k (a tied vote goes to the lowest class index)."""
+) -> dict[str, dict[str, float]]:
+    """``{str(k): {"top1": %, "top5": %}}`` of the weighted vote for each k (ties go to the lowest class index)."""
     if len(test_labels) == 0:
         raise ValueError("k-NN accuracy of an empty test set is undefined: no test labels given")
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     votes = knn_classify(train_features, train_labels, test_features, ks, temperature, num_classes, device=device)
     labels = test_labels.cpu()
-    return {k: 100.0 * (v.argmax(dim=1) == labels).double().mean().item() for k, v in votes.items()}
+    return {
+        f"{k}": {"top1": topk_accuracy(v, labels, 1), "top5": topk_accuracy(v, labels, 5)} for k, v in votes.items()
+    }

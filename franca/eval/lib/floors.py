@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from franca.eval.models import FeatureModel
+from franca.eval.lib.models import FeatureModel
 from franca.models.config import ViTConfig
 from franca.models.vision_transformer import DinoVisionTransformer
 

@@ -1,4 +1,5 @@
-"""Metrics shared by the evaluation commands: top-k accuracy, AUROC and FPR at 95% TPR.
+"""Out-of-distribution metrics of the evaluation commands: AUROC and FPR at 95% TPR (top-k accuracy is
+:func:`franca.utils.accuracy.topk_accuracy`).
 
 Out-of-distribution convention (Hendrycks & Gimpel 2017; Sun et al. 2022): in-distribution samples are the
 positives and a larger score means "more in-distribution".
@@ -7,20 +8,6 @@ positives and a larger score means "more in-distribution".
 import math
 
 import torch
-
-
-def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, topk: int = 1) -> float:
-    """Share of samples whose label is among the ``topk`` largest logits, in percent.
-
-    Ties are broken by ``torch.topk`` (lowest index first), so a constant row counts class 0 as predicted.
-    """
-    if logits.ndim != 2 or len(logits) != len(labels):
-        raise ValueError(f"logits must be [N, C] with N = len(labels) = {len(labels)}, got {tuple(logits.shape)}")
-    if len(labels) == 0:
-        raise ValueError("top-k accuracy of an empty set is undefined: no labels given")
-    topk = min(topk, logits.shape[1])
-    hits = (logits.topk(topk, dim=1).indices == labels.to(logits.device)[:, None]).any(dim=1)
-    return 100.0 * hits.double().mean().item()
 
 
 def _check_scores(scores_in: torch.Tensor, scores_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from franca.data.image_decoding import DEFAULT_DECODING, ImageDecoding, parse_background, parse_max_value
-from franca.eval.provenance import results_metadata
-from franca.eval.segmentation import check_input_size, parse_size
+from franca.eval.lib.provenance import results_metadata
+from franca.eval.lib.segmentation import check_input_size, parse_size
 from franca.utils.atomic import atomic_write
 from franca.utils.features import default_device, extract_features
 
@@ -297,7 +297,7 @@ def extract_labelled_features(
 
 
 def run_metadata(args: argparse.Namespace, settings: EvalSettings, datasets: dict, sizes: dict | None = None) -> dict:
-    """The metadata block of a results file (:func:`franca.eval.provenance.results_metadata`) of a parsed command
+    """The metadata block of a results file (:func:`franca.eval.lib.provenance.results_metadata`) of a parsed command
     line; ``sizes`` adds command-specific sizes to the shared ones."""
     all_sizes = {**settings.sizes(), **(sizes or {})}
     return results_metadata(
