@@ -289,6 +289,16 @@ def test_distill_config_errors_name_the_key_and_the_fix(teacher_file):
     assert distill_config(teacher_file, "student.arch=timm:resnet18", "student.patch_size=8").student.arch
 
 
+def test_the_progress_line_has_uniform_values_in_the_heads_mode_only(teacher_file):
+    from franca.train.progress import model_uniform_values
+
+    cfg = distill_config(teacher_file)
+    heads, features = (float64_model(cfg, mode) for mode in ("heads", "features"))
+    assert heads.has_clustering_heads and not features.has_clustering_heads
+    assert set(model_uniform_values(heads, 1)) == {"dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss"}
+    assert model_uniform_values(features, 1) == {}
+
+
 def test_the_mode_follows_the_teacher_file(teacher_file, tmp_path):
     cfg = distill_config(teacher_file)
     with_heads = load_teacher(cfg)

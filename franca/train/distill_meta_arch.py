@@ -253,6 +253,10 @@ class FeatureDistillMetaArch(DistillMetaArch):
         """The student backbone (the projection is a training device)."""
         return self._export
 
+    @property
+    def has_clustering_heads(self) -> bool:
+        return False
+
     def _feature_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg.distill
         if cfg.feature_loss == "smooth_l1":

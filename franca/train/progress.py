@@ -64,7 +64,7 @@ def masked_global_share(batch_size_per_rank: int, world_size: int, mask_probabil
 def model_uniform_values(model: SSLMetaArch, world_size: int) -> dict[str, float]:
     """:func:`uniform_loss_values` of a meta-architecture and its config, for ``world_size`` ranks; none for a model
     without clustering heads (head-free distillation)."""
-    if "dino_head" not in model.student:
+    if not model.has_clustering_heads:
         return {}
     cfg = model.cfg
     ibot_prototypes = model._ibot_head("student").out_dims if model.use_ibot else None

@@ -181,6 +181,12 @@ class SSLMetaArch(nn.Module):
         """What the run exports in the release format and evaluates (periodic k-NN): the EMA teacher."""
         return self.teacher
 
+    @property
+    def has_clustering_heads(self) -> bool:
+        """Whether the losses are the DINO / iBOT clusterings (with uniform values to compare with); False for the
+        head-free distillation."""
+        return True
+
     def _ibot_head(self, which: str) -> nn.Module:
         models = self.student if which == "student" else self.teacher
         return models["ibot_head"] if "ibot_head" in models else models["dino_head"]
