@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_RUN
+from helpers import LEARNING, TINY_RUN
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -22,3 +22,17 @@ def tiny_config(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY_RUN)
     return path
+
+
+@pytest.fixture(scope="session")
+def learned_run(tmp_path_factory) -> Path:
+    """The output folder of the tiny Franca run that learns (helpers.LEARNING: 320 iterations on the bundled
+    Fashion-MNIST subset, about half a minute on two cores), trained once per session: tests/test_learning.py checks
+    that it learns, the distillation and adaptation learning tests start from its teacher."""
+    from franca.train import train as trainer
+
+    root = tmp_path_factory.mktemp("learned_run")
+    config = root / "learning.yaml"
+    config.write_text(LEARNING)
+    trainer.main(["--config-file", str(config), "--output-dir", str(root / "run")])
+    return root / "run"

@@ -2,6 +2,7 @@
 comparisons. Tests import these from here, never from another test module."""
 
 import socket
+from functools import cache
 
 import torch
 
@@ -115,3 +116,27 @@ def step_losses(model, batch: dict, teacher_temp: float, chunk_size: int | None 
     """The loss terms of one step on ``batch`` (the phases of ``forward_backward``, without its backward)."""
     teacher = model.teacher_targets([model.teacher_backbone(batch)], [batch], teacher_temp, chunk_size)[0]
     return model.student_losses(batch, teacher, chunk_size)
+
+
+@cache
+def bundled_knn_sets(size: int = 16):
+    """(bank, test) of the shipped Fashion-MNIST subset at ``size`` px: the first 2,000 training images and the 1,000
+    test images, as the learning tests classify them."""
+    from torch.utils.data import Subset
+
+    from franca.data.augmentations import make_classification_eval_transform
+    from franca.data.loaders import make_dataset
+
+    transform = make_classification_eval_transform(resize_size=size, crop_size=size)
+    bank = make_dataset("FashionMNIST:root=bundled:split=train", transform=transform)
+    return Subset(bank, range(2000)), make_dataset("FashionMNIST:root=bundled:split=test", transform=transform)
+
+
+def cls_knn(model: torch.nn.Module, bank, test) -> float:
+    """CLS k-NN top-1 (k = 20, T = 0.07) of ``model`` with ``bank`` as the labelled set and ``test`` classified."""
+    from franca.utils.features import extract_features
+    from franca.utils.knn import knn_accuracies
+
+    train = extract_features(model, bank, batch_size=500)
+    test = extract_features(model, test, batch_size=500)
+    return knn_accuracies(*train, *test, ks=(20,))["20"]["top1"]
