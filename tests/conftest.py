@@ -5,10 +5,17 @@ import pytest
 import torch
 from helpers import LEARNING, TINY_RUN
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread pool per process sized to the cores: under ``pytest -n N`` each worker gets cores / N threads
+# (2 workers on 2 cores: 1 each), since oversubscribed torch threads slow every worker down.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+# Modules scheduled first: the learning runs are the suite's longest file, so under ``--dist loadfile`` it starts on
+# one worker while the other takes the rest, instead of running alone at the end.
+FIRST_MODULES = ("test_learning.py",)
 
 
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in FIRST_MODULES)
     if torch.cuda.is_available():
         return
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
