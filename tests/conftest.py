@@ -7,8 +7,12 @@ from helpers import LEARNING, TINY_RUN
 
 # One intra-op thread pool per process sized to the cores: under ``pytest -n N`` each worker gets cores / N threads
 # (2 workers on 2 cores: 1 each), since oversubscribed torch threads slow every worker down.
+# The trainers that tests launch as subprocesses inherit the count through OMP_NUM_THREADS, so a resumed subprocess
+# run computes as the in-process run it is compared with.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+torch.set_num_threads(THREADS)
 # Modules scheduled first: the learning runs are the suite's longest file, so under ``--dist loadfile`` it starts on
 # one worker while the other takes the rest, instead of running alone at the end.
 FIRST_MODULES = ("test_learning.py",)
