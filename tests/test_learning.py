@@ -154,9 +154,10 @@ LEARNING_ADAPT = [
     "compute_precision.chunked_losses=false",
 ]
 ADAPT_KNN_MARGIN = 2.0  # percentage points of digits k-NN over the frozen source (measured +4.8)
-STAGE_ONE_TARGET_ENTROPY_MAX = (
-    0.9  # every DINO / iBOT level at the end of stage 1, as a fraction of log K (measured ≤ 0.70)
-)
+# Every DINO / iBOT level's target entropy at the end of stage 1, as a fraction of log K: the pretrained features give
+# sharp, image-dependent targets (measured ≤ 0.70; they are already 0.26-0.53 at iteration 0, since Sinkhorn-Knopp at
+# teacher_temp 0.01 sharpens even fresh heads' scores), so this catches heads collapsing to uniform, not a fall.
+STAGE_ONE_TARGET_ENTROPY_MAX = 0.9
 
 
 @pytest.mark.slow
@@ -176,7 +177,7 @@ def test_two_stages_adapt_a_learned_backbone_to_handwritten_digits(learned_run, 
     assert all(r["drift_cls_cos"] == 1.0 for r in stage_one)  # the backbone waits while the heads learn
     for head in ("dino", "ibot"):
         entropies = level_values(stage_one[-1], head, "target_entropy")
-        assert max(entropies) < STAGE_ONE_TARGET_ENTROPY_MAX, (head, entropies)  # the targets left uniform
+        assert max(entropies) < STAGE_ONE_TARGET_ENTROPY_MAX, (head, entropies)
     assert records[-1]["drift_cls_cos"] < 1.0  # then the backbone moved
 
     transform = make_classification_eval_transform(resize_size=16, crop_size=16)
