@@ -640,6 +640,10 @@ def test_values_at_the_edges_of_their_ranges_load(overrides):
             ],
             ["train.freeze_backbone_iterations=6", "optim.backbone_warmup_iterations=5", "10 iterations"],
         ),
+        (
+            ["student.pretrained_weights=w.pth", "train.log_period=50"],
+            ["train.drift_warning_window=20", "train.log_period=50", "to 50"],
+        ),
         (["evaluation.knn_train_dataset=ImageFolder:root=/a"], ["evaluation.knn_train_dataset", "knn_val_dataset=''"]),
         (["evaluation.knn_val_dataset=ImageFolder:root=/b"], ["evaluation.knn_train_dataset=''", "knn_val_dataset"]),
         (
@@ -702,3 +706,9 @@ def test_values_from_a_file_are_checked_too(tmp_path):
 )
 def test_every_shipped_training_recipe_passes_the_value_rules(path):
     load_config(path)
+
+
+def test_the_drift_window_rule_needs_a_drift_monitor():
+    load_config(None, ["train.log_period=50"])  # no pretrained weights: no monitor
+    load_config(None, ["student.pretrained_weights=w.pth", "train.log_period=50", "train.drift_probe_images=0"])
+    load_config(None, ["student.pretrained_weights=w.pth", "train.log_period=20"])

@@ -174,8 +174,8 @@ VALUE_RULES: dict[str, ValueRule] = {
     "train.grad_accumulation_steps": at_least(1, "1 = no accumulation; k micro-batches of batch_size_per_gpu a step"),
     "train.drift_probe_images": at_least(0, "0 turns the drift monitor off; e.g. 64"),
     "train.drift_warning_drop": within(0, 1, "the fall of the CLS cosine that warns, e.g. 0.2", low_open=True),
-    "train.drift_warning_window": at_least(1, "iterations after the backbone starts training, e.g. 200"),
-    "optim.backbone_lr_mult": above(0, "the backbone's lr relative to optim.lr, e.g. 0.1 to adapt a backbone"),
+    "train.drift_warning_window": at_least(1, "iterations after the backbone starts training, e.g. 20"),
+    "optim.backbone_lr_mult": above(0, "the backbone's lr relative to optim.lr, e.g. 0.1 to stay near the start"),
     "optim.backbone_warmup_iterations": at_least(0, "iterations of the backbone's lr ramp, e.g. 100"),
     "student.layer_norm_eps": above(0, "1e-6 as Franca and DINOv2, 1e-5 for DINOv3"),
     "student.rope_base": above(0, "the RoPE period base, 100 as DINOv3"),
@@ -369,6 +369,19 @@ def _stages_within_the_run(cfg: DictConfig) -> list[str]:
     return []
 
 
+def _drift_warning_sees_a_log_line(cfg: DictConfig) -> list[str]:
+    train = cfg.train
+    if not cfg.student.pretrained_weights or not train.drift_probe_images:
+        return []
+    if train.drift_warning_window >= train.log_period:
+        return []
+    return [
+        f"train.drift_warning_window={train.drift_warning_window} is shorter than train.log_period={train.log_period}: "
+        "the drift is measured at log lines, so the warning might never be checked; raise "
+        f"train.drift_warning_window to {train.log_period} or lower train.log_period"
+    ]
+
+
 def _initial_weights_consistent(cfg: DictConfig) -> list[str]:
     weights, pretrained = cfg.MODEL.WEIGHTS, cfg.student.pretrained_weights
     if cfg.train.high_resolution_finetune and not weights:
@@ -397,6 +410,7 @@ CONSTRAINTS: tuple[Constraint, ...] = (
     _freeze_within_the_run,
     _stages_within_the_run,
     _knn_datasets_paired,
+    _drift_warning_sees_a_log_line,
     _initial_weights_consistent,
 )
 
