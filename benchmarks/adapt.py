@@ -16,8 +16,8 @@ and on the source domain (Fashion-MNIST: bank = the first 10,000 train images, a
 ``python -m franca.quickstart``):
 
 - (a) ``frozen``: the source backbone as it is;
-- (b) ``two-stage``: ``configs/train/adapt.yaml`` (heads first on the frozen backbone, then the backbone at a tenth
-  of the lr with a ramp and layer-wise decay);
+- (b) ``two-stage``: ``configs/train/adapt.yaml`` (heads first on the frozen backbone, then the backbone with a ramp
+  and layer-wise decay);
 - (c) ``naive``: the same recipe without stage 1 and with the recipe's lr on everything (what a plain restart does);
 - (d) ``scratch``: Franca from random init on the target only, ``configs/train/quickstart.yaml`` (the source's recipe).
 
