@@ -84,6 +84,18 @@ def _resolved(overrides: list[str], config_file: Path | None = RECIPE):
     return cfg, resolve_pretrained(cfg, TRAINING_SCHEMA.explicit_keys(config_file, overrides))
 
 
+def test_missing_pretrained_weights_are_named_by_their_config_key(tmp_path):
+    missing = tmp_path / "missing.pth"
+    with pytest.raises(FileNotFoundError, match=f"student.pretrained_weights='{missing}': no such file"):
+        _resolved([*TINY_ADAPT, f"student.pretrained_weights={missing}"])
+
+
+def test_a_missing_image_folder_is_named_by_its_config_key(weight_files, tmp_path):
+    argv = _tiny_run(tmp_path / "run", weight_files["release"])
+    with pytest.raises(FileNotFoundError, match="train.dataset_path='ImageFolder:root=/no/such/images'"):
+        trainer.main([*argv, "train.dataset_path=ImageFolder:root=/no/such/images"])
+
+
 @pytest.mark.parametrize(
     "kind", ["release", "teacher export", "safetensors folder", "training checkpoint (no stored config)"]
 )
@@ -344,9 +356,9 @@ def test_drift_warns_once_when_the_cls_cosine_falls_fast_after_the_backbone_join
 
 
 @pytest.mark.slow
-def test_a_released_vitb14_file_adapts_with_the_large_recipe_one_iteration_per_stage(tmp_path):
+def test_a_released_vitb14_file_adapts_with_the_large_recipe_one_iteration_per_stage(tmp_path, capsys):
     """The released-weights path at ViT-B/14 (random weights in the release layout: chunked keys, no config), the
-    IN21K recipe, 224 → 112 px, one iteration of each stage."""
+    IN21K recipe, 224 → 112 px, one iteration of each stage; the console names both stages."""
     from franca.hub import franca_vitb14
     from franca.models.weights import to_release
 
@@ -375,6 +387,8 @@ def test_a_released_vitb14_file_adapts_with_the_large_recipe_one_iteration_per_s
             "ibot.head_n_prototypes=1024",
         ]
     )
+    console = capsys.readouterr().out
+    assert "stage 1: heads only for 1 iterations" in console and "stage 2 from iteration 2" in console
     records = [json.loads(line) for line in (out / "training_metrics.json").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [0, 1]
     assert records[0]["drift_cls_cos"] == 1.0 and all(math.isfinite(r["total_loss"]) for r in records)

@@ -641,6 +641,10 @@ def test_values_at_the_edges_of_their_ranges_load(overrides):
             ["train.freeze_backbone_iterations=6", "optim.backbone_warmup_iterations=5", "10 iterations"],
         ),
         (
+            ["train.freeze_backbone_iterations=5"],
+            ["train.freeze_backbone_iterations=5", "student.pretrained_weights is empty"],
+        ),
+        (
             ["student.pretrained_weights=w.pth", "train.log_period=50"],
             ["train.drift_warning_window=20", "train.log_period=50", "to 50"],
         ),
@@ -699,13 +703,22 @@ def test_values_from_a_file_are_checked_too(tmp_path):
         load_config(_write(tmp_path, "train:\n  num_workers: 4\n"), ["train.num_workers=-1"])
 
 
+# Keys a recipe leaves to the user and checks for (configs/train/adapt.yaml: the weights to adapt).
+RECIPE_USER_KEYS = {"adapt": ["student.pretrained_weights=w.pth"]}
+
+
 @pytest.mark.parametrize(
     "path",
     sorted((REPO / "configs" / "train").rglob("*.yaml")) + sorted((REPO / "configs" / "finetune").glob("*.yaml")),
     ids=lambda p: f"{p.parent.name}/{p.stem}",
 )
 def test_every_shipped_training_recipe_passes_the_value_rules(path):
-    load_config(path)
+    load_config(path, RECIPE_USER_KEYS.get(path.stem, []))
+
+
+def test_the_adapt_recipe_asks_for_the_weights_it_adapts():
+    with pytest.raises(ConfigError, match="student.pretrained_weights is empty"):
+        load_config(REPO / "configs" / "train" / "adapt.yaml")
 
 
 def test_the_drift_window_rule_needs_a_drift_monitor():

@@ -304,16 +304,21 @@ def load_backbone(
 
 
 def _load_file_backbone(
-    weights: str | os.PathLike, arch: str | None, rasa_weights, use_rasa_head: bool, kwargs: dict
+    weights: str | os.PathLike,
+    arch: str | None,
+    rasa_weights,
+    use_rasa_head: bool,
+    kwargs: dict,
+    argument: str = "weights",
 ) -> tuple[DinoVisionTransformer, dict | None]:
     """The backbone of a checkpoint file / export folder / transformers or timm folder / URL, and the raw checkpoint
-    it was read from (None for a transformers or timm folder)."""
+    it was read from (None for a transformers or timm folder). ``argument`` names ``weights`` in errors."""
     raw = None
     if not is_url(str(weights)) and folder_format(weights) is not None:
         config, state_dict = read_foreign_folder(weights)
         stored, embedded_rasa = {**config.to_dict(), **_franca_config_decoding(weights)}, {}
     else:
-        raw = load_checkpoint_file(weights)
+        raw = load_checkpoint_file(weights, argument=argument)
         stored = _stored_config(weights, raw)
         state_dict, embedded_rasa = from_release(raw)
     if is_timm_config(stored):
@@ -332,13 +337,16 @@ def _franca_config_decoding(folder: str | os.PathLike) -> dict:
     return {key: stored[key] for key in (INPUT_DECODING_KEY,) if key in stored}
 
 
-def load_backbone_and_heads(weights: str | os.PathLike) -> tuple[DinoVisionTransformer, dict[str, dict]]:
+def load_backbone_and_heads(
+    weights: str | os.PathLike, argument: str = "weights"
+) -> tuple[DinoVisionTransformer, dict[str, dict]]:
     """:func:`load_backbone` of ``weights`` (architecture read off the file), with the DINO / iBOT heads the file
-    carries (``{"dino_head": …, "ibot_head": …}``; none for hub names and released weights, which ship no heads)."""
+    carries (``{"dino_head": …, "ibot_head": …}``; none for hub names and released weights, which ship no heads).
+    ``argument`` names ``weights`` in errors (``student.pretrained_weights`` for the trainer)."""
     entry = str(weights).partition(":")[0]
     if (entry in HUB_ENTRIES and not os.path.exists(weights)) or is_weights_name(str(weights)):
         return load_backbone(weights), {}
-    model, raw = _load_file_backbone(weights, None, None, False, {})
+    model, raw = _load_file_backbone(weights, None, None, False, {}, argument)
     return model, extract_training_heads(raw) if isinstance(raw, dict) else {}
 
 

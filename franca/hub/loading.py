@@ -322,7 +322,7 @@ def load_checkpoint_file(path_or_url: str | os.PathLike, sha256: str | None = No
     if not path.exists():
         raise FileNotFoundError(
             f"{argument}={str(path_or_url)!r}: no such file or folder; pass a released weights name, an "
-            "existing .pth/.safetensors file, a safetensors export folder, or a URL"
+            "existing .pth/.safetensors file, a safetensors export folder, a transformers or timm folder, or a URL"
         )
     if sha256 is not None and path.is_file():
         _verify_local_sha256(path, sha256)

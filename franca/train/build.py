@@ -78,14 +78,22 @@ def build_collator(cfg: DictConfig, rank: int = 0, world_size: int = 1) -> Maski
     )
 
 
+def training_dataset(cfg: DictConfig, transform: Callable | None = None):
+    """The dataset of ``train.dataset_path``, decoded as the run decodes its images; a missing folder or file is an
+    error that names the config key."""
+    try:
+        return make_dataset(cfg.train.dataset_path, transform=transform, decoding=training_decoding(cfg))
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"train.dataset_path={cfg.train.dataset_path!r}: {error}") from None
+
+
 def build_data(
     cfg: DictConfig, start_iteration: int, rank: int = 0, world_size: int = 1, batched_photometric: bool = False
 ):
     """The dataset and the training loader (map-style or shards) with the multi-crop transform and masking collate;
     ``batched_photometric`` gives the split transform, whose batches :func:`prepare_batch` finishes."""
     transform = build_transform(cfg, batched_photometric)
-    decoding = training_decoding(cfg)
-    dataset = make_dataset(cfg.train.dataset_path, decoding=decoding)
+    dataset = training_dataset(cfg)
     collate = build_collator(cfg, rank, world_size)
     make_loader = make_webdataset_train_loader if isinstance(dataset, WebDatasetShards) else make_train_data_loader
     loader = make_loader(

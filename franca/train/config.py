@@ -175,7 +175,7 @@ VALUE_RULES: dict[str, ValueRule] = {
     "train.drift_probe_images": at_least(0, "0 turns the drift monitor off; e.g. 64"),
     "train.drift_warning_drop": within(0, 1, "the fall of the CLS cosine that warns, e.g. 0.2", low_open=True),
     "train.drift_warning_window": at_least(1, "iterations after the backbone starts training, e.g. 20"),
-    "optim.backbone_lr_mult": above(0, "the backbone's lr relative to optim.lr, e.g. 0.1 to stay near the start"),
+    "optim.backbone_lr_mult": above(0, "the backbone's lr relative to optim.lr: 1.0 adapts, 0.1 stays near the start"),
     "optim.backbone_warmup_iterations": at_least(0, "iterations of the backbone's lr ramp, e.g. 100"),
     "student.layer_norm_eps": above(0, "1e-6 as Franca and DINOv2, 1e-5 for DINOv3"),
     "student.rope_base": above(0, "the RoPE period base, 100 as DINOv3"),
@@ -369,6 +369,17 @@ def _stages_within_the_run(cfg: DictConfig) -> list[str]:
     return []
 
 
+def _frozen_backbone_is_pretrained(cfg: DictConfig) -> list[str]:
+    freeze = cfg.train.freeze_backbone_iterations
+    if not freeze or cfg.student.pretrained_weights or cfg.MODEL.WEIGHTS:
+        return []
+    return [
+        f"train.freeze_backbone_iterations={freeze} trains the heads on a frozen backbone, but no weights start it "
+        "(student.pretrained_weights is empty): the heads would learn from a random backbone. Set "
+        "student.pretrained_weights=W (a hub name, a file, a folder or a URL), or train.freeze_backbone_iterations=0"
+    ]
+
+
 def _drift_warning_sees_a_log_line(cfg: DictConfig) -> list[str]:
     train = cfg.train
     if not cfg.student.pretrained_weights or not train.drift_probe_images:
@@ -409,6 +420,7 @@ CONSTRAINTS: tuple[Constraint, ...] = (
     _level_weights_match_the_levels,
     _freeze_within_the_run,
     _stages_within_the_run,
+    _frozen_backbone_is_pretrained,
     _knn_datasets_paired,
     _drift_warning_sees_a_log_line,
     _initial_weights_consistent,

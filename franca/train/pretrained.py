@@ -59,7 +59,7 @@ class PretrainedWeights:
 
     @classmethod
     def read(cls, source: str) -> "PretrainedWeights":
-        model, heads = load_backbone_and_heads(source)
+        model, heads = load_backbone_and_heads(source, argument="student.pretrained_weights")
         state = {key: value for key, value in model.state_dict().items() if not key.startswith("rasa_head.")}
         return cls(source, model.config, state, heads)
 

@@ -268,11 +268,11 @@ def do_train(
     uniform = model_uniform_values(model, world_size)
     if main_process and uniform:
         print(announce_uniform_values(uniform), flush=True)
-    if cfg.train.freeze_backbone_iterations:
+    stage_two = cfg.train.freeze_backbone_iterations
+    if main_process and stage_two:
         print(
-            f"stage 1: heads only for {cfg.train.freeze_backbone_iterations} iterations (backbone frozen), then the "
-            f"backbone joins at {cfg.optim.backbone_lr_mult:g} x the lr over a {cfg.optim.backbone_warmup_iterations}"
-            "-iteration ramp",
+            f"stage 1: heads only for {stage_two} iterations (backbone frozen), then the backbone joins at "
+            f"{cfg.optim.backbone_lr_mult:g} x the lr over a {cfg.optim.backbone_warmup_iterations}-iteration ramp",
             flush=True,
         )
 
@@ -291,6 +291,8 @@ def do_train(
     window_start, window_iters = time.perf_counter(), 0
     data_iter = iter(loader)
     for iteration in range(start, max_iter):
+        if main_process and stage_two and iteration == stage_two:
+            print(f"stage 2 from iteration {iteration + 1}: the backbone trains (its lr ramps in)", flush=True)
         t_data = time.perf_counter()
         batches = [prepare_batch(next(data_iter), runtime) for _ in range(accumulation)]
         data_time = time.perf_counter() - t_data
