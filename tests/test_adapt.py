@@ -90,6 +90,13 @@ def test_missing_pretrained_weights_are_named_by_their_config_key(tmp_path):
         _resolved([*TINY_ADAPT, f"student.pretrained_weights={missing}"])
 
 
+def test_the_command_line_prints_a_user_error_as_one_line(tmp_path):
+    command = [sys.executable, "-m", "franca.train", "--config-file", str(RECIPE), "--output-dir", str(tmp_path)]
+    done = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: train.freeze_backbone_iterations=30") and "Traceback" not in done.stderr
+
+
 def test_a_missing_image_folder_is_named_by_its_config_key(weight_files, tmp_path):
     argv = _tiny_run(tmp_path / "run", weight_files["release"])
     with pytest.raises(FileNotFoundError, match="train.dataset_path='ImageFolder:root=/no/such/images'"):

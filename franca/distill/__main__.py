@@ -8,7 +8,6 @@ Franca teacher, ``D/eval/training_<iteration>/teacher_checkpoint.pth`` with its 
 loader, evaluation command and export reads (training.md, "Distil").
 """
 
-import sys
 from functools import partial
 
 from franca.checkpoint import teacher_export_path
@@ -17,6 +16,7 @@ from franca.distributed import destroy_distributed
 from franca.train import train as trainer
 from franca.train.distill_config import DISTILL_CONFIG
 from franca.train.distill_meta_arch import build_distill_meta_arch, choose_mode
+from franca.utils.cli import run_command
 
 MODE_DESCRIPTIONS = {
     "heads": "the student learns the teacher's Sinkhorn-Knopp targets (DINO at every level, iBOT on masked patches)",
@@ -56,4 +56,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    run_command(main)

@@ -1,3 +1,4 @@
 from franca.train.train import main
+from franca.utils.cli import run_command
 
-main()
+run_command(main)

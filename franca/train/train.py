@@ -17,7 +17,6 @@ over ranks, so it equals the single-process loss on the concatenated batch when 
 
 import argparse
 import signal
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -66,6 +65,7 @@ from franca.train.run_folder import lock_run_folder, open_run, release_run_folde
 from franca.train.runtime import Runtime
 from franca.train.ssl_meta_arch import SSLMetaArch
 from franca.utils.atomic import sweep_stale_temporaries
+from franca.utils.cli import run_command
 from franca.utils.logging import MetricsWriter, Progress
 
 
@@ -404,4 +404,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    run_command(main)
