@@ -90,6 +90,7 @@ def test_missing_pretrained_weights_are_named_by_their_config_key(tmp_path):
         _resolved([*TINY_ADAPT, f"student.pretrained_weights={missing}"])
 
 
+@pytest.mark.slow
 def test_the_command_line_prints_a_user_error_as_one_line(tmp_path):
     command = [sys.executable, "-m", "franca.train", "--config-file", str(RECIPE), "--output-dir", str(tmp_path)]
     done = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
